@@ -1,0 +1,62 @@
+# One entry point for people, CI and the README. Every target uses the project venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+PROTO_SRC := protos/inferpool/v1
+PROTO_OUT := inferpool/v1
+
+.PHONY: help venv servers proto proto-check lint typecheck test demo up bench train clean
+
+help:
+	@echo "make demo        start the stack on loopback, classify held-out digits, print figures, stop"
+	@echo "make test        lint, type-check, proto drift check and the test suite (real servers)"
+	@echo "make up          run redis, memcached, a worker and the API in the foreground (Ctrl-C stops)"
+	@echo "make bench       bounded load test of the miss and hit paths (writes bench/results/*.json)"
+	@echo "make proto       regenerate inferpool/v1/*_pb2*.py from protos/"
+	@echo "make train       retrain models/digits/1 (seeded)"
+
+# The venv is rebuilt when the dependency spec changes. torch is pinned through
+# constraints.txt to the CPU wheel; CUDA users install their own torch first.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+servers:
+	@scripts/ensure-servers.sh
+
+# Absolute imports (inferpool.v1.x_pb2) come from generating with protos/ as the include root.
+proto: venv
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. $(PROTO_SRC)/tensor.proto $(PROTO_SRC)/envelope.proto
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)/inference.proto
+
+proto-check: venv
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_boundaries.py::test_generated_code_matches_proto
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+test: venv servers lint typecheck
+	$(PY) -m pytest
+
+demo: venv servers
+	$(PY) -m bench.demo
+
+up: venv servers
+	$(PY) -m inferpool.stack
+
+bench: venv servers
+	$(PY) -m bench.load
+
+train: venv
+	$(PY) models/train_digits.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/results

@@ -1,0 +1,151 @@
+"""`inferpool-api`: the grpc.aio server with health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from api.core import DataPlane
+from api.publisher import Publisher
+from api.replies import ReplyListener
+from api.servicer import InferenceServicer
+from inferpool.broker import make_celery
+from inferpool.cache import Cache
+from inferpool.names import reply_key
+from inferpool.repository import Repository
+from inferpool.settings import Settings, SettingsError
+from inferpool.v1 import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger("inferpool.api")
+
+SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+class ApiServer:
+    """Owns the server and its background tasks; start() binds, stop() drains."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.repository = Repository.load(settings.model_repository)
+        self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.redis = aioredis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=1.0, health_check_interval=10
+        )
+        self.cache = Cache(settings.memcached, settings.cache_timeout_ms, settings.cache_ttl_s)
+        self.publisher = Publisher(make_celery(settings, main="inferpool-api"), settings.coalesce_window_ms)
+        self.replies = ReplyListener(self.redis, reply_key(self.instance))
+        self.plane = DataPlane(
+            self.repository, self.cache, self.publisher, self.replies, settings.default_deadline_ms
+        )
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.plane), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self.port = 0
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {self.settings.grpc_host}:{self.settings.grpc_port}")
+        await self._probe_once()
+        self._tasks = [
+            asyncio.create_task(self.replies.run(), name="replies"),
+            asyncio.create_task(self._probe_forever(), name="health-probe"),
+        ]
+        await self.server.start()
+        log.info(
+            "serving %s on %s:%d (models: %s)",
+            SERVICE,
+            self.settings.grpc_host,
+            self.port,
+            ", ".join(self.repository.names),
+        )
+        return self.port
+
+    async def _probe_once(self) -> bool:
+        try:
+            async with asyncio.timeout(1.0):
+                await self.redis.ping()
+            ok = True
+        except Exception:
+            ok = False
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        # "" is the whole server, as grpc_health_probe and Kubernetes ask for it.
+        await self.health.set("", status)
+        await self.health.set(SERVICE, status)
+        return ok
+
+    async def _probe_forever(self) -> None:
+        was_ok = True
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            ok = await self._probe_once()
+            if ok != was_ok:
+                log.warning(
+                    "redis %s; health %s", "back" if ok else "unreachable", "SERVING" if ok else "NOT_SERVING"
+                )
+                was_ok = ok
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        # Readiness goes first, so load balancers stop sending before we refuse.
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.publisher.close()
+        self.cache.close()
+        await self.redis.aclose()
+
+
+async def serve(settings: Settings) -> None:
+    server = ApiServer(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        sys.exit(str(exc))
+    try:
+        from uvloop import run
+    except ImportError:
+        from asyncio import run
+    run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""On-demand benchmarks and the demo; never run as timed tests."""

@@ -1,0 +1,95 @@
+"""Runs the Procfile stack (honcho) on free loopback ports for the demo and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from inferpool.client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Until something accepts on 127.0.0.1:port; fails early if `proc` exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s") from None
+            time.sleep(0.02)
+
+
+class LocalStack:
+    """`with LocalStack() as stack:` starts redis, memcached, a worker and the API; the
+    first Classify is the readiness check (it waits for the worker's warm-up)."""
+
+    def __init__(self, extra_env: dict[str, str] | None = None, quiet: bool = True) -> None:
+        self.ports = {"REDIS_PORT": free_port(), "MEMCACHED_PORT": free_port(), "GRPC_PORT": free_port()}
+        self.extra_env = extra_env or {}
+        self.quiet = quiet
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = ROOT / "bench" / "results" / "stack.log"
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.ports['GRPC_PORT']}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports['REDIS_PORT']}/0"
+
+    def __enter__(self) -> LocalStack:
+        env = dict(os.environ, **{k: str(v) for k, v in self.ports.items()}, **self.extra_env)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env["INFERPOOL_MODEL_REPOSITORY"] = str(ROOT / "models")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        out = self.log_path.open("wb") if self.quiet else None
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "honcho", "start", "-f", str(ROOT / "Procfile"), "-d", str(ROOT)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )
+        try:
+            wait_port(self.ports["GRPC_PORT"], 60, self.proc)
+            with Client(self.target) as client:
+                client.wait_ready(30)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        # honcho forwards SIGTERM to every process it started and waits for them.
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

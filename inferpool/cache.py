@@ -1,0 +1,89 @@
+"""The shared result cache in Memcached.
+
+Keys hash everything that determines the answer (model, version, dtype, shape,
+bytes), so only an identical input to the same model version can hit. Only
+workers write; the API only reads. Memcached being down or slow is a miss, never
+an error: each call is bounded by a socket timeout, and after a failure the cache
+is skipped for `retry_after_s` so a dead server costs one timeout, not one per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+
+import xxhash
+from pymemcache.client.base import PooledClient
+
+from inferpool.names import cache_key
+from inferpool.v1 import tensor_pb2
+
+log = logging.getLogger(__name__)
+
+
+def input_key(model: str, version: int, t: tensor_pb2.Tensor) -> str:
+    h = xxhash.xxh3_128()
+    header = f"{model}\0{version}\0{t.dtype}\0{','.join(map(str, t.shape))}\0"
+    h.update(header.encode())
+    h.update(t.data)
+    return cache_key(model, version, h.hexdigest())
+
+
+class Cache:
+    def __init__(self, address: str, timeout_ms: float, ttl_s: int, retry_after_s: float = 1.0) -> None:
+        self.enabled = bool(address)
+        self.ttl_s = ttl_s
+        self.retry_after_s = retry_after_s
+        self.errors = 0
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+        self._client: PooledClient | None = None
+        if self.enabled:
+            host, _, port = address.rpartition(":")
+            timeout_s = timeout_ms / 1000
+            self._client = PooledClient(
+                (host, int(port)),
+                connect_timeout=timeout_s,
+                timeout=timeout_s,
+                no_delay=True,
+                max_pool_size=8,
+            )
+
+    @property
+    def available(self) -> bool:
+        """False while the cache is disabled or backing off after a failure."""
+        return self._client is not None and time.monotonic() >= self._down_until
+
+    def _failed(self, op: str, exc: Exception) -> None:
+        with self._lock:
+            self.errors += 1
+            first = time.monotonic() >= self._down_until
+            self._down_until = time.monotonic() + self.retry_after_s
+        if first:
+            log.warning("memcached %s failed (%r); treating as misses for %.1fs", op, exc, self.retry_after_s)
+
+    def get(self, key: str) -> bytes | None:
+        if not self.available:
+            return None
+        assert self._client is not None
+        try:
+            value: bytes | None = self._client.get(key)
+            return value
+        except Exception as exc:  # any client or socket failure is a miss
+            self._failed("get", exc)
+            return None
+
+    def set_many(self, values: Mapping[str, bytes]) -> None:
+        if not values or not self.available:
+            return
+        assert self._client is not None
+        try:
+            self._client.set_many(dict(values), expire=self.ttl_s, noreply=True)
+        except Exception as exc:
+            self._failed("set", exc)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()

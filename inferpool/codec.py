@@ -1,0 +1,61 @@
+"""The queue envelope on the wire, and the kombu serializer that carries it.
+
+A Celery message body is normally the JSON of (args, kwargs, embed). Ours is the
+protobuf Envelope itself: the serializer below accepts exactly one bytes argument
+and no kwargs or callbacks, and hands the raw bytes back on the worker. The tensor
+bytes are never re-encoded as JSON or msgpack, and pickle is never accepted.
+(kombu's Redis transport still base64-wraps every body; that is the transport's.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.message import DecodeError
+from kombu.serialization import register
+
+from inferpool.v1 import envelope_pb2
+
+SERIALIZER = "inferpool-envelope"
+CONTENT_TYPE = "application/x-inferpool-envelope"
+ENVELOPE_VERSION = 1
+
+_EMBED: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+class PoisonMessage(ValueError):
+    """A queue message that is not an envelope this worker understands."""
+
+
+def _dumps(body: Any) -> bytes:
+    args, kwargs, embed = body  # Celery protocol 2 shape
+    if kwargs or len(args) != 1 or not isinstance(args[0], bytes | bytearray) or any(embed.values()):
+        raise TypeError(f"{SERIALIZER} carries exactly one bytes argument and no kwargs or callbacks")
+    return bytes(args[0])
+
+
+def _loads(data: bytes | bytearray | memoryview | str) -> tuple[tuple[bytes], dict[str, Any], dict[str, Any]]:
+    raw = data.encode("latin-1") if isinstance(data, str) else bytes(data)
+    return (raw,), {}, dict(_EMBED)
+
+
+def register_serializer() -> None:
+    """Idempotent; both the publisher and the worker call it before using the app."""
+    register(SERIALIZER, _dumps, _loads, content_type=CONTENT_TYPE, content_encoding="binary")
+
+
+def encode(envelope: envelope_pb2.Envelope) -> bytes:
+    return envelope.SerializeToString()
+
+
+def decode(data: bytes) -> envelope_pb2.Envelope:
+    envelope = envelope_pb2.Envelope()
+    try:
+        envelope.ParseFromString(data)
+    except DecodeError as exc:
+        raise PoisonMessage(f"undecodable envelope ({len(data)} bytes): {exc}") from exc
+    if envelope.envelope_version != ENVELOPE_VERSION:
+        raise PoisonMessage(
+            f"envelope version {envelope.envelope_version}, this worker speaks {ENVELOPE_VERSION}"
+        )
+    return envelope

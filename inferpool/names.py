@@ -1,0 +1,32 @@
+"""Queue, task and key names: the wire-level agreement between API and workers.
+
+Model names are restricted so that they are safe inside every name built here
+(Redis keys, Celery queue and task names, Memcached keys).
+"""
+
+import re
+
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+PREFIX = "inferpool"
+
+
+def queue_name(model: str) -> str:
+    """The Celery queue (a Redis list) that carries interactive requests for a model."""
+    return f"{PREFIX}.{model}"
+
+
+def task_name(model: str) -> str:
+    """Per-model task names make Flower's task list and Celery's stats readable per model."""
+    return f"{PREFIX}.classify.{model}"
+
+
+def reply_key(api_instance: str) -> str:
+    """The Redis list one API process drains for all its pending requests."""
+    return f"{PREFIX}:reply:{api_instance}"
+
+
+def cache_key(model: str, version: int, digest: str) -> str:
+    """Memcached key (<= 250 bytes, no spaces): the version is part of the key, so a
+    new model version never serves an old version's answers."""
+    return f"{PREFIX}:v1:{model}:{version}:{digest}"

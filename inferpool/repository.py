@@ -1,0 +1,172 @@
+"""The model repository: `<root>/<name>/<version>/{config.json, model.pt}`.
+
+Laid out like Triton's so users bring their own TorchScript models by copying a
+folder. This module reads configs only (no torch): the API validates requests
+against the declared signature, the worker loads the weights next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inferpool import tensor
+from inferpool.errors import InvalidInput, ModelNotFound
+from inferpool.names import MODEL_NAME_RE
+from inferpool.v1 import tensor_pb2
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.pt"
+OUTPUT_KINDS = ("logits", "probabilities")
+
+
+class RepositoryError(ValueError):
+    """A model folder or its config is malformed."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    version: int
+    path: Path
+    input_name: str
+    input_dtype: int  # tensor_pb2.DataType
+    input_shape: tuple[int, ...]  # without the batch dimension
+    output_kind: str
+    labels: tuple[str, ...]
+    max_batch_size: int
+    max_delay_ms: float
+    channels_last: bool
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def request_shape(self) -> tuple[int, ...]:
+        return (1, *self.input_shape)
+
+    @property
+    def input_nbytes(self) -> int:
+        return math.prod(self.request_shape) * tensor.itemsize(self.input_dtype)
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelConfig:
+        try:
+            raw: dict[str, Any] = json.loads((path / CONFIG_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RepositoryError(f"{path / CONFIG_FILE}: {exc}") from exc
+        where = path / CONFIG_FILE
+        try:
+            name = path.parent.name
+            version = int(path.name)
+            if raw.get("name", name) != name:
+                raise RepositoryError(f"{where}: name {raw['name']!r} does not match folder {name!r}")
+            if int(raw.get("version", version)) != version:
+                raise RepositoryError(f"{where}: version does not match folder {path.name!r}")
+            spec_in, spec_out = raw["input"], raw.get("output", {})
+            shape = tuple(int(d) for d in spec_in["shape"])
+            if not shape or any(d <= 0 for d in shape):
+                raise RepositoryError(f"{where}: input shape must be positive dimensions, got {shape}")
+            kind = spec_out.get("kind", "logits")
+            if kind not in OUTPUT_KINDS:
+                raise RepositoryError(f"{where}: output kind must be one of {OUTPUT_KINDS}")
+            labels = tuple(str(label) for label in raw.get("labels", ()))
+            max_batch_size = int(raw.get("max_batch_size", 32))
+            max_delay_ms = float(raw.get("max_delay_ms", 2.0))
+            if max_batch_size <= 0 or max_delay_ms < 0:
+                raise RepositoryError(f"{where}: max_batch_size must be > 0 and max_delay_ms >= 0")
+            return cls(
+                name=name,
+                version=version,
+                path=path,
+                input_name=str(spec_in.get("name", "input")),
+                input_dtype=tensor.dtype_from_name(spec_in["dtype"]),
+                input_shape=shape,
+                output_kind=kind,
+                labels=labels,
+                max_batch_size=max_batch_size,
+                max_delay_ms=max_delay_ms,
+                channels_last=bool(raw.get("channels_last", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, RepositoryError):
+                raise
+            raise RepositoryError(f"{where}: {exc!r}") from exc
+
+    def validate(self, t: tensor_pb2.Tensor) -> np.ndarray:
+        """The request tensor as an array, or InvalidInput saying what is wrong."""
+        if t.dtype != self.input_dtype:
+            raise InvalidInput(
+                f"model {self.name!r} takes {tensor.dtype_name(self.input_dtype)}, "
+                f"got {tensor.dtype_name(t.dtype)}"
+            )
+        if tuple(t.shape) != self.request_shape:
+            raise InvalidInput(
+                f"model {self.name!r} takes shape {list(self.request_shape)} (batch of 1), "
+                f"got {list(t.shape)}"
+            )
+        array = tensor.from_proto(t)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InvalidInput("input contains NaN or infinite values")
+        return array
+
+    def label(self, index: int) -> str:
+        return self.labels[index] if index < len(self.labels) else str(index)
+
+
+class Repository:
+    """All models under a root folder, by name and version."""
+
+    def __init__(self, models: dict[str, dict[int, ModelConfig]]) -> None:
+        self._models = models
+
+    @classmethod
+    def load(cls, root: Path) -> Repository:
+        if not root.is_dir():
+            raise RepositoryError(f"model repository {root} is not a directory")
+        models: dict[str, dict[int, ModelConfig]] = {}
+        for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            versions = {
+                int(v.name): ModelConfig.from_file(v)
+                for v in model_dir.iterdir()
+                if v.is_dir() and v.name.isdigit() and (v / CONFIG_FILE).exists()
+            }
+            if not versions:
+                continue
+            if not MODEL_NAME_RE.match(model_dir.name):
+                raise RepositoryError(f"model folder name {model_dir.name!r} is not a valid model name")
+            models[model_dir.name] = versions
+        if not models:
+            raise RepositoryError(f"model repository {root} holds no <name>/<version>/{CONFIG_FILE}")
+        return cls(models)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self._models.get(name, {}))
+
+    def all(self) -> list[ModelConfig]:
+        return [cfg for name in self.names for cfg in self._models[name].values()]
+
+    def resolve(self, name: str, version: int = 0) -> ModelConfig:
+        """Version 0 means the latest; an unknown name or version raises ModelNotFound."""
+        versions = self._models.get(name)
+        if versions is None:
+            shown = name if len(name) <= 64 else name[:64] + "..."
+            raise ModelNotFound(f"model {shown!r} is not in the repository (have: {', '.join(self.names)})")
+        if version == 0:
+            return versions[max(versions)]
+        try:
+            return versions[version]
+        except KeyError:
+            raise ModelNotFound(
+                f"model {name!r} has no version {version} (have: {sorted(versions)})"
+            ) from None

@@ -1,0 +1,129 @@
+"""Typed settings from INFERPOOL_* environment variables, validated once at start-up.
+
+Every problem is reported together, naming the variable and what it expects, so a
+misconfigured deployment fails at boot with one readable error instead of at the
+first request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "INFERPOOL_"
+
+
+class SettingsError(ValueError):
+    """One or more settings are invalid; the message lists each of them."""
+
+
+def _redis_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ValueError("expected redis://host:port/db, rediss://... or unix:///path")
+    return raw
+
+
+def _host_port(raw: str) -> str:
+    if raw == "":
+        return raw  # cache disabled
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected host:port, or empty to disable the cache")
+    return raw
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value < 65536:
+        raise ValueError("must be 0..65535 (0 picks a free port)")
+    return value
+
+
+def _device(raw: str) -> str:
+    if raw not in ("auto", "cpu", "cuda") and not raw.startswith("cuda:"):
+        raise ValueError("expected auto, cpu, cuda or cuda:N")
+    return raw
+
+
+def _setting(default: Any, parse: Callable[[str], Any], doc: str) -> Any:
+    return field(default=default, metadata={"parse": parse, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Shared by the API and the workers.
+    redis_url: str = _setting("redis://127.0.0.1:6379/0", _redis_url, "broker and reply store")
+    memcached: str = _setting("127.0.0.1:11211", _host_port, "cache host:port; empty disables it")
+    model_repository: Path = _setting(Path("models"), Path, "models/<name>/<version>/ tree")
+    cache_ttl_s: int = _setting(3600, _positive_int, "lifetime of a cached result")
+    cache_timeout_ms: float = _setting(20.0, _positive_float, "bound on one cache call")
+    reply_ttl_s: int = _setting(60, _positive_int, "lifetime of an unread reply list")
+    # API.
+    grpc_host: str = _setting("127.0.0.1", str, "address the gRPC server binds")
+    grpc_port: int = _setting(50051, _port, "gRPC port; 0 picks a free one")
+    default_deadline_ms: float = _setting(5000.0, _positive_float, "wait bound for calls with no deadline")
+    coalesce_window_ms: float = _setting(0.0, _non_negative_float, "extra wait to group misses")
+    max_message_bytes: int = _setting(4 * 1024 * 1024, _positive_int, "largest gRPC message accepted")
+    health_interval_s: float = _setting(1.0, _positive_float, "period of the Redis health probe")
+    # Worker.
+    worker_concurrency: int = _setting(4, _positive_int, "envelopes a worker holds at once")
+    worker_prefetch: int = _setting(4, _positive_int, "messages reserved per concurrency slot")
+    device: str = _setting("auto", _device, "torch device: auto picks CUDA when present")
+    torch_threads: int = _setting(0, _non_negative_int, "intra-op CPU threads; 0 = all cores")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for f in dataclasses.fields(cls):
+            var = ENV_PREFIX + f.name.upper()
+            if var not in env:
+                continue
+            raw = env[var].strip()
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except ValueError as exc:
+                problems.append(f"{var}={raw!r}: {exc} ({f.metadata['doc']})")
+        if problems:
+            raise SettingsError("invalid inferpool settings:\n  " + "\n  ".join(problems))
+        values.update(overrides)
+        return cls(**values)
+
+    def env(self) -> dict[str, str]:
+        """The settings as INFERPOOL_* variables, to hand to a child process."""
+        return {ENV_PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in dataclasses.fields(self)}

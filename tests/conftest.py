@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from inferpool.client import Client
+from tests.servers import ApiThread, MemcachedServer, RedisServer, Worker, stack_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def redis_server(logdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(logdir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def memcached_server(logdir: Path) -> Iterator[MemcachedServer]:
+    server = MemcachedServer(logdir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def worker(redis_server: RedisServer, memcached_server: MemcachedServer, logdir: Path) -> Iterator[Worker]:
+    w = Worker(stack_settings(redis_server, memcached_server), logdir)
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="session")
+def api(redis_server: RedisServer, memcached_server: MemcachedServer, worker: Worker) -> Iterator[ApiThread]:
+    server = ApiThread(stack_settings(redis_server, memcached_server))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def client(api: ApiThread) -> Iterator[Client]:
+    with Client(api.target) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    r = redis.Redis.from_url(redis_server.url)
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="session")
+def heldout() -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(ROOT / "models" / "digits" / "heldout.npz")
+    return data["x"], data["y"]

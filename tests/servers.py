@@ -1,0 +1,200 @@
+"""Real servers for the tests: redis-server, memcached, worker processes, the API.
+
+Each starts on a free loopback port and is stopped by PID. Readiness is waited for
+on a condition (a port accepting, a Celery ping answered), bounded in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from api.server import ApiServer
+from bench.stack import ROOT, free_port, wait_port
+from inferpool.broker import make_celery
+from inferpool.settings import Settings
+
+
+def _binary(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+    if path is None:
+        raise RuntimeError(f"{name} not found: run scripts/ensure-servers.sh (or apt-get install {name})")
+    return path
+
+
+class Proc:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.log = log
+        self._out = log.open("ab")
+        self.popen = subprocess.Popen(args, stdout=self._out, stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._out.close()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+class RedisServer(Proc):
+    def __init__(self, logdir: Path) -> None:
+        self.port = free_port()
+        super().__init__(
+            [
+                _binary("redis-server"),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(logdir),
+            ],
+            logdir / f"redis-{self.port}.log",
+        )
+        wait_port(self.port, 10, self.popen)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+class MemcachedServer(Proc):
+    def __init__(self, logdir: Path) -> None:
+        self.port = free_port()
+        super().__init__(
+            [
+                _binary("memcached"),
+                "--listen=127.0.0.1",
+                f"--port={self.port}",
+                "--udp-port=0",
+                "--memory-limit=64",
+            ]
+            + (["--user=nobody"] if os.geteuid() == 0 else []),
+            logdir / f"memcached-{self.port}.log",
+        )
+        wait_port(self.port, 10, self.popen)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def stack_settings(redis: RedisServer, memcached: MemcachedServer | None, **overrides: Any) -> Settings:
+    return Settings.from_env(
+        {},
+        redis_url=redis.url,
+        memcached=memcached.address if memcached else "",
+        model_repository=ROOT / "models",
+        grpc_port=0,
+        **overrides,
+    )
+
+
+class Worker(Proc):
+    """`python -m workers.main` as a real process, ready once it answers a Celery ping."""
+
+    _count = 0
+
+    def __init__(self, settings: Settings, logdir: Path, ready_timeout_s: float = 90) -> None:
+        Worker._count += 1
+        self.name = f"test-{os.getpid()}-{Worker._count}@localhost"
+        self.settings = settings
+        env = {**os.environ, **settings.env()}
+        super().__init__(
+            [sys.executable, "-m", "workers.main", f"--hostname={self.name}"],
+            logdir / f"worker-{Worker._count}.log",
+            env=env,
+        )
+        self.control = make_celery(settings, main="test-control")
+        deadline = time.monotonic() + ready_timeout_s
+        while not self.control.control.ping(destination=[self.name], timeout=0.5):
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not become ready:\n{self.tail()}")
+
+    def stats(self) -> dict[str, Any]:
+        replies = self.control.control.broadcast(
+            "inferpool_stats", destination=[self.name], reply=True, timeout=2.0
+        )
+        for reply in replies:
+            if self.name in reply:
+                result: dict[str, Any] = reply[self.name]
+                return result
+        raise RuntimeError(f"worker {self.name} did not answer inferpool_stats")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15) -> None:
+        super().stop(sig, timeout_s)
+        self.control.close()
+
+
+class ApiThread:
+    """The real grpc.aio server on port 0, in its own event loop on a thread, so tests
+    can drive it with the blocking client and still reach its counters."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self._error: BaseException | None = None
+
+        async def start() -> None:
+            # grpc.aio binds its server to the loop running when it is created.
+            self.server = ApiServer(settings)
+            await self.server.start()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.loop.run_until_complete(start())
+            except BaseException as exc:
+                self._error = exc
+                started.set()
+                return
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, name="api", daemon=True)
+        self.thread.start()
+        if not started.wait(30):
+            raise TimeoutError("API did not start")
+        if self._error is not None:
+            raise self._error
+        self.target = f"127.0.0.1:{self.server.port}"
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Runs fn on the server's loop (to read state without racing it)."""
+
+        async def wrapper() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(10)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace_s=1.0), self.loop).result(15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)

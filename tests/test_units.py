@@ -1,0 +1,128 @@
+"""Pure units: settings, tensors, the envelope codec, the repository, cache keys, status mapping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from kombu.exceptions import EncodeError
+from kombu.serialization import dumps, loads
+
+from api.status import code_for
+from inferpool import codec, errors, tensor
+from inferpool.cache import input_key
+from inferpool.repository import ModelConfig, Repository, RepositoryError
+from inferpool.settings import Settings, SettingsError
+from inferpool.v1 import envelope_pb2
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_settings_defaults_and_env() -> None:
+    s = Settings.from_env({"INFERPOOL_GRPC_PORT": "0", "INFERPOOL_CACHE_TTL_S": "10"})
+    assert s.grpc_port == 0 and s.cache_ttl_s == 10
+    assert Settings.from_env({}).redis_url.startswith("redis://")
+    assert Settings.from_env(s.env()) == s
+
+
+def test_settings_report_every_problem() -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(
+            {"INFERPOOL_REDIS_URL": "http://x", "INFERPOOL_GRPC_PORT": "70000", "INFERPOOL_MEMCACHED": "nope"}
+        )
+    text = str(info.value)
+    for var in ("INFERPOOL_REDIS_URL", "INFERPOOL_GRPC_PORT", "INFERPOOL_MEMCACHED"):
+        assert var in text
+
+
+@pytest.mark.parametrize(
+    "dtype", ["float32", "float16", "float64", "uint8", "int8", "int32", "int64", "bool"]
+)
+def test_tensor_roundtrip(dtype: str) -> None:
+    a = (np.arange(24).reshape(2, 3, 4) % 2).astype(dtype)
+    t = tensor.to_proto(a)
+    assert len(t.data) == a.nbytes
+    np.testing.assert_array_equal(tensor.from_proto(t), a)
+
+
+def test_tensor_rejects_bad_lengths_and_shapes() -> None:
+    t = tensor.to_proto(np.zeros((2, 2), np.float32))
+    t.data = t.data[:-1]
+    with pytest.raises(errors.InvalidInput, match="bytes"):
+        tensor.from_proto(t)
+    t = tensor.to_proto(np.zeros((2, 2), np.float32))
+    t.shape[:] = [-2, -2]
+    with pytest.raises(errors.InvalidInput, match="negative"):
+        tensor.from_proto(t)
+
+
+def test_envelope_serializer_carries_raw_protobuf() -> None:
+    codec.register_serializer()
+    env = envelope_pb2.Envelope(envelope_version=codec.ENVELOPE_VERSION, model="digits", model_version=1)
+    env.items.add(request_id="a", input=tensor.to_proto(np.ones((1, 2), np.float32)))
+    body = codec.encode(env)
+    content_type, encoding, data = dumps(((body,), {}, {"callbacks": None}), serializer=codec.SERIALIZER)
+    assert (content_type, encoding) == (codec.CONTENT_TYPE, "binary")
+    assert data == body  # the message body is the envelope itself, not JSON around it
+    (args, kwargs, _embed) = loads(data, content_type, encoding, accept=[codec.CONTENT_TYPE])
+    assert args == (body,) and kwargs == {}
+    assert codec.decode(args[0]) == env
+    with pytest.raises(EncodeError):
+        dumps((("not bytes",), {}, {}), serializer=codec.SERIALIZER)
+
+
+def test_poison_envelopes_are_recognised() -> None:
+    with pytest.raises(codec.PoisonMessage):
+        codec.decode(b"\xff\xff\xff garbage")
+    with pytest.raises(codec.PoisonMessage, match="version"):
+        codec.decode(envelope_pb2.Envelope(envelope_version=99).SerializeToString())
+
+
+def test_cache_key_covers_model_version_dtype_shape_and_bytes() -> None:
+    a = tensor.to_proto(np.zeros((1, 4), np.float32))
+    keys = {
+        input_key("m", 1, a),
+        input_key("m", 2, a),
+        input_key("n", 1, a),
+        input_key("m", 1, tensor.to_proto(np.zeros((1, 4), np.int32))),  # same bytes, other dtype
+        input_key("m", 1, tensor.to_proto(np.zeros((2, 2), np.float32))),  # same bytes, other shape
+        input_key("m", 1, tensor.to_proto(np.ones((1, 4), np.float32))),
+    }
+    assert len(keys) == 6
+    assert input_key("m", 1, a) == input_key("m", 1, tensor.to_proto(np.zeros((1, 4), np.float32)))
+    assert all(len(k) <= 250 and " " not in k for k in keys)
+
+
+def test_repository_loads_digits_and_resolves_versions() -> None:
+    repo = Repository.load(ROOT / "models")
+    cfg = repo.resolve("digits")
+    assert cfg.version == max(repo.versions("digits"))
+    assert cfg.request_shape == (1, 1, 28, 28)
+    assert len(cfg.labels) == 10 and cfg.model_file.exists()
+    with pytest.raises(errors.ModelNotFound):
+        repo.resolve("digits", 12345)
+    with pytest.raises(errors.ModelNotFound):
+        repo.resolve("missing")
+
+
+def test_repository_rejects_bad_config(tmp_path: Path) -> None:
+    version = tmp_path / "m" / "1"
+    version.mkdir(parents=True)
+    (version / "config.json").write_text(json.dumps({"input": {"dtype": "complex64", "shape": [3]}}))
+    with pytest.raises(RepositoryError, match="complex64"):
+        ModelConfig.from_file(version)
+    (version / "config.json").write_text(json.dumps({"input": {"dtype": "float32", "shape": [0]}}))
+    with pytest.raises(RepositoryError, match="shape"):
+        Repository.load(tmp_path)
+
+
+def test_status_mapping() -> None:
+    assert code_for(errors.InvalidInput("x")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_for(errors.ModelNotFound("x")) == grpc.StatusCode.NOT_FOUND
+    assert code_for(errors.Overloaded("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert code_for(errors.BackendUnavailable("x")) == grpc.StatusCode.UNAVAILABLE
+    assert code_for(errors.DeadlineExceeded("x")) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert code_for(KeyError("x")) == grpc.StatusCode.INTERNAL

@@ -1,0 +1,159 @@
+"""The worker's Celery app: one task per model, feeding that model's batchers.
+
+Importing this module reads the model repository's configs (cheap, no torch).
+Weights are loaded and warmed up once the worker starts (`worker_init`), so
+`celery -A workers.app inspect ...` stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+from celery import signals
+from celery.worker.control import inspect_command
+
+from inferpool import codec
+from inferpool.broker import make_celery
+from inferpool.cache import Cache
+from inferpool.errors import InvalidInput
+from inferpool.names import task_name
+from inferpool.repository import ModelConfig, Repository
+from inferpool.settings import Settings
+from inferpool.v1 import envelope_pb2
+from workers.batcher import Batcher, Pending, ReplySink, Ticket
+from workers.stats import STATS
+
+log = logging.getLogger("inferpool.worker")
+
+settings = Settings.from_env()
+repository = Repository.load(settings.model_repository)
+app = make_celery(settings, main="inferpool-worker")
+
+
+class Runtime:
+    """What a running worker holds: a batcher (and model) per model version."""
+
+    def __init__(self, settings: Settings, repository: Repository) -> None:
+        from workers.runtime import ModelRunner, configure_threads, pick_device
+
+        configure_threads(settings.torch_threads)
+        device = pick_device(settings.device)
+        self.cache = Cache(settings.memcached, settings.cache_timeout_ms, settings.cache_ttl_s)
+        self.sink = ReplySink(redis.Redis.from_url(settings.redis_url), settings.reply_ttl_s)
+        self.batchers: dict[tuple[str, int], Batcher] = {}
+        for cfg in repository.all():
+            runner = ModelRunner(cfg, device)
+            warm_s = runner.warm_up()
+            log.info("loaded %s v%d on %s (warm-up %.2fs)", cfg.name, cfg.version, device, warm_s)
+            batcher = Batcher(cfg, runner, self.sink, self.cache, STATS)
+            batcher.start()
+            self.batchers[cfg.name, cfg.version] = batcher
+
+    def stop(self) -> None:
+        for b in self.batchers.values():
+            b.stop()
+        for b in self.batchers.values():
+            b.join(timeout=5)
+        self.cache.close()
+
+
+_runtime: Runtime | None = None
+_runtime_ready = threading.Event()
+
+
+@signals.worker_init.connect
+def _start_runtime(**_: Any) -> None:
+    global _runtime
+    _runtime = Runtime(settings, repository)
+    _runtime_ready.set()
+
+
+@signals.worker_shutdown.connect
+def _stop_runtime(**_: Any) -> None:
+    if _runtime is not None:
+        _runtime.stop()
+
+
+@signals.task_revoked.connect
+def _count_expired(expired: bool = False, **_: Any) -> None:
+    # Celery discards messages whose `expires` (the caller's deadline) passed before
+    # they were executed; count them so "not computed" is observable.
+    if expired:
+        STATS.add("messages_expired")
+
+
+@inspect_command()
+def inferpool_stats(state: Any) -> dict[str, Any]:
+    """`celery inspect inferpool_stats`: the counters in workers/stats.py."""
+    return STATS.snapshot()
+
+
+def _reject(item: envelope_pb2.EnvelopeItem, error: str) -> tuple[str, bytes]:
+    reply = envelope_pb2.Reply(
+        request_id=item.request_id, status=envelope_pb2.Reply.STATUS_INVALID_INPUT, error=error
+    )
+    return item.reply_key, reply.SerializeToString()
+
+
+def handle(model: str, body: bytes) -> dict[str, int]:
+    """Runs one queue message: decode, hand the items to the batcher, wait for them."""
+    if not _runtime_ready.wait(timeout=60):
+        raise RuntimeError("worker runtime did not start")
+    assert _runtime is not None
+    try:
+        envelope = codec.decode(body)
+        if envelope.model != model:
+            raise codec.PoisonMessage(f"envelope for {envelope.model!r} on the {model!r} task")
+    except codec.PoisonMessage as exc:
+        STATS.add("messages_poison")
+        log.error("dropping poison message on %s: %s", model, exc)
+        return {"items": 0, "poison": 1}
+    batcher = _runtime.batchers.get((model, envelope.model_version))
+    if batcher is None:
+        raise LookupError(f"this worker has no {model} v{envelope.model_version}")
+    cfg: ModelConfig = batcher.cfg
+    batcher.arriving(+1)
+    try:
+        accepted: list[tuple[envelope_pb2.EnvelopeItem, Any]] = []
+        rejected: dict[str, list[bytes]] = {}
+        for item in envelope.items:
+            try:
+                accepted.append((item, cfg.validate(item.input)))
+            except InvalidInput as exc:
+                key, value = _reject(item, str(exc))
+                rejected.setdefault(key, []).append(value)
+        ticket = Ticket(len(accepted), envelope.enqueued_unix_ns)
+        pending = [Pending(item, array, ticket) for item, array in accepted]
+        if rejected:
+            _runtime.sink.push(rejected)
+            STATS.add("items_failed", sum(len(v) for v in rejected.values()))
+        batcher.submit(pending)
+    finally:
+        batcher.arriving(-1)
+    # Bounded: every item's deadline is at most this far away, plus one batch.
+    latest_ns = max((p.item.deadline_unix_ns for p in pending), default=0)
+    wait_s = max(0.0, (latest_ns - time.time_ns()) / 1e9) + 5.0
+    if not ticket.done.wait(timeout=wait_s):
+        log.error("batch for %s did not settle within %.1fs", model, wait_s)
+    return {
+        "items": len(envelope.items),
+        "computed": ticket.computed,
+        "expired": ticket.expired,
+        "failed": ticket.failed + len(envelope.items) - len(pending),
+    }
+
+
+def _register(model: str) -> None:
+    def classify(body: bytes) -> dict[str, int]:
+        return handle(model, body)
+
+    classify.__name__ = classify.__qualname__ = f"classify_{model}"
+    app.task(name=task_name(model), ignore_result=True, acks_late=False)(classify)
+
+
+for _name in repository.names:
+    _register(_name)

@@ -1,0 +1,32 @@
+"""`inferpool-worker`: a Celery worker consuming every model queue in the repository."""
+
+from __future__ import annotations
+
+import sys
+
+from inferpool.names import queue_name
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Settings are validated when workers.app is imported: a bad variable stops here.
+    from workers.app import app, repository, settings
+
+    extra = list(sys.argv[1:] if argv is None else argv)
+    args = [
+        "worker",
+        # Threads, not prefork: one process holds the model once, and the batcher thread
+        # merges the messages that the task threads decode concurrently.
+        "--pool=threads",
+        f"--concurrency={settings.worker_concurrency}",
+        f"--queues={','.join(queue_name(n) for n in repository.names)}",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel=INFO",
+        "--hostname=inferpool@%h",
+    ]
+    # Later flags win in Celery's parser, so callers can override any of the above.
+    app.worker_main([*args, *extra])
+
+
+if __name__ == "__main__":
+    main()
