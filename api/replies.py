@@ -68,7 +68,7 @@ class ReplyListener:
                 backoff_s = min(backoff_s * 2, 1.0)
                 continue
             if popped:
-                _, values = popped
+                values: list[bytes] = popped[1]  # type: ignore[assignment]  # [key, [value, ...]]
                 for raw in values:
                     try:
                         self._dispatch(raw)

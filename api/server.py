@@ -141,10 +141,11 @@ def main() -> None:
     except SettingsError as exc:
         sys.exit(str(exc))
     try:
-        from uvloop import run
+        import uvloop
     except ImportError:
-        from asyncio import run
-    run(serve(settings))
+        asyncio.run(serve(settings))
+    else:
+        uvloop.run(serve(settings))
 
 
 if __name__ == "__main__":

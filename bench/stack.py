@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+import numpy as np
+
 from inferpool.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,8 +40,8 @@ def wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None 
 
 
 class LocalStack:
-    """`with LocalStack() as stack:` starts redis, memcached, a worker and the API; the
-    first Classify is the readiness check (it waits for the worker's warm-up)."""
+    """`with LocalStack() as stack:` starts redis, memcached, a worker and the API, and
+    returns once a first Classify has been answered."""
 
     def __init__(self, extra_env: dict[str, str] | None = None, quiet: bool = True) -> None:
         self.ports = {"REDIS_PORT": free_port(), "MEMCACHED_PORT": free_port(), "GRPC_PORT": free_port()}
@@ -73,6 +75,9 @@ class LocalStack:
             wait_port(self.ports["GRPC_PORT"], 60, self.proc)
             with Client(self.target) as client:
                 client.wait_ready(30)
+                # Readiness = one answered miss: the worker has loaded and warmed the model.
+                probe = np.random.default_rng().random((1, 1, 28, 28), dtype=np.float32)
+                client.classify(probe, "digits", timeout_s=90)
         except BaseException:
             self.stop()
             raise

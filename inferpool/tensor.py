@@ -60,7 +60,7 @@ def to_proto(array: np.ndarray) -> tensor_pb2.Tensor:
     except KeyError:
         raise ValueError(f"unsupported dtype {array.dtype}") from None
     data = np.ascontiguousarray(array, dtype=_TO_NUMPY[code]).tobytes()
-    return tensor_pb2.Tensor(dtype=code, shape=list(array.shape), data=data)
+    return tensor_pb2.Tensor(dtype=code, shape=list(array.shape), data=data)  # type: ignore[arg-type]
 
 
 def from_proto(tensor: tensor_pb2.Tensor) -> np.ndarray:

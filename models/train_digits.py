@@ -76,7 +76,9 @@ def accuracy(model: nn.Module | torch.jit.ScriptModule, x: torch.Tensor, y: torc
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()
@@ -105,7 +107,8 @@ def main() -> int:
         sched.step()
         if (epoch + 1) % 5 == 0:
             model.eval()
-            print(f"epoch {epoch + 1:3d}  loss {loss.item():.4f}  held-out {accuracy(model, x_test, y_test):.4f}")
+            held_out = accuracy(model, x_test, y_test)
+            print(f"epoch {epoch + 1:3d}  loss {loss.item():.4f}  held-out {held_out:.4f}")
     train_s = time.perf_counter() - t0
     model.eval()
     acc = accuracy(model, x_test, y_test)
@@ -136,8 +139,10 @@ def main() -> int:
     # The worker freezes and runs channels_last: check the saved file survives that.
     reloaded = torch.jit.freeze(torch.jit.load(str(version_dir / "model.pt")).eval())
     reloaded_acc = accuracy(reloaded, x_test.contiguous(memory_format=torch.channels_last), y_test)
-    print(f"parameters {params:,}  train {train_s:.1f}s  held-out accuracy {acc:.4f} "
-          f"(reloaded, frozen, channels_last: {reloaded_acc:.4f}) on {len(y_test)} images")
+    print(
+        f"parameters {params:,}  train {train_s:.1f}s  held-out accuracy {acc:.4f} "
+        f"(reloaded, frozen, channels_last: {reloaded_acc:.4f}) on {len(y_test)} images"
+    )
     if acc < 0.97 or abs(reloaded_acc - acc) > 1e-6:
         print("accuracy below 0.97 or changed after reload", file=sys.stderr)
         return 1
