@@ -102,14 +102,20 @@ class DataPlane:
             trace_id=request_id,
         )
         waiter = self.replies.expect(correlation)
+        published = self.publisher.enqueue(cfg, item)
         try:
             async with asyncio.timeout(budget_s):
-                await self.publisher.publish(cfg, item)
+                # Shielded: on timeout we withdraw it below instead of cancelling blindly.
+                await asyncio.shield(published)
                 return await waiter
         except TimeoutError:
             self._deadline_exceeded()
         finally:
             self.replies.forget(correlation)
+            if not published.done():
+                published.cancel()
+            elif not published.cancelled() and published.exception() is None:
+                published.result().release()
 
     def _deadline_exceeded(self) -> NoReturn:
         self.counters.deadline_exceeded += 1

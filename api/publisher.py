@@ -1,10 +1,13 @@
 """Publishes cache misses to the model queues, coalescing concurrent misses.
 
-Misses for the same model version that arrive while a publish is in flight (or
-within `coalesce_window_ms`) leave as one envelope, one broker message: group
-commit. At low load a miss is published at once; under load the per-message
-broker cost is shared by up to `max_batch_size` requests. kombu's publish is
-blocking, so it runs on one dedicated thread, never on the event loop.
+Per model version, at most `max_inflight` envelopes are outstanding (published,
+not yet answered) from this process. A miss goes out at once while fewer are in
+flight; otherwise it waits for one to be answered and leaves with every other miss
+that queued up meanwhile, in one envelope (one broker message) of up to
+`max_batch_size` items. A full envelope never waits. So an idle system adds no
+delay, and a busy one pays the per-message broker cost once per batch instead of
+once per request: the backlog accumulates here as batches, not in Redis as single
+messages. kombu's publish is blocking, so it runs on one dedicated thread.
 """
 
 from __future__ import annotations
@@ -28,16 +31,33 @@ from inferpool.v1 import envelope_pb2
 log = logging.getLogger(__name__)
 
 
+class Published:
+    """One published envelope; each of its requests releases it once when done waiting."""
+
+    def __init__(self, group: _Group, count: int, publisher: Publisher) -> None:
+        self._group = group
+        self._left = count
+        self._publisher = publisher
+
+    def release(self) -> None:
+        self._left -= 1
+        if self._left == 0:
+            self._group.inflight -= 1
+            self._publisher._kick(self._group)
+
+
 @dataclass
 class _Group:
     cfg: ModelConfig
-    pending: list[tuple[envelope_pb2.EnvelopeItem, asyncio.Future[None]]] = field(default_factory=list)
+    pending: list[tuple[envelope_pb2.EnvelopeItem, asyncio.Future[Published]]] = field(default_factory=list)
+    inflight: int = 0
     flushing: bool = False
 
 
 class Publisher:
-    def __init__(self, celery: Celery, coalesce_window_ms: float = 0.0) -> None:
+    def __init__(self, celery: Celery, max_inflight: int = 4, coalesce_window_ms: float = 0.0) -> None:
         self.celery = celery
+        self.max_inflight = max_inflight
         self.window_s = coalesce_window_ms / 1000
         self._groups: dict[tuple[str, int], _Group] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish")
@@ -45,30 +65,44 @@ class Publisher:
         self.messages = 0
         self.items = 0
 
-    async def publish(self, cfg: ModelConfig, item: envelope_pb2.EnvelopeItem) -> None:
-        """Returns once the item is on the broker; raises BackendUnavailable if it cannot be."""
-        loop = asyncio.get_running_loop()
+    def enqueue(self, cfg: ModelConfig, item: envelope_pb2.EnvelopeItem) -> asyncio.Future[Published]:
+        """Resolves once the item is on the broker (BackendUnavailable if it cannot be).
+        Cancel it to withdraw an item that has not left yet."""
         group = self._groups.get((cfg.name, cfg.version))
         if group is None:
             group = self._groups[cfg.name, cfg.version] = _Group(cfg)
-        done: asyncio.Future[None] = loop.create_future()
+        done: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
         group.pending.append((item, done))
-        if not group.flushing:
-            group.flushing = True
-            task = loop.create_task(self._flush(group))
-            # The loop keeps only weak references to tasks.
-            self._flushers.add(task)
-            task.add_done_callback(self._flushers.discard)
-        await done
+        self._kick(group)
+        return done
+
+    def _ready(self, group: _Group) -> bool:
+        return bool(group.pending) and (
+            group.inflight < self.max_inflight or len(group.pending) >= group.cfg.max_batch_size
+        )
+
+    def _kick(self, group: _Group) -> None:
+        if group.flushing or not self._ready(group):
+            return
+        group.flushing = True
+        task = asyncio.get_running_loop().create_task(self._flush(group))
+        # The loop keeps only weak references to tasks.
+        self._flushers.add(task)
+        task.add_done_callback(self._flushers.discard)
 
     async def _flush(self, group: _Group) -> None:
         loop = asyncio.get_running_loop()
         try:
             # Let requests that arrived in the same loop iteration (or window) join.
             await asyncio.sleep(self.window_s)
-            while group.pending:
-                take = group.pending[: group.cfg.max_batch_size]
-                del group.pending[: len(take)]
+            while self._ready(group):
+                take: list[tuple[envelope_pb2.EnvelopeItem, asyncio.Future[Published]]] = []
+                while group.pending and len(take) < group.cfg.max_batch_size:
+                    entry = group.pending.pop(0)
+                    if not entry[1].done():  # withdrawn by a caller whose deadline passed
+                        take.append(entry)
+                if not take:
+                    continue
                 envelope = envelope_pb2.Envelope(
                     envelope_version=ENVELOPE_VERSION,
                     model=group.cfg.name,
@@ -77,24 +111,30 @@ class Publisher:
                     enqueued_unix_ns=time.time_ns(),
                 )
                 latest_ns = max(item.deadline_unix_ns for item, _ in take)
+                group.inflight += 1
                 try:
                     await loop.run_in_executor(
                         self._executor, self._send, group.cfg.name, codec.encode(envelope), latest_ns
                     )
                 except Exception as exc:
+                    group.inflight -= 1
                     log.warning("publish to %s failed: %r", queue_name(group.cfg.name), exc)
                     error = BackendUnavailable("the request queue is unavailable")
                     for _, done in take:
                         if not done.done():
                             done.set_exception(error)
-                else:
-                    self.messages += 1
-                    self.items += len(take)
-                    for _, done in take:
-                        if not done.done():
-                            done.set_result(None)
+                    continue
+                self.messages += 1
+                self.items += len(take)
+                published = Published(group, len(take), self)
+                for _, done in take:
+                    if done.done():
+                        published.release()  # its caller gave up while we were publishing
+                    else:
+                        done.set_result(published)
         finally:
             group.flushing = False
+        self._kick(group)
 
     def _send(self, model: str, body: bytes, latest_deadline_ns: int) -> None:
         self.celery.send_task(

@@ -43,7 +43,11 @@ class ApiServer:
             settings.redis_url, socket_connect_timeout=1.0, health_check_interval=10
         )
         self.cache = Cache(settings.memcached, settings.cache_timeout_ms, settings.cache_ttl_s)
-        self.publisher = Publisher(make_celery(settings, main="inferpool-api"), settings.coalesce_window_ms)
+        self.publisher = Publisher(
+            make_celery(settings, main="inferpool-api"),
+            settings.max_inflight_envelopes,
+            settings.coalesce_window_ms,
+        )
         self.replies = ReplyListener(self.redis, reply_key(self.instance))
         self.plane = DataPlane(
             self.repository, self.cache, self.publisher, self.replies, settings.default_deadline_ms

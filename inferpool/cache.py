@@ -80,7 +80,9 @@ class Cache:
             return
         assert self._client is not None
         try:
-            self._client.set_many(dict(values), expire=self.ttl_s, noreply=True)
+            # Wait for STORED: with noreply a get on another connection can overtake the
+            # set, and a caller repeating a request it just got answered would miss.
+            self._client.set_many(dict(values), expire=self.ttl_s, noreply=False)
         except Exception as exc:
             self._failed("set", exc)
 
