@@ -50,7 +50,7 @@ demo: venv servers
 	$(PY) -m bench.demo
 
 up: venv servers
-	$(PY) -m inferpool.stack
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/honcho start -f Procfile
 
 bench: venv servers
 	$(PY) -m bench.load

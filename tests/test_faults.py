@@ -98,3 +98,23 @@ def test_memcached_killed_mid_test_keeps_answering(
     finally:
         api.stop()
         worker.stop()
+
+
+def test_health_follows_redis_and_classify_fails_fast(
+    fresh_redis: RedisServer, fresh_memcached: MemcachedServer
+) -> None:
+    api = ApiThread(stack_settings(fresh_redis, fresh_memcached, health_interval_s=0.2))
+    try:
+        with Client(api.target) as client:
+            assert client.health() == "SERVING"
+            fresh_redis.kill()
+            wait_until(lambda: client.health() == "NOT_SERVING", 5, "health to turn NOT_SERVING")
+            img = np.random.default_rng(9).random((1, 1, 28, 28), dtype=np.float32)
+            t0 = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as info:
+                client.classify(img, "digits", timeout_s=3)
+            elapsed = time.perf_counter() - t0
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+        assert elapsed < 2.0, elapsed
+    finally:
+        api.stop()

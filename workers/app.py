@@ -8,6 +8,7 @@ Weights are loaded and warmed up once the worker starts (`worker_init`), so
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from typing import Any
@@ -92,10 +93,10 @@ def inferpool_stats(state: Any) -> dict[str, Any]:
     return STATS.snapshot()
 
 
-def _reject(item: envelope_pb2.EnvelopeItem, error: str) -> tuple[str, bytes]:
-    reply = envelope_pb2.Reply(
-        request_id=item.request_id, status=envelope_pb2.Reply.STATUS_INVALID_INPUT, error=error
-    )
+def _reject(
+    item: envelope_pb2.EnvelopeItem, error: str, status: int = envelope_pb2.Reply.STATUS_INVALID_INPUT
+) -> tuple[str, bytes]:
+    reply = envelope_pb2.Reply(request_id=item.request_id, status=status, error=error)  # type: ignore[arg-type]
     return item.reply_key, reply.SerializeToString()
 
 
@@ -114,7 +115,17 @@ def handle(model: str, body: bytes) -> dict[str, int]:
         return {"items": 0, "poison": 1}
     batcher = _runtime.batchers.get((model, envelope.model_version))
     if batcher is None:
-        raise LookupError(f"this worker has no {model} v{envelope.model_version}")
+        # A worker deployed with another repository than the API: answer rather than
+        # let the callers wait out their deadlines.
+        error = f"worker {socket.gethostname()} does not serve {model} v{envelope.model_version}"
+        log.error(error)
+        replies: dict[str, list[bytes]] = {}
+        for item in envelope.items:
+            key, value = _reject(item, error, envelope_pb2.Reply.STATUS_INTERNAL)
+            replies.setdefault(key, []).append(value)
+        _runtime.sink.push(replies)
+        STATS.add("items_failed", len(envelope.items))
+        return {"items": len(envelope.items), "failed": len(envelope.items)}
     cfg: ModelConfig = batcher.cfg
     batcher.arriving(+1)
     try:
