@@ -8,9 +8,16 @@ import pytest
 import redis
 
 from inferpool.client import Client
-from tests.servers import ApiThread, MemcachedServer, RedisServer, Worker, stack_settings
+from tests.servers import ApiThread, MemcachedServer, Proc, RedisServer, Worker, stack_settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reap_processes() -> Iterator[None]:
+    yield
+    for proc in list(Proc.live):
+        proc.kill()
 
 
 @pytest.fixture(scope="session")

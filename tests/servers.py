@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from api.server import ApiServer
 from bench.stack import ROOT, free_port, wait_port
@@ -32,11 +32,15 @@ def _binary(name: str) -> str:
 
 
 class Proc:
+    # Every process still running, so the session can reap what a failed test left.
+    live: ClassVar[set[Proc]] = set()
+
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.args = args
         self.log = log
         self._out = log.open("ab")
         self.popen = subprocess.Popen(args, stdout=self._out, stderr=subprocess.STDOUT, env=env)
+        Proc.live.add(self)
 
     @property
     def pid(self) -> int:
@@ -51,9 +55,18 @@ class Proc:
                 self.popen.kill()
                 self.popen.wait()
         self._out.close()
+        Proc.live.discard(self)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+    def ready(self, check: Callable[[], None]) -> None:
+        """Runs the readiness check; a process that never gets ready is not left behind."""
+        try:
+            check()
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
@@ -78,7 +91,7 @@ class RedisServer(Proc):
             ],
             logdir / f"redis-{self.port}.log",
         )
-        wait_port(self.port, 10, self.popen)
+        self.ready(lambda: wait_port(self.port, 10, self.popen))
 
     @property
     def url(self) -> str:
@@ -99,7 +112,7 @@ class MemcachedServer(Proc):
             + (["--user=nobody"] if os.geteuid() == 0 else []),
             logdir / f"memcached-{self.port}.log",
         )
-        wait_port(self.port, 10, self.popen)
+        self.ready(lambda: wait_port(self.port, 10, self.popen))
 
     @property
     def address(self) -> str:
@@ -133,7 +146,10 @@ class Worker(Proc):
             env=env,
         )
         self.control = make_celery(settings, main="test-control")
-        deadline = time.monotonic() + ready_timeout_s
+        self.ready(lambda: self._wait_ready(ready_timeout_s))
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
         while not self.control.control.ping(destination=[self.name], timeout=0.5):
             if self.popen.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker did not become ready:\n{self.tail()}")
