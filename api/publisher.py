@@ -55,7 +55,7 @@ class _Group:
 
 
 class Publisher:
-    def __init__(self, celery: Celery, max_inflight: int = 4, coalesce_window_ms: float = 0.0) -> None:
+    def __init__(self, celery: Celery, max_inflight: int = 1, coalesce_window_ms: float = 0.0) -> None:
         self.celery = celery
         self.max_inflight = max_inflight
         self.window_s = coalesce_window_ms / 1000

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import time
@@ -125,11 +126,12 @@ async def measure(target: str, seconds: float, repeats: int) -> list[dict[str, o
 
 def print_table(rows: list[dict[str, object]], repeats: int) -> None:
     print(f"\nClassify closed loop, median of {repeats} runs (digits CNN, CPU, loopback)")
-    print(f"{'path':<6}{'conc':>6}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'cached':>9}{'errors':>8}")
+    head = f"{'inflight':>8}  {'path':<6}{'conc':>6}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}"
+    print(f"{head}{'cached':>9}{'errors':>8}")
     for row in rows:
         print(
-            f"{row['path']:<6}{row['concurrency']:>6}{row['rps']:>10.0f}{row['p50_ms']:>10.2f}"
-            f"{row['p99_ms']:>10.2f}{row['cached_fraction']:>9.0%}{row['errors']:>8}"
+            f"{row['max_inflight']!s:>8}  {row['path']:<6}{row['concurrency']:>6}{row['rps']:>10.0f}"
+            f"{row['p50_ms']:>10.2f}{row['p99_ms']:>10.2f}{row['cached_fraction']:>9.0%}{row['errors']:>8}"
         )
 
 
@@ -140,17 +142,30 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per phase (the median is reported)")
     parser.add_argument("--target", help="host:port of a running API; default starts a local stack")
+    parser.add_argument(
+        "--inflight",
+        default="",
+        help="comma-separated INFERPOOL_MAX_INFLIGHT_ENVELOPES values to compare, one stack each",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "load.json")
     args = parser.parse_args()
 
+    rows: list[dict[str, object]] = []
     if args.target:
         rows = asyncio.run(measure(args.target, args.seconds, args.repeats))
+        for row in rows:
+            row["max_inflight"] = "?"
     else:
-        with LocalStack() as stack:
-            rows = asyncio.run(measure(stack.target, args.seconds, args.repeats))
+        default = os.environ.get("INFERPOOL_MAX_INFLIGHT_ENVELOPES", "default")
+        for inflight in args.inflight.split(",") if args.inflight else [default]:
+            # The stack inherits this environment: INFERPOOL_* variables configure it.
+            env = {} if inflight == "default" else {"INFERPOOL_MAX_INFLIGHT_ENVELOPES": inflight}
+            with LocalStack(extra_env=env) as stack:
+                for row in asyncio.run(measure(stack.target, args.seconds, args.repeats)):
+                    rows.append({"max_inflight": inflight, **row})
     print_table(rows, args.repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.machine(), "cpus": __import__("os").cpu_count(), "seconds": args.seconds}
+    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "seconds": args.seconds}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\nwrote {args.out}")
 

@@ -97,7 +97,7 @@ class Settings:
     grpc_port: int = _setting(50051, _port, "gRPC port; 0 picks a free one")
     default_deadline_ms: float = _setting(5000.0, _positive_float, "wait bound for calls with no deadline")
     coalesce_window_ms: float = _setting(0.0, _non_negative_float, "extra wait to group misses")
-    max_inflight_envelopes: int = _setting(4, _positive_int, "envelopes in flight per model")
+    max_inflight_envelopes: int = _setting(1, _positive_int, "envelopes in flight per model")
     max_message_bytes: int = _setting(4 * 1024 * 1024, _positive_int, "largest gRPC message accepted")
     health_interval_s: float = _setting(1.0, _positive_float, "period of the Redis health probe")
     # Worker.
