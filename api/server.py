@@ -23,7 +23,7 @@ from api.servicer import InferenceServicer
 from inferpool.broker import make_celery
 from inferpool.cache import Cache
 from inferpool.names import reply_key
-from inferpool.repository import Repository
+from inferpool.repository import Repository, RepositoryError
 from inferpool.settings import Settings, SettingsError
 from inferpool.v1 import inference_pb2, inference_pb2_grpc
 
@@ -142,7 +142,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_env()
-    except SettingsError as exc:
+        Repository.load(settings.model_repository)
+    except (SettingsError, RepositoryError) as exc:
         sys.exit(str(exc))
     try:
         import uvloop

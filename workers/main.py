@@ -5,11 +5,16 @@ from __future__ import annotations
 import sys
 
 from inferpool.names import queue_name
+from inferpool.repository import RepositoryError
+from inferpool.settings import SettingsError
 
 
 def main(argv: list[str] | None = None) -> None:
-    # Settings are validated when workers.app is imported: a bad variable stops here.
-    from workers.app import app, repository, settings
+    # Settings and the repository are validated when workers.app is imported.
+    try:
+        from workers.app import app, repository, settings
+    except (SettingsError, RepositoryError) as exc:
+        sys.exit(str(exc))
 
     extra = list(sys.argv[1:] if argv is None else argv)
     args = [
