@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -49,7 +50,8 @@ class Published:
 @dataclass
 class _Group:
     cfg: ModelConfig
-    pending: list[tuple[envelope_pb2.EnvelopeItem, asyncio.Future[Published]]] = field(default_factory=list)
+    # A deque: under overload thousands may wait, and each leaves from the front.
+    pending: deque[tuple[envelope_pb2.EnvelopeItem, asyncio.Future[Published]]] = field(default_factory=deque)
     inflight: int = 0
     flushing: bool = False
 
@@ -98,7 +100,7 @@ class Publisher:
             while self._ready(group):
                 take: list[tuple[envelope_pb2.EnvelopeItem, asyncio.Future[Published]]] = []
                 while group.pending and len(take) < group.cfg.max_batch_size:
-                    entry = group.pending.pop(0)
+                    entry = group.pending.popleft()
                     if not entry[1].done():  # withdrawn by a caller whose deadline passed
                         take.append(entry)
                 if not take:

@@ -142,15 +142,17 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_env()
-        Repository.load(settings.model_repository)
-    except (SettingsError, RepositoryError) as exc:
+    except SettingsError as exc:
         sys.exit(str(exc))
     try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(settings))
-    else:
-        uvloop.run(serve(settings))
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(serve(settings))
+        else:
+            uvloop.run(serve(settings))
+    except RepositoryError as exc:  # raised by ApiServer before anything is bound
+        sys.exit(str(exc))
 
 
 if __name__ == "__main__":
