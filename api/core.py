@@ -21,11 +21,20 @@ from inferpool.cache import Cache, input_key
 from inferpool.errors import DeadlineExceeded, InvalidInput, ModelFailed
 from inferpool.names import MODEL_NAME_RE
 from inferpool.repository import ModelConfig, Repository
-from inferpool.v1 import envelope_pb2, inference_pb2
+from inferpool.v1 import envelope_pb2, inference_pb2, tensor_pb2
 
 log = logging.getLogger(__name__)
 
 Reply = envelope_pb2.Reply
+
+
+@dataclass(frozen=True)
+class Inferred:
+    """The model's full output for one input, and how it was obtained."""
+
+    scores: envelope_pb2.Scores  # class probabilities
+    cached: bool
+    reply: envelope_pb2.Reply | None  # the worker's reply (timings); None on a cache hit
 
 
 @dataclass
@@ -52,51 +61,62 @@ class DataPlane:
         self.default_timeout_s = default_deadline_ms / 1000
         self.counters = Counters()
 
-    async def classify(
-        self, request: inference_pb2.ClassifyRequest, timeout_s: float | None
-    ) -> inference_pb2.ClassifyResponse:
-        t0 = time.perf_counter()
-        self.counters.requests += 1
-        if not request.model:
+    def resolve(self, model: str, version: int) -> ModelConfig:
+        """The model config a request names (ModelNotFound / InvalidInput otherwise)."""
+        if not model:
             raise InvalidInput("model is required")
-        if not MODEL_NAME_RE.match(request.model):
+        if not MODEL_NAME_RE.match(model):
             raise InvalidInput("model name must be 1-64 characters of letters, digits, '_', '.', '-'")
-        if request.version < 0:
-            raise InvalidInput(f"version must be >= 0 (0 = latest), got {request.version}")
-        cfg = self.repository.resolve(request.model, request.version)
-        if not request.HasField("input"):
-            raise InvalidInput("input is required")
-        cfg.validate(request.input)
-        top_k = max(1, request.top_k)  # capped at the number of classes when answering
-        request_id = request.request_id or uuid.uuid4().hex
+        if version < 0:
+            raise InvalidInput(f"version must be >= 0 (0 = latest), got {version}")
+        return self.repository.resolve(model, version)
 
-        key = input_key(cfg.name, cfg.version, request.input)
+    async def infer(
+        self, cfg: ModelConfig, tensor: tensor_pb2.Tensor, request_id: str, timeout_s: float | None
+    ) -> Inferred:
+        """One input through the whole path: validation, cache, queue, worker. Every
+        protocol front (inferpool.v1, KServe v2) calls this; it raises domain errors."""
+        cfg.validate(tensor)
+        self.counters.requests += 1
+        key = input_key(cfg.name, cfg.version, tensor)
         cached = self.cache.get(key)
         if cached is not None:
             scores = envelope_pb2.Scores()
             scores.ParseFromString(cached)
             self.counters.hits += 1
-            return self._response(cfg, request_id, scores, top_k, True, t0, None)
+            return Inferred(scores, True, None)
         self.counters.misses += 1
 
         budget_s = self.default_timeout_s if timeout_s is None else timeout_s
         if budget_s <= 0:
             self._deadline_exceeded()
-        reply = await self._compute(cfg, request, request_id, budget_s)
+        reply = await self._compute(cfg, tensor, request_id, budget_s)
         if reply.status == Reply.STATUS_INVALID_INPUT:
             raise InvalidInput(reply.error)
         if reply.status != Reply.STATUS_OK:
             raise ModelFailed(reply.error or "the model could not compute this input")
-        return self._response(cfg, request_id, reply.scores, top_k, False, t0, reply)
+        return Inferred(reply.scores, False, reply)
+
+    async def classify(
+        self, request: inference_pb2.ClassifyRequest, timeout_s: float | None
+    ) -> inference_pb2.ClassifyResponse:
+        t0 = time.perf_counter()
+        cfg = self.resolve(request.model, request.version)
+        if not request.HasField("input"):
+            raise InvalidInput("input is required")
+        top_k = max(1, request.top_k)  # capped at the number of classes when answering
+        request_id = request.request_id or uuid.uuid4().hex
+        result = await self.infer(cfg, request.input, request_id, timeout_s)
+        return self._response(cfg, request_id, result.scores, top_k, result.cached, t0, result.reply)
 
     async def _compute(
-        self, cfg: ModelConfig, request: inference_pb2.ClassifyRequest, request_id: str, budget_s: float
+        self, cfg: ModelConfig, tensor: tensor_pb2.Tensor, request_id: str, budget_s: float
     ) -> envelope_pb2.Reply:
         # Correlate on our own id: callers' request ids need not be unique.
         correlation = uuid.uuid4().hex
         item = envelope_pb2.EnvelopeItem(
             request_id=correlation,
-            input=request.input,
+            input=tensor,
             deadline_unix_ns=time.time_ns() + int(budget_s * 1e9),
             reply_key=self.replies.key,
             trace_id=request_id,
