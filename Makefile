@@ -31,7 +31,7 @@ servers:
 # Absolute imports (inferpool.v1.x_pb2) come from generating with protos/ as the include root.
 proto: venv
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. $(PROTO_SRC)/tensor.proto $(PROTO_SRC)/envelope.proto
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)/inference.proto
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)/inference.proto $(PROTO_SRC)/jobs.proto
 
 proto-check: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_boundaries.py::test_generated_code_matches_proto

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -26,6 +27,19 @@ from inferpool.v1 import envelope_pb2, inference_pb2, tensor_pb2
 log = logging.getLogger(__name__)
 
 Reply = envelope_pb2.Reply
+
+
+def top_classes(
+    cfg: ModelConfig, probabilities: Sequence[float], top_k: int
+) -> list[inference_pb2.ClassScore]:
+    """The k best classes, best first (ties in index order)."""
+    values = np.asarray(probabilities, dtype=np.float32)
+    k = min(max(1, top_k), len(values))
+    best = np.argpartition(-values, k - 1)[:k] if k < len(values) else np.arange(len(values))
+    best = best[np.argsort(-values[best], kind="stable")]
+    return [
+        inference_pb2.ClassScore(index=int(i), label=cfg.label(int(i)), score=float(values[i])) for i in best
+    ]
 
 
 @dataclass(frozen=True)
@@ -151,15 +165,8 @@ class DataPlane:
         t0: float,
         reply: envelope_pb2.Reply | None,
     ) -> inference_pb2.ClassifyResponse:
-        values = np.asarray(scores.values, dtype=np.float32)
-        k = min(top_k, len(values))
-        best = np.argpartition(-values, k - 1)[:k] if k < len(values) else np.arange(len(values))
-        best = best[np.argsort(-values[best], kind="stable")]
         response = inference_pb2.ClassifyResponse(
-            classes=[
-                inference_pb2.ClassScore(index=int(i), label=cfg.label(int(i)), score=float(values[i]))
-                for i in best
-            ],
+            classes=top_classes(cfg, scores.values, top_k),
             model=cfg.name,
             version=cfg.version,
             cached=cached,

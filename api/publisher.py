@@ -32,6 +32,22 @@ from inferpool.v1 import envelope_pb2
 log = logging.getLogger(__name__)
 
 
+def send_envelope(celery: Celery, task: str, queue: str, body: bytes, expires_unix_ns: int) -> None:
+    """Publishes one encoded envelope by task name (blocking: call it off the event loop)."""
+    celery.send_task(
+        task,
+        args=(body,),
+        queue=queue,
+        serializer=SERIALIZER,
+        # Workers discard the message unseen once no caller in it is still waiting.
+        expires=datetime.fromtimestamp(expires_unix_ns / 1e9, tz=UTC),
+        ignore_result=True,
+        # Celery would otherwise repr() the tensor bytes into the message headers.
+        argsrepr="",
+        kwargsrepr="",
+    )
+
+
 class Published:
     """One published envelope; each of its requests releases it once when done waiting."""
 
@@ -139,18 +155,7 @@ class Publisher:
         self._kick(group)
 
     def _send(self, model: str, body: bytes, latest_deadline_ns: int) -> None:
-        self.celery.send_task(
-            task_name(model),
-            args=(body,),
-            queue=queue_name(model),
-            serializer=SERIALIZER,
-            # Workers discard the message unseen once no caller in it is still waiting.
-            expires=datetime.fromtimestamp(latest_deadline_ns / 1e9, tz=UTC),
-            ignore_result=True,
-            # Celery would otherwise repr() the tensor bytes into the message headers.
-            argsrepr="",
-            kwargsrepr="",
-        )
+        send_envelope(self.celery, task_name(model), queue_name(model), body, latest_deadline_ns)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -17,6 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from api.core import DataPlane
+from api.job_servicer import JobServicer
+from api.jobs import JobPlane
 from api.publisher import Publisher
 from api.replies import ReplyListener
 from api.servicer import InferenceServicer
@@ -25,11 +27,12 @@ from inferpool.cache import Cache
 from inferpool.names import reply_key
 from inferpool.repository import Repository, RepositoryError
 from inferpool.settings import Settings, SettingsError
-from inferpool.v1 import inference_pb2, inference_pb2_grpc
+from inferpool.v1 import inference_pb2, inference_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
 log = logging.getLogger("inferpool.api")
 
 SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+JOB_SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
 
 
 class ApiServer:
@@ -52,6 +55,13 @@ class ApiServer:
         self.plane = DataPlane(
             self.repository, self.cache, self.publisher, self.replies, settings.default_deadline_ms
         )
+        self.jobs = JobPlane(
+            self.plane,
+            self.redis,
+            settings.job_ttl_s,
+            settings.bulk_chunk_items,
+            settings.max_job_items,
+        )
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             options=[
@@ -61,9 +71,15 @@ class ApiServer:
             ]
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.plane), self.server)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE,
+                JOB_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             self.server,
         )
         self._tasks: list[asyncio.Task[None]] = []
@@ -99,6 +115,7 @@ class ApiServer:
         # "" is the whole server, as grpc_health_probe and Kubernetes ask for it.
         await self.health.set("", status)
         await self.health.set(SERVICE, status)
+        await self.health.set(JOB_SERVICE, status)
         return ok
 
     async def _probe_forever(self) -> None:
@@ -121,6 +138,7 @@ class ApiServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self.jobs.close()
         self.publisher.close()
         self.cache.close()
         await self.redis.aclose()

@@ -29,7 +29,16 @@ def make_celery(settings: Settings, main: str = "inferpool") -> Celery:
         broker_connection_retry_on_startup=True,
         # Publishing is on the request path: fail fast and let the caller see UNAVAILABLE.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.1},
-        broker_transport_options={"socket_timeout": 2.0, "socket_connect_timeout": 1.0},
+        broker_transport_options={
+            "socket_timeout": 2.0,
+            "socket_connect_timeout": 1.0,
+            # Bulk chunks are acknowledged only once their results are written; a chunk
+            # held this long by a worker that died goes back on its queue. kombu sweeps
+            # for such chunks every interval x throttle seconds.
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": max(1, int(settings.visibility_timeout_s / 4)),
+            "unacked_restore_throttle": 1,
+        },
         worker_enable_remote_control=True,
     )
     return app

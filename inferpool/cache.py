@@ -75,6 +75,18 @@ class Cache:
             self._failed("get", exc)
             return None
 
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """The keys that hit; everything else (and any failure) is a miss."""
+        if not keys or not self.available:
+            return {}
+        assert self._client is not None
+        try:
+            found: dict[str, bytes] = self._client.get_many(keys)
+            return found
+        except Exception as exc:
+            self._failed("get_many", exc)
+            return {}
+
     def set_many(self, values: Mapping[str, bytes]) -> None:
         if not values or not self.available:
             return

@@ -1,7 +1,13 @@
-"""Python clients for the inferpool.v1 API: `Client` (blocking) and `AsyncClient` (asyncio)."""
+"""Python clients for the inferpool.v1 API: `Client` (blocking) and `AsyncClient` (asyncio).
+
+Bulk work goes through `Client.submit(...)`, which returns a `Job` handle:
+`job.wait()` follows its progress (a server stream, no polling), `job.results()`
+pages through the results in index order, `job.cancel()` stops it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -9,9 +15,13 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inferpool import tensor
-from inferpool.v1 import inference_pb2, inference_pb2_grpc
+from inferpool.jobs import TERMINAL, state_name
+from inferpool.v1 import inference_pb2, inference_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
 ClassifyResponse = inference_pb2.ClassifyResponse
+
+# Upload messages stay well under gRPC's default 4 MiB receive limit.
+UPLOAD_MESSAGE_BYTES = 1 << 20
 
 
 def classify_request(
@@ -27,13 +37,138 @@ def classify_request(
     )
 
 
+def submit_requests(
+    inputs: np.ndarray,
+    model: str,
+    *,
+    version: int = 0,
+    top_k: int = 1,
+    idempotency_key: str = "",
+    timeout_s: float = 0.0,
+    message_bytes: int = UPLOAD_MESSAGE_BYTES,
+    on_sent: Callable[[int], None] | None = None,
+) -> Iterator[jobs_pb2.SubmitJobRequest]:
+    """The messages of a streamed submission: `inputs` is [N, *input shape]; item i is
+    inputs[i:i+1]. Built lazily, so a large job never exists twice in memory."""
+    if inputs.ndim < 1:
+        raise ValueError("inputs must have a leading item dimension")
+    request = jobs_pb2.SubmitJobRequest(
+        model=model, version=version, top_k=top_k, idempotency_key=idempotency_key, timeout_s=timeout_s
+    )
+    size = 0
+    per_item = max(1, inputs[:1].nbytes)
+    per_message = max(1, message_bytes // per_item)
+    for i in range(len(inputs)):
+        request.inputs.append(tensor.to_proto(inputs[i : i + 1]))
+        size += 1
+        if size >= per_message:
+            yield request
+            if on_sent is not None:
+                on_sent(size)
+            request, size = jobs_pb2.SubmitJobRequest(), 0
+    if size or request.model:  # the first message always goes, even for an empty job
+        yield request
+        if on_sent is not None:
+            on_sent(size)
+
+
+class JobTimeout(TimeoutError):
+    def __init__(self, job: jobs_pb2.Job | None, timeout_s: float | None) -> None:
+        state = state_name(job.state) if job is not None else "unknown"
+        super().__init__(f"job still {state} after {timeout_s}s")
+        self.job = job
+
+
+class Job:
+    """A handle on a bulk job; cheap to create from an id (`Client.job(id)`)."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+
+    def status(self, timeout_s: float = 10.0) -> jobs_pb2.Job:
+        job: jobs_pb2.Job = self.client.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=self.id), timeout=timeout_s)
+        return job
+
+    def wait(
+        self, timeout_s: float | None = None, on_update: Callable[[jobs_pb2.Job], None] | None = None
+    ) -> jobs_pb2.Job:
+        """Follows the job until it ends and returns its final status; raises JobTimeout
+        when it has not ended within `timeout_s` (None: wait as long as it takes)."""
+        last: jobs_pb2.Job | None = None
+        try:
+            for job in self.client.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=self.id), timeout=timeout_s):
+                last = job
+                if on_update is not None:
+                    on_update(job)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise JobTimeout(last, timeout_s) from None
+            raise
+        if last is None or state_name(last.state) not in TERMINAL:
+            raise JobTimeout(last, timeout_s)
+        return last
+
+    def results(
+        self, page_size: int = 1000, include_scores: bool = False, timeout_s: float = 30.0
+    ) -> Iterator[jobs_pb2.JobResult]:
+        """Every finished item's result, in index order, one page per call."""
+        offset = 0
+        while True:
+            request = jobs_pb2.GetJobRequest(
+                job_id=self.id, offset=offset, limit=page_size, include_scores=include_scores
+            )
+            page: jobs_pb2.Job = self.client.jobs.GetJob(request, timeout=timeout_s)
+            yield from page.results
+            if page.next_offset >= page.counts.total or page.next_offset == offset:
+                return
+            offset = page.next_offset
+
+    def cancel(self, timeout_s: float = 10.0) -> jobs_pb2.Job:
+        job: jobs_pb2.Job = self.client.jobs.CancelJob(
+            jobs_pb2.CancelJobRequest(job_id=self.id), timeout=timeout_s
+        )
+        return job
+
+
 class Client:
     """Blocking client. `timeout_s` becomes the gRPC deadline, which bounds the server's wait."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, channel: grpc.Channel | None = None) -> None:
         self.channel = channel or grpc.insecure_channel(target)
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
+        self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def submit(
+        self,
+        inputs: np.ndarray,
+        model: str,
+        *,
+        version: int = 0,
+        top_k: int = 1,
+        idempotency_key: str = "",
+        job_timeout_s: float = 0.0,
+        timeout_s: float | None = 600.0,
+        on_sent: Callable[[int], None] | None = None,
+    ) -> Job:
+        """Uploads a bulk job ([N, *input shape]) and returns once it is recorded and
+        enqueued. `job_timeout_s` bounds the job's run time (0: the server's TTL);
+        `timeout_s` bounds the upload."""
+        requests = submit_requests(
+            inputs,
+            model,
+            version=version,
+            top_k=top_k,
+            idempotency_key=idempotency_key,
+            timeout_s=job_timeout_s,
+            on_sent=on_sent,
+        )
+        response: jobs_pb2.SubmitJobResponse = self.jobs.SubmitJobStream(requests, timeout=timeout_s)
+        return Job(self, response.job_id)
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, job_id)
 
     def classify(
         self, array: np.ndarray, model: str, *, timeout_s: float | None = 10.0, **kwargs: Any

@@ -13,6 +13,10 @@ class ModelNotFound(InferpoolError):
     """No such model, or no such version of it."""
 
 
+class JobNotFound(InferpoolError):
+    """No such job: never created, expired, or not visible to this caller."""
+
+
 class Overloaded(InferpoolError):
     """The server refuses work it cannot finish in time."""
 

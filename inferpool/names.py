@@ -16,6 +16,31 @@ def queue_name(model: str) -> str:
     return f"{PREFIX}.{model}"
 
 
+def bulk_queue_name(model: str) -> str:
+    """The queue that carries bulk-job chunks for a model; workers serve it only when
+    the interactive queue leaves room."""
+    return f"{PREFIX}.{model}.bulk"
+
+
+def bulk_task_name(model: str) -> str:
+    return f"{PREFIX}.bulk.{model}"
+
+
+def job_key(job_id: str) -> str:
+    """Redis hash: the job record (state, counts, timestamps)."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_results_key(job_id: str) -> str:
+    """Redis hash: item index -> serialized Reply, written once per index."""
+    return f"{PREFIX}:job:{job_id}:results"
+
+
+def job_idempotency_key(scope: str, key: str) -> str:
+    """Redis string: a client's idempotency key -> the job it created."""
+    return f"{PREFIX}:jobkey:{scope}:{key}"
+
+
 def task_name(model: str) -> str:
     """Per-model task names make Flower's task list and Celery's stats readable per model."""
     return f"{PREFIX}.classify.{model}"

@@ -92,6 +92,10 @@ class Settings:
     cache_ttl_s: int = _setting(3600, _positive_int, "lifetime of a cached result")
     cache_timeout_ms: float = _setting(20.0, _positive_float, "bound on one cache call")
     reply_ttl_s: int = _setting(60, _positive_int, "lifetime of an unread reply list")
+    job_ttl_s: int = _setting(86400, _positive_int, "lifetime of a bulk job's record and results")
+    visibility_timeout_s: float = _setting(
+        300.0, _positive_float, "a bulk chunk unacknowledged this long is redelivered"
+    )
     # API.
     grpc_host: str = _setting("127.0.0.1", str, "address the gRPC server binds")
     grpc_port: int = _setting(50051, _port, "gRPC port; 0 picks a free one")
@@ -100,9 +104,12 @@ class Settings:
     max_inflight_envelopes: int = _setting(1, _positive_int, "envelopes in flight per model")
     max_message_bytes: int = _setting(4 * 1024 * 1024, _positive_int, "largest gRPC message accepted")
     health_interval_s: float = _setting(1.0, _positive_float, "period of the Redis health probe")
+    bulk_chunk_items: int = _setting(256, _positive_int, "bulk items per queue message")
+    max_job_items: int = _setting(10_000_000, _positive_int, "largest bulk job accepted")
     # Worker.
     worker_concurrency: int = _setting(8, _positive_int, "envelopes a worker holds at once")
     worker_prefetch: int = _setting(4, _positive_int, "messages reserved per concurrency slot")
+    bulk_prefetch_chunks: int = _setting(4, _positive_int, "bulk chunks a worker holds at once")
     device: str = _setting("auto", _device, "torch device: auto picks CUDA when present")
     torch_threads: int = _setting(0, _non_negative_int, "intra-op CPU threads; 0 = all cores")
 

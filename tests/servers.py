@@ -31,6 +31,15 @@ def _binary(name: str) -> str:
     return path
 
 
+def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.05) -> None:
+    """Polls a condition (bounded): for state another process changes, with no event to wait on."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(poll_s)
+
+
 class Proc:
     # Every process still running, so the session can reap what a failed test left.
     live: ClassVar[set[Proc]] = set()

@@ -25,10 +25,19 @@ def test_generated_code_matches_proto(tmp_path: Path) -> None:
     """The committed _pb2 files are what `make proto` produces from protos/."""
     from grpc_tools import protoc
 
-    base = ["grpc_tools.protoc", f"-I{ROOT / 'protos'}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}"]
+    # `python -m grpc_tools.protoc` adds the well-known types' include dir itself; main() does not.
+    well_known = Path(protoc.__file__).parent / "_proto"
+    base = [
+        "grpc_tools.protoc",
+        f"-I{ROOT / 'protos'}",
+        f"-I{well_known}",
+        f"--python_out={tmp_path}",
+        f"--pyi_out={tmp_path}",
+    ]
     plain = [str(PROTO_DIR / "tensor.proto"), str(PROTO_DIR / "envelope.proto")]
     assert protoc.main([*base, *plain]) == 0
-    grpc_args = [*base, f"--grpc_python_out={tmp_path}", str(PROTO_DIR / "inference.proto")]
+    grpc_protos = [str(PROTO_DIR / "inference.proto"), str(PROTO_DIR / "jobs.proto")]
+    grpc_args = [*base, f"--grpc_python_out={tmp_path}", *grpc_protos]
     assert protoc.main(grpc_args) == 0
     fresh = tmp_path / "inferpool" / "v1"
     names = sorted(p.name for p in fresh.iterdir())
@@ -36,3 +45,4 @@ def test_generated_code_matches_proto(tmp_path: Path) -> None:
     assert names == committed, "run `make proto`"
     _, mismatch, errors = filecmp.cmpfiles(fresh, GENERATED, names, shallow=False)
     assert not mismatch and not errors, f"stale generated code {mismatch + errors}: run `make proto`"
+

@@ -13,7 +13,7 @@ import redis
 
 from inferpool.client import Client
 from inferpool.names import queue_name
-from tests.servers import ApiThread, MemcachedServer, RedisServer, Worker, stack_settings
+from tests.servers import ApiThread, MemcachedServer, RedisServer, Worker, stack_settings, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -30,14 +30,6 @@ def fresh_memcached(logdir: Path) -> Iterator[MemcachedServer]:
     server = MemcachedServer(logdir)
     yield server
     server.stop()
-
-
-def wait_until(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_deadline_without_worker_and_late_worker_skips_it(

@@ -25,7 +25,9 @@ from inferpool.names import task_name
 from inferpool.repository import ModelConfig, Repository
 from inferpool.settings import Settings
 from inferpool.v1 import envelope_pb2
-from workers.batcher import Batcher, Pending, ReplySink, Ticket
+from workers.batcher import Batcher, Pending, Ticket
+from workers.bulk import BulkConsumer
+from workers.sinks import JobSink, ReplySink
 from workers.stats import STATS
 
 log = logging.getLogger("inferpool.worker")
@@ -44,17 +46,24 @@ class Runtime:
         configure_threads(settings.torch_threads)
         device = pick_device(settings.device)
         self.cache = Cache(settings.memcached, settings.cache_timeout_ms, settings.cache_ttl_s)
-        self.sink = ReplySink(redis.Redis.from_url(settings.redis_url), settings.reply_ttl_s)
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
+        self.sink = ReplySink(client, settings.reply_ttl_s)
+        self.jobs = JobSink(client)
         self.batchers: dict[tuple[str, int], Batcher] = {}
         for cfg in repository.all():
             runner = ModelRunner(cfg, device)
             warm_s = runner.warm_up()
             log.info("loaded %s v%d on %s (warm-up %.2fs)", cfg.name, cfg.version, device, warm_s)
-            batcher = Batcher(cfg, runner, self.sink, self.cache, STATS)
+            batcher = Batcher(cfg, runner, self.sink, self.jobs, self.cache, STATS)
             batcher.start()
             self.batchers[cfg.name, cfg.version] = batcher
+        self.bulk = BulkConsumer(app, self.batchers, self.jobs, STATS, settings.bulk_prefetch_chunks)
+        self.bulk.start()
 
     def stop(self) -> None:
+        # Bulk first: it lets the batchers finish the chunks it holds before they stop.
+        self.bulk.stop()
+        self.bulk.join(timeout=self.bulk.drain_s + 5)
         for b in self.batchers.values():
             b.stop()
         for b in self.batchers.values():

@@ -1,28 +1,32 @@
 """Per-model micro-batching: merges the items of many envelopes into one model call.
 
-Tasks (one per queue message, on Celery's thread pool) hand their items to the
-model's batcher and wait. The batcher thread takes what is queued, waits up to
-`max_delay_ms` for more only while other messages for the model are still being
-decoded (so a lone request is not held back for nothing), drops items whose
-deadline passed, runs one batch, then writes every reply and the cache in bulk.
+Interactive envelopes arrive on Celery's task threads, which hand their items to
+the model's batcher and wait; bulk chunks arrive from the bulk consumer. The
+batcher thread fills each batch with interactive items first and tops it up with
+bulk items, so a waiting Classify is delayed by at most the batch in progress.
+It waits up to `max_delay_ms` for more only while other interactive messages for
+the model are still being decoded (a lone request is not held back for nothing),
+drops items whose deadline passed and items of jobs that were cancelled, runs one
+batch, then writes the cache, every reply and every job result in bulk.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import redis
 
+from inferpool import jobs
 from inferpool.cache import Cache, input_key
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2
 from workers.runtime import ModelRunner
+from workers.sinks import JobSink, ReplySink
 from workers.stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -32,28 +36,38 @@ Reply = envelope_pb2.Reply
 
 @dataclass
 class Ticket:
-    """The items of one queue message; `done` is set once every item is answered or dropped."""
+    """The items of one queue message; `done` is set (and `on_done` called) once every
+    item is answered or dropped."""
 
     count: int
     enqueued_unix_ns: int
+    on_done: Callable[[], None] | None = None
     done: threading.Event = field(default_factory=threading.Event)
     computed: int = 0
     expired: int = 0
     failed: int = 0
+    cancelled: int = 0
+    unrecorded: int = 0  # bulk results that could not be written: the chunk must come back
     _left: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self._left = self.count
         if self.count == 0:
-            self.done.set()
+            self._finish()
 
     def settle(self, outcome: str) -> None:
         with self._lock:
             setattr(self, outcome, getattr(self, outcome) + 1)
             self._left -= 1
-            if self._left == 0:
-                self.done.set()
+            finished = self._left == 0
+        if finished:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done()
 
 
 @dataclass
@@ -61,76 +75,78 @@ class Pending:
     item: envelope_pb2.EnvelopeItem
     array: np.ndarray  # shape (1, *input_shape)
     ticket: Ticket
-
-
-class ReplySink:
-    """Writes replies to their reply lists, one pipeline per batch."""
-
-    def __init__(self, client: redis.Redis, reply_ttl_s: int) -> None:
-        self.client = client
-        self.reply_ttl_s = reply_ttl_s
-
-    def push(self, replies: dict[str, list[bytes]]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for key, values in replies.items():
-            pipe.rpush(key, *values)
-            # The list outlives its API process only by the TTL.
-            pipe.expire(key, self.reply_ttl_s)
-        pipe.execute()
+    job_id: str = ""  # set on bulk items
 
 
 class Batcher(threading.Thread):
     def __init__(
-        self, cfg: ModelConfig, runner: ModelRunner, sink: ReplySink, cache: Cache, stats: WorkerStats
+        self,
+        cfg: ModelConfig,
+        runner: ModelRunner,
+        sink: ReplySink,
+        jobs_sink: JobSink,
+        cache: Cache,
+        stats: WorkerStats,
     ) -> None:
         super().__init__(name=f"batcher-{cfg.name}-{cfg.version}", daemon=True)
         self.cfg = cfg
         self.runner = runner
         self.sink = sink
+        self.jobs = jobs_sink
         self.cache = cache
         self.stats = stats
-        self._queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
+        self._cond = threading.Condition()
+        self._interactive: deque[Pending] = deque()
+        self._bulk: deque[Pending] = deque()
+        self._stopping = False
         self._arriving = 0
-        self._arriving_lock = threading.Lock()
 
-    # -- called from task threads
+    # -- called from task threads and the bulk consumer
     def arriving(self, delta: int) -> None:
         """A task announces it is decoding a message for this model (+1) or has submitted it (-1)."""
-        with self._arriving_lock:
+        with self._cond:
             self._arriving += delta
 
-    def submit(self, items: list[Pending]) -> None:
-        for p in items:
-            self._queue.put(p)
+    def submit(self, items: list[Pending], bulk: bool = False) -> None:
+        with self._cond:
+            (self._bulk if bulk else self._interactive).extend(items)
+            self._cond.notify()
+
+    def bulk_backlog(self) -> int:
+        return len(self._bulk)
 
     def stop(self) -> None:
-        self._queue.put(None)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
 
     # -- the batcher thread
-    def run(self) -> None:
+    def _take(self) -> list[Pending] | None:
         max_n = self.cfg.max_batch_size
         max_delay_s = self.cfg.max_delay_ms / 1000
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
+        with self._cond:
+            while not self._interactive and not self._bulk:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            batch: list[Pending] = []
             flush_at = time.monotonic() + max_delay_s
-            while len(batch) < max_n:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    remaining = flush_at - time.monotonic()
-                    if remaining <= 0 or self._arriving <= 0:
-                        break
-                    try:
-                        nxt = self._queue.get(timeout=remaining)
-                    except queue.Empty:
-                        break
-                if nxt is None:
-                    self._process(batch)
-                    return
-                batch.append(nxt)
+            while True:
+                while self._interactive and len(batch) < max_n:
+                    batch.append(self._interactive.popleft())
+                # Bulk items only fill what interactive requests leave, and never wait.
+                while self._bulk and len(batch) < max_n:
+                    batch.append(self._bulk.popleft())
+                remaining = flush_at - time.monotonic()
+                if len(batch) >= max_n or remaining <= 0 or self._arriving <= 0 or self._stopping:
+                    return batch
+                self._cond.wait(remaining)
+
+    def run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
             try:
                 self._process(batch)
             except Exception:
@@ -139,19 +155,44 @@ class Batcher(threading.Thread):
                     if not p.ticket.done.is_set():
                         p.ticket.settle("failed")
 
-    def _process(self, batch: list[Pending]) -> None:
+    def _drop_dead(self, batch: list[Pending]) -> list[Pending]:
+        """Items past their deadline, and bulk items of jobs that ended, are not computed."""
         now_ns = time.time_ns()
         live: list[Pending] = []
+        expired_jobs: set[str] = set()
         for p in batch:
             if p.item.deadline_unix_ns and p.item.deadline_unix_ns <= now_ns:
+                if p.job_id:
+                    expired_jobs.add(p.job_id)
                 p.ticket.settle("expired")
             else:
                 live.append(p)
         if len(live) < len(batch):
             self.stats.add("items_expired", len(batch) - len(live))
+        for job_id in expired_jobs:
+            self.jobs.expire(job_id)
+        job_ids = {p.job_id for p in live if p.job_id}
+        if not job_ids:
+            return live
+        running = self.jobs.live(job_ids)
+        if running == job_ids:
+            return live
+        kept = []
+        for p in live:
+            if p.job_id and p.job_id not in running:
+                p.ticket.settle("cancelled")
+                self.stats.add("items_cancelled")
+            else:
+                kept.append(p)
+        return kept
+
+    def _process(self, batch: list[Pending]) -> None:
+        now_ns = time.time_ns()
+        live = self._drop_dead(batch)
         if not live:
             return
         replies: dict[str, list[bytes]] = defaultdict(list)
+        results: dict[str, list[tuple[int, str, bytes]]] = defaultdict(list)
         cache_values: dict[str, bytes] = {}
         t0 = time.perf_counter()
         try:
@@ -180,15 +221,26 @@ class Batcher(threading.Thread):
                 # taken from the message: clients cannot steer what lands in the cache.
                 key = input_key(self.cfg.name, self.cfg.version, p.item.input)
                 cache_values[key] = reply.scores.SerializeToString()
-            replies[p.item.reply_key].append(reply.SerializeToString())
+            if p.job_id:
+                kind = jobs.OK if probs is not None else jobs.FAILED
+                results[p.job_id].append((p.item.job_index, kind, reply.SerializeToString()))
+            else:
+                replies[p.item.reply_key].append(reply.SerializeToString())
         if probs is not None:
             self.stats.batch(len(live), compute_s)
         else:
             self.stats.add("items_failed", len(live))
         # Cache first: a caller who got its reply and asks again must hit.
         self.cache.set_many(cache_values)
+        recorded: set[str] = set()
         try:
-            self.sink.push(replies)
+            # A bulk item counts only once its result is in Redis; its chunk is acknowledged
+            # after that (Ticket.on_done), so a crash before this point redelivers it.
+            for job_id, entries in results.items():
+                self.jobs.record(job_id, entries)
+                recorded.add(job_id)
+            if replies:
+                self.sink.push(replies)
         finally:
             for p in live:
-                p.ticket.settle(outcome)
+                p.ticket.settle("unrecorded" if p.job_id and p.job_id not in recorded else outcome)

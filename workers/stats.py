@@ -20,6 +20,8 @@ class WorkerStats:
         self.messages_expired = 0
         self.items_failed = 0
         self.messages_poison = 0
+        self.items_cancelled = 0
+        self.chunks_done = 0
         self.compute_s = 0.0
         self.batch_sizes: Counter[int] = Counter()
 
@@ -43,6 +45,8 @@ class WorkerStats:
                 "messages_expired": self.messages_expired,
                 "items_failed": self.items_failed,
                 "messages_poison": self.messages_poison,
+                "items_cancelled": self.items_cancelled,
+                "chunks_done": self.chunks_done,
                 "compute_s": round(self.compute_s, 6),
                 # JSON object keys must be strings.
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},

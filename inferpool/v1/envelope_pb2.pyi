@@ -9,35 +9,39 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Envelope(_message.Message):
-    __slots__ = ("envelope_version", "model", "model_version", "items", "enqueued_unix_ns")
+    __slots__ = ("envelope_version", "model", "model_version", "items", "enqueued_unix_ns", "job_id")
     ENVELOPE_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     ENQUEUED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
     envelope_version: int
     model: str
     model_version: int
     items: _containers.RepeatedCompositeFieldContainer[EnvelopeItem]
     enqueued_unix_ns: int
-    def __init__(self, envelope_version: _Optional[int] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., items: _Optional[_Iterable[_Union[EnvelopeItem, _Mapping]]] = ..., enqueued_unix_ns: _Optional[int] = ...) -> None: ...
+    job_id: str
+    def __init__(self, envelope_version: _Optional[int] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., items: _Optional[_Iterable[_Union[EnvelopeItem, _Mapping]]] = ..., enqueued_unix_ns: _Optional[int] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class EnvelopeItem(_message.Message):
-    __slots__ = ("request_id", "input", "deadline_unix_ns", "reply_key", "trace_id")
+    __slots__ = ("request_id", "input", "deadline_unix_ns", "reply_key", "trace_id", "job_index")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     REPLY_KEY_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_INDEX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input: _tensor_pb2.Tensor
     deadline_unix_ns: int
     reply_key: str
     trace_id: str
-    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., deadline_unix_ns: _Optional[int] = ..., reply_key: _Optional[str] = ..., trace_id: _Optional[str] = ...) -> None: ...
+    job_index: int
+    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., deadline_unix_ns: _Optional[int] = ..., reply_key: _Optional[str] = ..., trace_id: _Optional[str] = ..., job_index: _Optional[int] = ...) -> None: ...
 
 class Reply(_message.Message):
-    __slots__ = ("request_id", "status", "error", "scores", "queue_ms", "compute_ms", "batch_size")
+    __slots__ = ("request_id", "status", "error", "scores", "queue_ms", "compute_ms", "batch_size", "cached")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[Reply.Status]
@@ -55,6 +59,7 @@ class Reply(_message.Message):
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     status: Reply.Status
     error: str
@@ -62,7 +67,8 @@ class Reply(_message.Message):
     queue_ms: float
     compute_ms: float
     batch_size: int
-    def __init__(self, request_id: _Optional[str] = ..., status: _Optional[_Union[Reply.Status, str]] = ..., error: _Optional[str] = ..., scores: _Optional[_Union[Scores, _Mapping]] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    cached: bool
+    def __init__(self, request_id: _Optional[str] = ..., status: _Optional[_Union[Reply.Status, str]] = ..., error: _Optional[str] = ..., scores: _Optional[_Union[Scores, _Mapping]] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class Scores(_message.Message):
     __slots__ = ("values",)

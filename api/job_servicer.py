@@ -1,0 +1,61 @@
+"""Thin gRPC servicer over the job plane."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from api.jobs import JobPlane
+from api.status import abort
+from inferpool.v1 import jobs_pb2, jobs_pb2_grpc
+
+
+async def _one(request: jobs_pb2.SubmitJobRequest) -> AsyncIterator[jobs_pb2.SubmitJobRequest]:
+    yield request
+
+
+class JobServicer(jobs_pb2_grpc.JobServiceServicer):
+    def __init__(self, plane: JobPlane) -> None:
+        self.plane = plane
+
+    async def SubmitJob(
+        self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.SubmitJobResponse:
+        try:
+            return await self.plane.submit(_one(request))
+        except Exception as exc:
+            await abort(context, exc, "SubmitJob")
+
+    async def SubmitJobStream(
+        self, request_iterator: AsyncIterator[jobs_pb2.SubmitJobRequest], context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.SubmitJobResponse:
+        try:
+            return await self.plane.submit(request_iterator)
+        except Exception as exc:
+            await abort(context, exc, "SubmitJobStream")
+
+    async def GetJob(
+        self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.Job:
+        try:
+            return await self.plane.get(request)
+        except Exception as exc:
+            await abort(context, exc, "GetJob")
+
+    async def WatchJob(
+        self, request: jobs_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[jobs_pb2.Job]:
+        try:
+            async for job in self.plane.watch(request.job_id):
+                yield job
+        except Exception as exc:
+            await abort(context, exc, "WatchJob")
+
+    async def CancelJob(
+        self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.Job:
+        try:
+            return await self.plane.cancel(request.job_id)
+        except Exception as exc:
+            await abort(context, exc, "CancelJob")

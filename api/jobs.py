@@ -1,0 +1,306 @@
+"""Bulk jobs, transport-free: submit (record, cache, chunk, enqueue), read, watch, cancel.
+
+A submission is validated item by item: items that do not match the model's
+signature fail at once with their reason, items already in the cache are answered
+from it, and the rest leave in chunks of `chunk_items` per queue message on the
+model's bulk queue. The job is sealed (its total fixed) when the upload ends; from
+then on the workers' result writes end it. Redis holds the record and results for
+`job_ttl_s`; afterwards the job is gone (NOT_FOUND).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import redis.asyncio as aioredis
+
+from api.core import DataPlane, top_classes
+from api.publisher import send_envelope
+from inferpool import jobs
+from inferpool.cache import input_key
+from inferpool.codec import ENVELOPE_VERSION, encode
+from inferpool.errors import BackendUnavailable, InvalidInput, JobNotFound
+from inferpool.names import bulk_queue_name, bulk_task_name, job_idempotency_key, job_key, job_results_key
+from inferpool.repository import ModelConfig
+from inferpool.v1 import envelope_pb2, jobs_pb2, tensor_pb2
+
+log = logging.getLogger(__name__)
+
+Reply = envelope_pb2.Reply
+
+MAX_PAGE = 1000
+MAX_IDEMPOTENCY_KEY = 256
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class JobPlane:
+    def __init__(
+        self,
+        plane: DataPlane,
+        client: aioredis.Redis,
+        job_ttl_s: int,
+        chunk_items: int,
+        max_job_items: int,
+        watch_interval_s: float = 0.2,
+    ) -> None:
+        self.plane = plane
+        self.redis = client
+        self.job_ttl_s = job_ttl_s
+        self.chunk_items = chunk_items
+        self.max_job_items = max_job_items
+        self.watch_interval_s = watch_interval_s
+        self._record = client.register_script(jobs.RECORD)
+        self._seal = client.register_script(jobs.SEAL)
+        self._end = client.register_script(jobs.END)
+        self._observe = client.register_script(jobs.OBSERVE)
+        # Chunks are large; they get their own thread so Classify's publishes never
+        # queue behind them.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-publish")
+        self.chunks_published = 0
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # -- submit
+    async def submit(
+        self, requests: AsyncIterator[jobs_pb2.SubmitJobRequest], owner: str = ""
+    ) -> jobs_pb2.SubmitJobResponse:
+        first = await anext(requests, None)
+        if first is None:
+            raise InvalidInput("the submission is empty: the first message must name the model")
+        cfg = self.plane.resolve(first.model, first.version)
+        if not (math.isfinite(first.timeout_s) and first.timeout_s >= 0):
+            raise InvalidInput(f"timeout_s must be >= 0, got {first.timeout_s}")
+        if len(first.idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidInput(f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters")
+
+        job_id = jobs.new_job_id()
+        try:
+            if first.idempotency_key:
+                idem = job_idempotency_key(owner, first.idempotency_key)
+                if not await self.redis.set(idem, job_id, nx=True, ex=self.job_ttl_s):
+                    earlier = await self.redis.get(idem)
+                    if earlier is not None:
+                        job = await self._load(_text(earlier), owner)
+                        return jobs_pb2.SubmitJobResponse(job_id=job.job_id, created=False, job=job)
+                    # It expired in between: this submission takes the key.
+                    await self.redis.set(idem, job_id, ex=self.job_ttl_s)
+            now_ms = _now_ms()
+            ttl_ms = self.job_ttl_s * 1000
+            deadline_ms = now_ms + int(first.timeout_s * 1000) if first.timeout_s else 0
+            record = jobs.new_record(cfg.name, cfg.version, max(1, first.top_k), now_ms, deadline_ms, owner)
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(job_key(job_id), mapping=record)
+            pipe.pexpire(job_key(job_id), ttl_ms)
+            await pipe.execute()
+        except (OSError, aioredis.RedisError) as exc:
+            raise BackendUnavailable("the job store is unavailable") from exc
+
+        upload = _Upload(self, job_id, cfg, (deadline_ms or now_ms + ttl_ms) * 1_000_000)
+        try:
+            await upload.add(first)
+            async for request in requests:
+                if (request.model and request.model != cfg.name) or (
+                    request.version and request.version != cfg.version
+                ):
+                    raise InvalidInput("every message of a submission must name the same model and version")
+                await upload.add(request)
+            await upload.flush()
+            await self._seal(keys=[job_key(job_id)], args=[_now_ms(), upload.count])
+        except BaseException as exc:
+            # A job whose upload broke off would never end: fail it now, and free the
+            # idempotency key so that the client's retry creates a fresh job.
+            await asyncio.shield(self._abort(job_id, owner, first.idempotency_key, exc))
+            if isinstance(exc, OSError | aioredis.RedisError):
+                raise BackendUnavailable("the job store or queue is unavailable") from exc
+            raise
+        log.info(
+            "job %s: %d items for %s v%d (%d chunks)",
+            job_id,
+            upload.count,
+            cfg.name,
+            cfg.version,
+            upload.chunks,
+        )
+        return jobs_pb2.SubmitJobResponse(job_id=job_id, created=True, job=await self._load(job_id, owner))
+
+    async def _abort(self, job_id: str, owner: str, idempotency_key: str, exc: BaseException) -> None:
+        reason = str(exc) if isinstance(exc, InvalidInput) else "the upload did not complete"
+        try:
+            await self._end(keys=[job_key(job_id)], args=[_now_ms(), "FAILED", reason])
+            if idempotency_key:
+                idem = job_idempotency_key(owner, idempotency_key)
+                if await self.redis.get(idem) == job_id.encode():
+                    await self.redis.delete(idem)
+        except Exception:
+            log.exception("could not mark job %s failed", job_id)
+
+    async def record(self, job_id: str, entries: list[tuple[int, str, bytes]]) -> None:
+        args = jobs.record_args(_now_ms(), entries)
+        await self._record(keys=[job_key(job_id), job_results_key(job_id)], args=args)
+
+    async def publish(self, cfg: ModelConfig, job_id: str, items: list[envelope_pb2.EnvelopeItem]) -> None:
+        envelope = envelope_pb2.Envelope(
+            envelope_version=ENVELOPE_VERSION,
+            model=cfg.name,
+            model_version=cfg.version,
+            items=items,
+            enqueued_unix_ns=time.time_ns(),
+            job_id=job_id,
+        )
+        expires_ns = max(item.deadline_unix_ns for item in items)
+        await asyncio.get_running_loop().run_in_executor(
+            self._executor,
+            send_envelope,
+            self.plane.publisher.celery,
+            bulk_task_name(cfg.name),
+            bulk_queue_name(cfg.name),
+            encode(envelope),
+            expires_ns,
+        )
+        self.chunks_published += 1
+
+    # -- read
+    async def _read(self, job_id: str, owner: str) -> dict[str, str]:
+        if not job_id:
+            raise InvalidInput("job_id is required")
+        try:
+            raw = await self._observe(keys=[job_key(job_id)], args=[_now_ms()])
+        except (OSError, aioredis.RedisError) as exc:
+            raise BackendUnavailable("the job store is unavailable") from exc
+        if not raw:
+            raise JobNotFound(f"no job {job_id!r} (unknown, or expired)")
+        record = jobs.decode_record(raw)
+        if record.get("owner", "") != owner:
+            raise JobNotFound(f"no job {job_id!r} (unknown, or expired)")
+        return record
+
+    async def _load(self, job_id: str, owner: str) -> jobs_pb2.Job:
+        return jobs.to_proto(job_id, await self._read(job_id, owner))
+
+    async def get(self, request: jobs_pb2.GetJobRequest, owner: str = "") -> jobs_pb2.Job:
+        if request.offset < 0 or not 0 <= request.limit <= MAX_PAGE:
+            raise InvalidInput(f"offset must be >= 0 and limit 0..{MAX_PAGE}")
+        record = await self._read(request.job_id, owner)
+        job = jobs.to_proto(request.job_id, record)
+        total = job.counts.total if record["sealed"] == "1" else request.offset + request.limit
+        end = min(request.offset + request.limit, total)
+        job.next_offset = max(end, request.offset)
+        if end <= request.offset:
+            return job
+        indexes = list(range(request.offset, end))
+        try:
+            payloads = await self.redis.hmget(job_results_key(request.job_id), indexes)
+        except (OSError, aioredis.RedisError) as exc:
+            raise BackendUnavailable("the job store is unavailable") from exc
+        cfg = self.plane.repository.resolve(job.model, job.version)
+        top_k = int(record["top_k"])
+        for index, payload in zip(indexes, payloads, strict=True):
+            if payload is None:
+                continue
+            reply = Reply()
+            reply.ParseFromString(_bytes(payload))
+            result = job.results.add(index=index, ok=reply.status == Reply.STATUS_OK, cached=reply.cached)
+            if result.ok:
+                result.classes.extend(top_classes(cfg, reply.scores.values, top_k))
+                if request.include_scores:
+                    result.scores.extend(reply.scores.values)
+            else:
+                result.error = reply.error or "the model could not compute this input"
+        return job
+
+    async def watch(self, job_id: str, owner: str = "") -> AsyncIterator[jobs_pb2.Job]:
+        """Yields the job now and on every change, until it ends (the caller's deadline
+        bounds the whole stream)."""
+        last: tuple[object, ...] | None = None
+        while True:
+            job = await self._load(job_id, owner)
+            key = (job.state, job.counts.done, job.counts.failed, job.counts.total)
+            if key != last:
+                last = key
+                yield job
+            if jobs.state_name(job.state) in jobs.TERMINAL:
+                return
+            await asyncio.sleep(self.watch_interval_s)
+
+    async def cancel(self, job_id: str, owner: str = "") -> jobs_pb2.Job:
+        await self._read(job_id, owner)
+        try:
+            await self._end(keys=[job_key(job_id)], args=[_now_ms(), "CANCELLED", ""])
+        except (OSError, aioredis.RedisError) as exc:
+            raise BackendUnavailable("the job store is unavailable") from exc
+        return await self._load(job_id, owner)
+
+
+class _Upload:
+    """One submission in progress: assigns item indexes, answers what it can at once,
+    and publishes the rest chunk by chunk."""
+
+    def __init__(self, jobs_plane: JobPlane, job_id: str, cfg: ModelConfig, deadline_ns: int) -> None:
+        self.p = jobs_plane
+        self.job_id = job_id
+        self.cfg = cfg
+        self.deadline_ns = deadline_ns
+        self.count = 0
+        self.chunks = 0
+        self._chunk: list[envelope_pb2.EnvelopeItem] = []
+
+    async def add(self, request: jobs_pb2.SubmitJobRequest) -> None:
+        if self.count + len(request.inputs) > self.p.max_job_items:
+            raise InvalidInput(f"a job holds at most {self.p.max_job_items} items")
+        answered: list[tuple[int, str, bytes]] = []
+        candidates: list[tuple[int, tensor_pb2.Tensor, str]] = []
+        for t in request.inputs:
+            index = self.count
+            self.count += 1
+            try:
+                self.cfg.validate(t)
+            except InvalidInput as exc:
+                reply = Reply(status=Reply.STATUS_INVALID_INPUT, error=str(exc))
+                answered.append((index, jobs.FAILED, reply.SerializeToString()))
+                continue
+            candidates.append((index, t, input_key(self.cfg.name, self.cfg.version, t)))
+        cache = self.p.plane.cache
+        loop = asyncio.get_running_loop()
+        hits = await loop.run_in_executor(None, cache.get_many, [key for _, _, key in candidates])
+        for index, t, key in candidates:
+            value = hits.get(key)
+            if value is not None:
+                reply = Reply(status=Reply.STATUS_OK, cached=True)
+                reply.scores.ParseFromString(value)
+                answered.append((index, jobs.CACHED, reply.SerializeToString()))
+                continue
+            self._chunk.append(
+                envelope_pb2.EnvelopeItem(
+                    request_id=f"{self.job_id}:{index}",
+                    input=t,
+                    deadline_unix_ns=self.deadline_ns,
+                    job_index=index,
+                )
+            )
+            if len(self._chunk) >= self.p.chunk_items:
+                await self.flush()
+        if answered:
+            await self.p.record(self.job_id, answered)
+
+    async def flush(self) -> None:
+        if self._chunk:
+            items, self._chunk = self._chunk, []
+            await self.p.publish(self.cfg, self.job_id, items)
+            self.chunks += 1

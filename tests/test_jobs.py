@@ -1,0 +1,179 @@
+"""Bulk jobs against the session stack: results, paging, cache, bad items, idempotency,
+cancel, expiry, and the TTL."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+
+import grpc
+import numpy as np
+import pytest
+import redis
+
+from inferpool.client import Client
+from inferpool.jobs import state_name
+from inferpool.names import bulk_queue_name, job_key, job_results_key
+from inferpool.v1 import jobs_pb2, tensor_pb2
+from tests.servers import ApiThread, Worker, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def unique_digits(heldout: tuple[np.ndarray, np.ndarray], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n held-out digits (cycled), each made unique by noise far below what changes a
+    prediction, so that every item is a cache miss the model must compute."""
+    x, y = heldout
+    idx = np.arange(n) % len(x)
+    noise = np.random.default_rng(seed).uniform(-1e-3, 1e-3, size=(n, *x.shape[1:])).astype(np.float32)
+    return (x[idx] + noise).astype(np.float32), y[idx]
+
+
+def test_5000_item_job_accuracy_and_paging(
+    client: Client, worker: Worker, heldout: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, y = unique_digits(heldout, 5000, seed=1)
+    before = worker.stats()["items_computed"]
+    job = client.submit(x, "digits", top_k=2)
+    assert re.fullmatch(r"[0-9a-f]{32}", job.id)  # 128 random bits
+    final = job.wait(timeout_s=90)
+    assert state_name(final.state) == "SUCCEEDED"
+    assert (final.counts.total, final.counts.done, final.counts.failed) == (5000, 5000, 0)
+    assert final.created.ToMilliseconds() <= final.started.ToMilliseconds() <= final.finished.ToMilliseconds()
+
+    results = list(job.results(page_size=700))
+    assert [r.index for r in results] == list(range(5000))  # every item once, in index order
+    assert all(r.ok and len(r.classes) == 2 for r in results)
+    predicted = np.array([r.classes[0].index for r in results])
+    accuracy = float((predicted == y).mean())
+    assert accuracy >= 0.95, accuracy
+    # Every item was computed by the worker (noise made each unique), none twice.
+    assert worker.stats()["items_computed"] - before == 5000
+
+    # The same inputs again: all answered from the cache at submit time, nothing computed.
+    before = worker.stats()["items_computed"]
+    again = client.submit(x[:500], "digits")
+    final = again.wait(timeout_s=30)
+    assert state_name(final.state) == "SUCCEEDED"
+    assert final.counts.cached == 500
+    assert worker.stats()["items_computed"] == before
+    cached = list(again.results())
+    assert all(r.cached for r in cached)
+    assert [r.classes[0].index for r in cached] == predicted[:500].tolist()
+
+
+def test_bad_item_fails_alone_with_its_reason(client: Client, heldout: tuple[np.ndarray, np.ndarray]) -> None:
+    x, y = unique_digits(heldout, 6, seed=2)
+    good = [
+        tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[1, 1, 28, 28], data=a.tobytes())
+        for a in x
+    ]
+    bad = tensor_pb2.Tensor(
+        dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[1, 1, 14, 14], data=x[0, :, :14, :14].tobytes()
+    )
+    request = jobs_pb2.SubmitJobRequest(model="digits", inputs=[*good[:3], bad, *good[3:]])
+    response = client.jobs.SubmitJob(request, timeout=10)
+    final = client.job(response.job_id).wait(timeout_s=30)
+    assert state_name(final.state) == "SUCCEEDED"
+    assert (final.counts.total, final.counts.done, final.counts.failed) == (7, 6, 1)
+    results = list(client.job(response.job_id).results(include_scores=True))
+    assert [r.ok for r in results] == [True, True, True, False, True, True, True]
+    assert "shape" in results[3].error
+    assert [r.classes[0].index for r in results if r.ok] == y.tolist()
+    assert all(len(r.scores) == 10 and abs(sum(r.scores) - 1) < 1e-4 for r in results if r.ok)
+
+
+def test_unknown_job_and_bad_requests(client: Client) -> None:
+    for call in (
+        lambda: client.job("0" * 32).status(),
+        lambda: client.job("0" * 32).cancel(),
+        lambda: list(client.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id="nope"), timeout=5)),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    x = np.zeros((1, 1, 28, 28), dtype=np.float32)
+    with pytest.raises(grpc.RpcError) as info:
+        client.submit(x, "no-such-model")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        client.jobs.GetJob(jobs_pb2.GetJobRequest(job_id="x", limit=5000), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_idempotency_key_returns_the_first_job(
+    client: Client, heldout: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = unique_digits(heldout, 20, seed=3)
+    key = f"retry-{time.time_ns()}"
+    first = client.submit(x, "digits", idempotency_key=key)
+    second = client.submit(x, "digits", idempotency_key=key)
+    assert first.id == second.id
+    third = client.submit(x, "digits", idempotency_key=key + "-other")
+    assert third.id != first.id
+    assert first.wait(timeout_s=30).counts.total == 20
+
+
+def test_watch_streams_progress_until_the_end(client: Client, heldout: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = unique_digits(heldout, 3000, seed=4)
+    job = client.submit(x, "digits")
+    updates: list[jobs_pb2.Job] = []
+    final = job.wait(timeout_s=60, on_update=updates.append)
+    assert state_name(final.state) == "SUCCEEDED"
+    progress = [u.counts.done for u in updates]
+    assert progress == sorted(progress) and progress[-1] == 3000
+    assert len(updates) >= 2
+
+
+def test_cancel_mid_job_stops_computing(
+    api: ApiThread, worker: Worker, redis_client: redis.Redis, heldout: tuple[np.ndarray, np.ndarray]
+) -> None:
+    # Small chunks make the job long enough (many broker round trips) to cancel mid-way.
+    settings = dataclasses.replace(api.server.settings, bulk_chunk_items=8)
+    small_chunks = ApiThread(settings)
+    try:
+        with Client(small_chunks.target) as client:
+            x, _ = unique_digits(heldout, 6000, seed=5)
+            job = client.submit(x, "digits")
+            wait_until(lambda: job.status().counts.done > 0, 30, "the job to start")
+            cancelled = job.cancel()
+            computed_at_cancel = worker.stats()["items_computed"]
+            assert state_name(cancelled.state) == "CANCELLED"
+            assert cancelled.counts.done < 6000
+            # The worker drains (acknowledges without computing) every remaining chunk.
+            wait_until(
+                lambda: redis_client.llen(bulk_queue_name("digits")) == 0, 60, "the bulk queue to drain"
+            )
+            wait_until(lambda: worker.stats()["items_cancelled"] > 0, 10, "cancelled items to be counted")
+            after = job.status()
+            # At most the batches already running when the cancel landed finish.
+            settled = worker.stats()["items_computed"] - computed_at_cancel
+            assert settled <= 2 * 64, settled
+            assert state_name(after.state) == "CANCELLED"
+            assert after.counts.done + after.counts.failed < 6000
+            # What was done stays readable.
+            assert len(list(job.results())) == after.counts.done + after.counts.failed
+    finally:
+        small_chunks.stop()
+
+
+def test_job_timeout_ends_expired_and_ttl_removes_the_job(
+    api: ApiThread, worker: Worker, redis_client: redis.Redis, heldout: tuple[np.ndarray, np.ndarray]
+) -> None:
+    short_ttl = ApiThread(dataclasses.replace(api.server.settings, job_ttl_s=2))
+    try:
+        with Client(short_ttl.target) as client:
+            x, _ = unique_digits(heldout, 50, seed=6)
+            job = client.submit(x, "digits", job_timeout_s=0.001)
+            final = job.wait(timeout_s=30)
+            assert state_name(final.state) == "EXPIRED"
+            assert final.counts.done < 50
+            assert 0 < redis_client.ttl(job_key(job.id)) <= 2
+            wait_until(lambda: not redis_client.exists(job_key(job.id)), 10, "the job record to expire")
+            assert not redis_client.exists(job_results_key(job.id))
+            with pytest.raises(grpc.RpcError) as info:
+                job.status()
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        short_ttl.stop()

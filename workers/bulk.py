@@ -1,0 +1,170 @@
+"""The bulk consumer: feeds bulk-job chunks to the batchers, acknowledging each chunk
+only after every item of it has a result in Redis.
+
+It runs on its own thread and connection, outside Celery's task pool, for two
+reasons: a chunk waiting for its items must not hold one of the pool's threads
+(interactive messages queue behind those), and it must be acknowledged late, when
+the batcher has written its results, which a Celery task cannot defer to another
+thread. The channel's prefetch bounds how many chunks a worker holds; everything
+unacknowledged when the worker dies is redelivered by kombu after the visibility
+timeout, and the job's idempotent result writes make that harmless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+from celery import Celery
+from kombu import Connection, Consumer, Exchange, Message, Queue
+
+from inferpool import codec, jobs
+from inferpool.errors import InvalidInput
+from inferpool.names import bulk_queue_name
+from inferpool.v1 import envelope_pb2
+from workers.batcher import Batcher, Pending, Ticket
+from workers.sinks import JobSink
+from workers.stats import WorkerStats
+
+log = logging.getLogger(__name__)
+
+Reply = envelope_pb2.Reply
+
+
+class BulkConsumer(threading.Thread):
+    def __init__(
+        self,
+        app: Celery,
+        batchers: dict[tuple[str, int], Batcher],
+        job_sink: JobSink,
+        stats: WorkerStats,
+        prefetch: int,
+        drain_s: float = 10.0,
+    ) -> None:
+        super().__init__(name="bulk-consumer", daemon=True)
+        self.app = app
+        self.batchers = batchers
+        self.jobs = job_sink
+        self.stats = stats
+        self.prefetch = prefetch
+        self.drain_s = drain_s
+        self.models = sorted({name for name, _ in batchers})
+        # Finished chunks, handed back by the batcher threads; only this thread touches
+        # the channel, so acks are sent from here.
+        self._finished: queue.SimpleQueue[tuple[Message, Ticket]] = queue.SimpleQueue()
+        self._inflight = 0
+        self._stopping = threading.Event()
+        self.ready = threading.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        backoff_s = 0.2
+        while not self._stopping.is_set():
+            conn = self.app.connection_for_read()
+            try:
+                self._consume(conn)
+                backoff_s = 0.2
+            except conn.connection_errors + conn.channel_errors as exc:
+                log.warning("bulk consumer lost the broker (%r); reconnecting in %.1fs", exc, backoff_s)
+                # Chunks of the lost channel come back after the visibility timeout.
+                self._inflight = 0
+                self._stopping.wait(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+            finally:
+                conn.release()
+
+    def _consume(self, conn: Connection) -> None:
+        channel = conn.channel()
+        # The names and exchanges Celery creates when the API publishes by queue name.
+        names = [bulk_queue_name(m) for m in self.models]
+        queues = [Queue(q, Exchange(q, type="direct"), routing_key=q) for q in names]
+        channel.basic_qos(0, self.prefetch, False)
+        consumer = Consumer(
+            channel, queues=queues, callbacks=[self._on_message], accept=[codec.CONTENT_TYPE], no_ack=False
+        )
+        consumer.consume()
+        self.ready.set()
+        try:
+            while not self._stopping.is_set():
+                self._ack_finished(block=self._inflight >= self.prefetch)
+                if self._inflight < self.prefetch:
+                    with contextlib.suppress(TimeoutError):
+                        conn.drain_events(timeout=0.02)
+            # Graceful stop: take nothing new, let the batchers finish what we hold.
+            consumer.cancel()
+            deadline = time.monotonic() + self.drain_s
+            while self._inflight and time.monotonic() < deadline:
+                self._ack_finished(block=True)
+        finally:
+            if self._inflight:
+                log.warning("returning %d unfinished bulk chunks to their queues", self._inflight)
+            # Closing the channel puts every unacknowledged chunk back on its queue.
+            channel.close()
+
+    def _ack_finished(self, block: bool) -> None:
+        try:
+            message, ticket = self._finished.get(timeout=0.2) if block else self._finished.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._inflight -= 1
+            if ticket.unrecorded:
+                message.requeue()  # its results could not be written: compute it again later
+            else:
+                message.ack()
+                self.stats.add("chunks_done")
+            try:
+                message, ticket = self._finished.get_nowait()
+            except queue.Empty:
+                return
+
+    def _on_message(self, body: Any, message: Message) -> None:
+        try:
+            args, _, _ = body
+            envelope = codec.decode(args[0])
+            if not envelope.job_id:
+                raise codec.PoisonMessage("bulk envelope without a job id")
+        except (codec.PoisonMessage, TypeError, ValueError) as exc:
+            self.stats.add("messages_poison")
+            log.error("dropping poison bulk message: %s", exc)
+            message.reject()
+            return
+        job_id = envelope.job_id
+        if not self.jobs.live([job_id]):
+            # Cancelled, ended or expired: nobody wants these items computed.
+            self.stats.add("items_cancelled", len(envelope.items))
+            message.ack()
+            return
+        batcher = self.batchers.get((envelope.model, envelope.model_version))
+        failures: list[tuple[int, str, bytes]] = []
+        valid: list[tuple[envelope_pb2.EnvelopeItem, Any]] = []
+        for item in envelope.items:
+            if batcher is None:
+                error = f"this worker does not serve {envelope.model} v{envelope.model_version}"
+                failures.append(_failure(item, error, Reply.STATUS_INTERNAL))
+                continue
+            try:
+                valid.append((item, batcher.cfg.validate(item.input)))
+            except InvalidInput as exc:
+                failures.append(_failure(item, str(exc), Reply.STATUS_INVALID_INPUT))
+        if failures:
+            self.jobs.record(job_id, failures)
+            self.stats.add("items_failed", len(failures))
+        if batcher is None or not valid:
+            message.ack()
+            return
+        ticket = Ticket(len(valid), envelope.enqueued_unix_ns)
+        ticket.on_done = lambda: self._finished.put((message, ticket))
+        self._inflight += 1
+        batcher.submit([Pending(item, array, ticket, job_id) for item, array in valid], bulk=True)
+
+
+def _failure(item: envelope_pb2.EnvelopeItem, error: str, status: int) -> tuple[int, str, bytes]:
+    reply = Reply(request_id=item.request_id, status=status, error=error)  # type: ignore[arg-type]
+    return item.job_index, jobs.FAILED, reply.SerializeToString()
