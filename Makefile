@@ -12,7 +12,7 @@ help:
 	@echo "make test        lint, type-check, proto drift check and the test suite (real servers)"
 	@echo "make up          run redis, memcached, a worker and the API in the foreground (Ctrl-C stops)"
 	@echo "make bench       bounded load test of the miss and hit paths (writes bench/results/*.json)"
-	@echo "make proto       regenerate inferpool/v1/*_pb2*.py from protos/"
+	@echo "make proto       regenerate inferpool/v1/ and inferpool/kserve/v2/ *_pb2*.py from protos/"
 	@echo "make train       retrain models/digits/1 (seeded)"
 
 # The venv is rebuilt when the dependency spec changes. torch is pinned through
@@ -32,6 +32,7 @@ servers:
 proto: venv
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. $(PROTO_SRC)/tensor.proto $(PROTO_SRC)/envelope.proto
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)/inference.proto $(PROTO_SRC)/jobs.proto
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/inferpool/kserve/v2/grpc_predict_v2.proto
 
 proto-check: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_boundaries.py::test_generated_code_matches_proto

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from api import kserve
 from api.core import DataPlane
 from api.job_servicer import JobServicer
 from api.jobs import JobPlane
@@ -72,11 +73,14 @@ class ApiServer:
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.plane), self.server)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs), self.server)
+        # The KServe v2 / Open Inference Protocol service, for Triton and KServe clients.
+        kserve.add_to_server(self.server, self.plane, self.health)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (
                 SERVICE,
                 JOB_SERVICE,
+                kserve.SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -116,6 +120,7 @@ class ApiServer:
         await self.health.set("", status)
         await self.health.set(SERVICE, status)
         await self.health.set(JOB_SERVICE, status)
+        await self.health.set(kserve.SERVICE, status)
         return ok
 
     async def _probe_forever(self) -> None:

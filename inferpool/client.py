@@ -52,14 +52,17 @@ def submit_requests(
     inputs[i:i+1]. Built lazily, so a large job never exists twice in memory."""
     if inputs.ndim < 1:
         raise ValueError("inputs must have a leading item dimension")
+    # One conversion for the whole array; each item is then a bytes slice of it.
+    dtype = tensor.to_proto(inputs[:0]).dtype  # ValueError for dtypes the API does not speak
+    shape = [1, *inputs.shape[1:]]
+    array = np.ascontiguousarray(inputs, dtype=tensor.numpy_dtype(dtype))
     request = jobs_pb2.SubmitJobRequest(
         model=model, version=version, top_k=top_k, idempotency_key=idempotency_key, timeout_s=timeout_s
     )
     size = 0
-    per_item = max(1, inputs[:1].nbytes)
-    per_message = max(1, message_bytes // per_item)
-    for i in range(len(inputs)):
-        request.inputs.append(tensor.to_proto(inputs[i : i + 1]))
+    per_message = max(1, message_bytes // max(1, array[:1].nbytes))
+    for i in range(len(array)):
+        request.inputs.add(dtype=dtype, shape=shape, data=array[i].tobytes())
         size += 1
         if size >= per_message:
             yield request

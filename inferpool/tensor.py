@@ -50,6 +50,11 @@ def dtype_name(code: int) -> str:
     return DataType.Name(code) if code in DataType.values() else f"<unknown dtype {code}>"
 
 
+def numpy_dtype(code: int) -> np.dtype:
+    """The little-endian numpy dtype of a DataType."""
+    return _TO_NUMPY[code]
+
+
 def itemsize(code: int) -> int:
     return _TO_NUMPY[code].itemsize
 

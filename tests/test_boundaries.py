@@ -46,3 +46,10 @@ def test_generated_code_matches_proto(tmp_path: Path) -> None:
     _, mismatch, errors = filecmp.cmpfiles(fresh, GENERATED, names, shallow=False)
     assert not mismatch and not errors, f"stale generated code {mismatch + errors}: run `make proto`"
 
+    kserve_proto = ROOT / "protos" / "inferpool" / "kserve" / "v2" / "grpc_predict_v2.proto"
+    assert protoc.main([*base, f"--grpc_python_out={tmp_path}", str(kserve_proto)]) == 0
+    fresh, generated = tmp_path / "inferpool" / "kserve" / "v2", ROOT / "inferpool" / "kserve" / "v2"
+    names = sorted(p.name for p in fresh.iterdir())
+    assert names == sorted(p.name for p in generated.glob("*_pb2*")), "run `make proto`"
+    _, mismatch, errors = filecmp.cmpfiles(fresh, generated, names, shallow=False)
+    assert not mismatch and not errors, f"stale generated code {mismatch + errors}: run `make proto`"

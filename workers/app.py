@@ -40,7 +40,7 @@ app = make_celery(settings, main="inferpool-worker")
 class Runtime:
     """What a running worker holds: a batcher (and model) per model version."""
 
-    def __init__(self, settings: Settings, repository: Repository) -> None:
+    def __init__(self, settings: Settings, repository: Repository, hostname: str | None = None) -> None:
         from workers.runtime import ModelRunner, configure_threads, pick_device
 
         configure_threads(settings.torch_threads)
@@ -57,7 +57,9 @@ class Runtime:
             batcher = Batcher(cfg, runner, self.sink, self.jobs, self.cache, STATS)
             batcher.start()
             self.batchers[cfg.name, cfg.version] = batcher
-        self.bulk = BulkConsumer(app, self.batchers, self.jobs, STATS, settings.bulk_prefetch_chunks)
+        self.bulk = BulkConsumer(
+            app, self.batchers, self.jobs, STATS, settings.bulk_prefetch_chunks, hostname=hostname
+        )
         self.bulk.start()
 
     def stop(self) -> None:
@@ -76,9 +78,10 @@ _runtime_ready = threading.Event()
 
 
 @signals.worker_init.connect
-def _start_runtime(**_: Any) -> None:
+def _start_runtime(sender: Any = None, **_: Any) -> None:
     global _runtime
-    _runtime = Runtime(settings, repository)
+    # The sender is the WorkController; its hostname ties bulk task events to this worker.
+    _runtime = Runtime(settings, repository, getattr(sender, "hostname", None))
     _runtime_ready.set()
 
 

@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 
 Reply = envelope_pb2.Reply
 
+# While interactive requests arrived this recently, bulk items fill batches only up to
+# a quarter of max_batch_size: a Classify that lands while a batch runs then waits for
+# a short batch, not a full one. With no interactive traffic bulk runs full batches.
+INTERACTIVE_RECENT_S = 0.1
+
 
 @dataclass
 class Ticket:
@@ -100,6 +105,7 @@ class Batcher(threading.Thread):
         self._bulk: deque[Pending] = deque()
         self._stopping = False
         self._arriving = 0
+        self._last_interactive = -INTERACTIVE_RECENT_S
 
     # -- called from task threads and the bulk consumer
     def arriving(self, delta: int) -> None:
@@ -109,7 +115,11 @@ class Batcher(threading.Thread):
 
     def submit(self, items: list[Pending], bulk: bool = False) -> None:
         with self._cond:
-            (self._bulk if bulk else self._interactive).extend(items)
+            if bulk:
+                self._bulk.extend(items)
+            else:
+                self._interactive.extend(items)
+                self._last_interactive = time.monotonic()
             self._cond.notify()
 
     def bulk_backlog(self) -> int:
@@ -130,12 +140,14 @@ class Batcher(threading.Thread):
                     return None
                 self._cond.wait()
             batch: list[Pending] = []
-            flush_at = time.monotonic() + max_delay_s
+            now = time.monotonic()
+            flush_at = now + max_delay_s
+            bulk_max = max_n if now - self._last_interactive > INTERACTIVE_RECENT_S else max(1, max_n // 4)
             while True:
                 while self._interactive and len(batch) < max_n:
                     batch.append(self._interactive.popleft())
                 # Bulk items only fill what interactive requests leave, and never wait.
-                while self._bulk and len(batch) < max_n:
+                while self._bulk and len(batch) < bulk_max:
                     batch.append(self._bulk.popleft())
                 remaining = flush_at - time.monotonic()
                 if len(batch) >= max_n or remaining <= 0 or self._arriving <= 0 or self._stopping:

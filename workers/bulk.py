@@ -8,6 +8,12 @@ the batcher has written its results, which a Celery task cannot defer to another
 thread. The channel's prefetch bounds how many chunks a worker holds; everything
 unacknowledged when the worker dies is redelivered by kombu after the visibility
 timeout, and the job's idempotent result writes make that harmless.
+
+Each chunk is a Celery task message (`inferpool.bulk.<model>`), and when the worker
+sends task events (`-E`) this consumer sends the same task events Celery's own
+consumer would, so chunks show in Flower with their true state: received, started,
+then succeeded only once their results are written (failed when they could not be,
+and the chunk goes back on its queue; revoked when their job was cancelled).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class BulkConsumer(threading.Thread):
         stats: WorkerStats,
         prefetch: int,
         drain_s: float = 10.0,
+        hostname: str | None = None,
     ) -> None:
         super().__init__(name="bulk-consumer", daemon=True)
         self.app = app
@@ -52,10 +59,12 @@ class BulkConsumer(threading.Thread):
         self.stats = stats
         self.prefetch = prefetch
         self.drain_s = drain_s
+        self.hostname = hostname
+        self._events: Any = None
         self.models = sorted({name for name, _ in batchers})
         # Finished chunks, handed back by the batcher threads; only this thread touches
         # the channel, so acks are sent from here.
-        self._finished: queue.SimpleQueue[tuple[Message, Ticket]] = queue.SimpleQueue()
+        self._finished: queue.SimpleQueue[tuple[Message, Ticket, float]] = queue.SimpleQueue()
         self._inflight = 0
         self._stopping = threading.Event()
         self.ready = threading.Event()
@@ -89,6 +98,8 @@ class BulkConsumer(threading.Thread):
             channel, queues=queues, callbacks=[self._on_message], accept=[codec.CONTENT_TYPE], no_ack=False
         )
         consumer.consume()
+        if self.hostname and self.app.conf.worker_send_task_events:
+            self._events = self.app.events.Dispatcher(conn, hostname=self.hostname, enabled=True)
         self.ready.set()
         try:
             while not self._stopping.is_set():
@@ -106,25 +117,52 @@ class BulkConsumer(threading.Thread):
                 log.warning("returning %d unfinished bulk chunks to their queues", self._inflight)
             # Closing the channel puts every unacknowledged chunk back on its queue.
             channel.close()
+            if self._events is not None:
+                self._events.close()
+                self._events = None
 
     def _ack_finished(self, block: bool) -> None:
         try:
-            message, ticket = self._finished.get(timeout=0.2) if block else self._finished.get_nowait()
+            message, ticket, t0 = self._finished.get(timeout=0.2) if block else self._finished.get_nowait()
         except queue.Empty:
             return
         while True:
             self._inflight -= 1
             if ticket.unrecorded:
                 message.requeue()  # its results could not be written: compute it again later
+                self._event(
+                    "task-failed",
+                    message,
+                    exception=f"{ticket.unrecorded} results could not be written; the chunk was requeued",
+                )
             else:
                 message.ack()
                 self.stats.add("chunks_done")
+                outcome = {
+                    "computed": ticket.computed,
+                    "expired": ticket.expired,
+                    "cancelled": ticket.cancelled,
+                }
+                self._event("task-succeeded", message, result=repr(outcome), runtime=time.monotonic() - t0)
             try:
-                message, ticket = self._finished.get_nowait()
+                message, ticket, t0 = self._finished.get_nowait()
             except queue.Empty:
                 return
 
+    def _event(self, kind: str, message: Message, **fields: Any) -> None:
+        if self._events is None:
+            return
+        headers = message.headers or {}
+        if kind == "task-received":
+            fields = {"name": headers.get("task"), "args": "", "kwargs": "", "retries": 0, **fields}
+        try:
+            self._events.send(kind, uuid=headers.get("id"), **fields)
+        except Exception as exc:  # events are for operators; never fail a chunk over them
+            log.debug("could not send %s: %r", kind, exc)
+
     def _on_message(self, body: Any, message: Message) -> None:
+        t0 = time.monotonic()
+        self._event("task-received", message)
         try:
             args, _, _ = body
             envelope = codec.decode(args[0])
@@ -134,12 +172,14 @@ class BulkConsumer(threading.Thread):
             self.stats.add("messages_poison")
             log.error("dropping poison bulk message: %s", exc)
             message.reject()
+            self._event("task-failed", message, exception=f"poison message: {exc}")
             return
         job_id = envelope.job_id
         if not self.jobs.live([job_id]):
             # Cancelled, ended or expired: nobody wants these items computed.
             self.stats.add("items_cancelled", len(envelope.items))
             message.ack()
+            self._event("task-revoked", message, terminated=False, signum=None, expired=False)
             return
         batcher = self.batchers.get((envelope.model, envelope.model_version))
         failures: list[tuple[int, str, bytes]] = []
@@ -158,10 +198,12 @@ class BulkConsumer(threading.Thread):
             self.stats.add("items_failed", len(failures))
         if batcher is None or not valid:
             message.ack()
+            self._event("task-succeeded", message, result=repr({"failed": len(failures)}), runtime=0.0)
             return
         ticket = Ticket(len(valid), envelope.enqueued_unix_ns)
-        ticket.on_done = lambda: self._finished.put((message, ticket))
+        ticket.on_done = lambda: self._finished.put((message, ticket, t0))
         self._inflight += 1
+        self._event("task-started", message)
         batcher.submit([Pending(item, array, ticket, job_id) for item, array in valid], bulk=True)
 
 

@@ -1,0 +1,282 @@
+"""The KServe v2 / Open Inference Protocol gRPC front (`inference.GRPCInferenceService`).
+
+Protocol translation only, so that unmodified Triton and KServe clients work: a
+ModelInfer batch of N rows becomes N single-item DataPlane.infer calls, exactly the
+path inferpool.v1 Classify takes (validation, cache, coalescing, queue, deadline).
+Domain errors become status codes in api.status, as for every other front.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import struct
+import uuid
+from collections.abc import Sequence
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2
+
+import inferpool
+from api.core import DataPlane, Inferred
+from api.status import abort
+from inferpool import tensor
+from inferpool.errors import InvalidInput, ModelNotFound
+from inferpool.kserve.v2 import grpc_predict_v2_pb2 as pb
+from inferpool.kserve.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
+from inferpool.repository import ModelConfig
+from inferpool.v1 import tensor_pb2
+
+SERVICE: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+# Workers always answer softmax probabilities, whatever the model's own output is
+# (config output.kind), so the one output is named for what it holds.
+OUTPUT_NAME = "probabilities"
+PLATFORM = "pytorch_torchscript"
+# Triton's per-output parameter: answer the top k classes as "score:index:label" strings.
+CLASSIFICATION = "classification"
+# Response parameter: how many of the request's rows were answered from the cache.
+CACHE_HITS = "inferpool_cache_hits"
+
+# KServe datatype <-> inferpool.tensor dtype name (the dtypes a model may declare).
+_DATATYPES = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "INT8": "int8",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+}
+_KSERVE_NAMES = {name: datatype for datatype, name in _DATATYPES.items()}
+# Where each datatype travels when a client sends typed `contents` instead of raw bytes.
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "INT8": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+_VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
+
+
+def parse_version(version: str) -> int:
+    """KServe versions are strings: "" is the latest (our 0), otherwise a positive integer."""
+    if version == "":
+        return 0
+    if not _VERSION_RE.fullmatch(version):
+        raise InvalidInput(f"model version must be '' (latest) or a positive integer, got {version[:32]!r}")
+    return int(version)
+
+
+def kserve_datatype(dtype: int) -> str:
+    return _KSERVE_NAMES[tensor.dtype_name(dtype)]
+
+
+def model_metadata(plane: DataPlane, cfg: ModelConfig) -> pb.ModelMetadataResponse:
+    classes = len(cfg.labels) or -1  # the model's width is unknown without labels
+    return pb.ModelMetadataResponse(
+        name=cfg.name,
+        versions=[str(v) for v in plane.repository.versions(cfg.name)],
+        platform=PLATFORM,
+        inputs=[
+            pb.ModelMetadataResponse.TensorMetadata(
+                name=cfg.input_name, datatype=kserve_datatype(cfg.input_dtype), shape=[-1, *cfg.input_shape]
+            )
+        ],
+        outputs=[
+            pb.ModelMetadataResponse.TensorMetadata(name=OUTPUT_NAME, datatype="FP32", shape=[-1, classes])
+        ],
+    )
+
+
+def split_rows(cfg: ModelConfig, request: pb.ModelInferRequest) -> list[tensor_pb2.Tensor]:
+    """The request's one input as N single-row tensors shaped as the model takes them."""
+    if len(request.inputs) != 1:
+        raise InvalidInput(f"model {cfg.name!r} takes exactly one input ({cfg.input_name!r})")
+    spec = request.inputs[0]
+    if spec.name != cfg.input_name:
+        raise InvalidInput(f"model {cfg.name!r} has input {cfg.input_name!r}, got {spec.name[:64]!r}")
+    want = kserve_datatype(cfg.input_dtype)
+    if spec.datatype != want:
+        raise InvalidInput(f"input {spec.name!r} takes {want}, got {spec.datatype[:16]!r}")
+    shape = tuple(spec.shape)
+    if len(shape) != len(cfg.input_shape) + 1 or shape[1:] != cfg.input_shape:
+        raise InvalidInput(f"input {spec.name!r} takes shape {[-1, *cfg.input_shape]}, got {list(shape)}")
+    rows = shape[0]
+    # Each row is its own cache lookup and queue item: bound the fan-out like Triton does.
+    if not 1 <= rows <= cfg.max_batch_size:
+        raise InvalidInput(f"batch size must be 1..{cfg.max_batch_size} for model {cfg.name!r}, got {rows}")
+    dtype = np.dtype(_DATATYPES[want]).newbyteorder("<")
+    count = math.prod(shape)
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1:
+            raise InvalidInput("raw_input_contents must hold one entry per input")
+        if spec.HasField("contents"):
+            raise InvalidInput(f"input {spec.name!r} has both raw and typed contents")
+        raw = request.raw_input_contents[0]
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidInput(
+                f"input {spec.name!r} of shape {list(shape)} {want} needs {count * dtype.itemsize} bytes, "
+                f"got {len(raw)}"
+            )
+        array = np.frombuffer(raw, dtype=dtype)
+    else:
+        field = _CONTENTS_FIELD.get(want)
+        if field is None:
+            raise InvalidInput(f"{want} inputs must be sent as raw_input_contents")
+        values = getattr(spec.contents, field)
+        if len(values) != count:
+            raise InvalidInput(
+                f"input {spec.name!r} of shape {list(shape)} needs {count} values, got {len(values)}"
+            )
+        wide = np.asarray(values)
+        array = wide.astype(dtype)
+        if dtype.kind in "iu" and not np.array_equal(array, wide):
+            raise InvalidInput(f"input {spec.name!r} has values out of {want} range")
+    batch = array.reshape(shape)
+    return [tensor.to_proto(batch[i : i + 1]) for i in range(rows)]
+
+
+def requested_outputs(cfg: ModelConfig, request: pb.ModelInferRequest) -> list[tuple[str, int]]:
+    """(name, classification k or 0) per output to answer; none requested means all."""
+    if not request.outputs:
+        return [(OUTPUT_NAME, 0)]
+    wanted: list[tuple[str, int]] = []
+    for out in request.outputs:
+        if out.name != OUTPUT_NAME:
+            raise InvalidInput(f"model {cfg.name!r} has output {OUTPUT_NAME!r}, not {out.name[:64]!r}")
+        if any(name == out.name for name, _ in wanted):
+            raise InvalidInput(f"output {out.name!r} is requested twice")
+        k = 0
+        if CLASSIFICATION in out.parameters:
+            param = out.parameters[CLASSIFICATION]
+            if param.WhichOneof("parameter_choice") != "int64_param" or param.int64_param <= 0:
+                raise InvalidInput(f"{CLASSIFICATION!r} must be a positive int64 parameter")
+            k = param.int64_param
+        wanted.append((out.name, k))
+    return wanted
+
+
+def classification(cfg: ModelConfig, probs: np.ndarray, k: int) -> list[bytes]:
+    """Triton's classification strings, row-major [N, k]: best first, "%f:index[:label]"."""
+    k = min(k, probs.shape[1])
+    out = []
+    for row in probs:
+        for j in np.argsort(-row, kind="stable")[:k]:
+            text = f"{row[j]:f}:{j}" + (f":{cfg.label(int(j))}" if cfg.labels else "")
+            out.append(text.encode())
+    return out
+
+
+def serialize_bytes(items: Sequence[bytes]) -> bytes:
+    """Triton's raw BYTES layout: each element as a little-endian uint32 length, then the bytes."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def infer_response(
+    cfg: ModelConfig, request: pb.ModelInferRequest, outputs: list[tuple[str, int]], results: list[Inferred]
+) -> pb.ModelInferResponse:
+    probs = np.stack([np.asarray(r.scores.values, dtype="<f4") for r in results])
+    response = pb.ModelInferResponse(model_name=cfg.name, model_version=str(cfg.version), id=request.id)
+    response.parameters[CACHE_HITS].int64_param = sum(r.cached for r in results)
+    # Always raw, as Triton answers: tritonclient's as_numpy reads only raw_output_contents.
+    for name, k in outputs:
+        if k:
+            strings = classification(cfg, probs, k)
+            shape = [len(results), len(strings) // len(results)]
+            response.outputs.add(name=name, datatype="BYTES", shape=shape)
+            response.raw_output_contents.append(serialize_bytes(strings))
+        else:
+            response.outputs.add(name=name, datatype="FP32", shape=list(probs.shape))
+            response.raw_output_contents.append(probs.tobytes())
+    return response
+
+
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, plane: DataPlane, health_servicer: health.aio.HealthServicer | None = None) -> None:
+        self.plane = plane
+        self.health = health_servicer
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        if self.health is None:
+            return pb.ServerReadyResponse(ready=True)
+        # The same answer as grpc.health.v1 for the whole server: Redis reachable and not draining.
+        status = await self.health.Check(health_pb2.HealthCheckRequest(service=""), context)
+        return pb.ServerReadyResponse(ready=status.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name="inferpool", version=inferpool.__version__, extensions=[CLASSIFICATION]
+        )
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        try:
+            self.plane.resolve(request.name, parse_version(request.version))
+        except ModelNotFound:
+            # As Triton does: an unknown model is simply not ready.
+            return pb.ModelReadyResponse(ready=False)
+        except Exception as exc:
+            await abort(context, exc, "ModelReady")
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        try:
+            cfg = self.plane.resolve(request.name, parse_version(request.version))
+            return model_metadata(self.plane, cfg)
+        except Exception as exc:
+            await abort(context, exc, "ModelMetadata")
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        try:
+            cfg = self.plane.resolve(request.model_name, parse_version(request.model_version))
+            rows = split_rows(cfg, request)
+            outputs = requested_outputs(cfg, request)
+            request_id = request.id or uuid.uuid4().hex
+            timeout_s = context.time_remaining()
+            # One task per row, so each is cached, coalesced and batched on its own; the
+            # first failure fails the request and cancels the rows still waiting.
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [
+                        group.create_task(
+                            self.plane.infer(
+                                cfg, row, request_id if len(rows) == 1 else f"{request_id}/{i}", timeout_s
+                            )
+                        )
+                        for i, row in enumerate(rows)
+                    ]
+            except ExceptionGroup as failed:
+                raise failed.exceptions[0] from None
+            return infer_response(cfg, request, outputs, [t.result() for t in tasks])
+        except Exception as exc:
+            await abort(context, exc, "ModelInfer")
+
+
+def add_to_server(
+    server: grpc.aio.Server, plane: DataPlane, health_servicer: health.aio.HealthServicer | None = None
+) -> str:
+    """Serves the KServe v2 service on `server`; returns its full name for reflection and
+    health. With the server's health servicer, ServerReady follows its overall status."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(plane, health_servicer), server)
+    return SERVICE

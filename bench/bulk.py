@@ -1,0 +1,206 @@
+"""Bulk jobs next to interactive traffic, and bulk throughput next to the model alone.
+
+Starts the Procfile stack on loopback (or targets `--target`) and measures, in one
+run, each phase `--repeats` times, alternating:
+
+- the model alone in this process (frozen TorchScript, best batch size): the
+  compute limit of this machine;
+- a bulk job alone: items/s from the start of the upload to SUCCEEDED, and over
+  the job's compute phase (first to last result);
+- Classify (fresh inputs, all misses) in a closed loop at each `--concurrency`,
+  without and then with a bulk job running the whole time.
+
+Prints a table with medians and ratios and writes bench/results/bulk.json.
+
+    python -m bench.bulk [--seconds 5] [--repeats 3] [--concurrency 1,16] [--bulk-items 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.load import SHAPE, Run, closed_loop, unique_images
+from bench.stack import ROOT, LocalStack
+from inferpool.client import Client
+from inferpool.jobs import TERMINAL, state_name
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def model_alone(seconds: float = 1.0) -> dict[str, float]:
+    """Images/s of the digits model by batch size, in this process, on all cores."""
+    from inferpool.repository import Repository
+    from workers.runtime import ModelRunner, configure_threads, pick_device
+
+    configure_threads(0)
+    cfg = Repository.load(ROOT / "models").resolve("digits", 0)
+    runner = ModelRunner(cfg, pick_device("auto"))
+    runner.warm_up()
+    rates: dict[str, float] = {}
+    for batch in (1, 8, 16, 32, 64):
+        x = np.random.default_rng(batch).random((batch, *SHAPE[1:]), dtype=np.float32)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            runner.run(x)
+            n += batch
+        rates[str(batch)] = n / (time.perf_counter() - t0)
+    return rates
+
+
+def run_job(client: Client, items: int, seed: int) -> dict[str, float]:
+    x = np.random.default_rng(seed).random((items, *SHAPE[1:]), dtype=np.float32)
+    t0 = time.perf_counter()
+    job = client.submit(x, "digits")
+    uploaded = time.perf_counter()
+    final = job.wait(timeout_s=600)
+    total_s = time.perf_counter() - t0
+    compute_s = (final.finished.ToMilliseconds() - final.started.ToMilliseconds()) / 1000
+    return {
+        "items": items,
+        "state": state_name(final.state),  # type: ignore[dict-item]
+        "upload_s": uploaded - t0,
+        "total_s": total_s,
+        "items_per_s": items / total_s,
+        "compute_items_per_s": items / max(compute_s, 1e-3),
+    }
+
+
+async def classify_during_job(
+    client: Client, target: str, concurrency: int, seconds: float, items: int, seed: int
+) -> tuple[Run, bool]:
+    """Classify load while a bulk job of `items` runs; True when the job was still
+    running at the end of the measurement (the two really overlapped)."""
+    x = np.random.default_rng(seed).random((items, *SHAPE[1:]), dtype=np.float32)
+    job = await asyncio.to_thread(client.submit, x, "digits")
+    run = await closed_loop(target, unique_images(seed + 1), concurrency, seconds)
+    status = await asyncio.to_thread(job.status)
+    overlapped = state_name(status.state) not in TERMINAL
+    await asyncio.to_thread(job.cancel)
+    return run, overlapped
+
+
+async def measure(target: str, args: argparse.Namespace) -> dict[str, Any]:
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    with Client(target) as client:
+        # Warm-up: the worker's JIT and the bulk path's first chunks.
+        await asyncio.to_thread(run_job, client, 2000, 1)
+        await closed_loop(target, unique_images(2), 8, 1.0)
+        jobs: list[dict[str, float]] = []
+        alone: dict[int, list[Run]] = {c: [] for c in concurrencies}
+        during: dict[int, list[Run]] = {c: [] for c in concurrencies}
+        overlaps: dict[int, list[bool]] = {c: [] for c in concurrencies}
+        for r in range(args.repeats):
+            jobs.append(await asyncio.to_thread(run_job, client, args.bulk_items, 100 + r))
+            # Sized so the job outlasts the measurement by a margin.
+            rate = jobs[-1]["compute_items_per_s"]
+            background = int(rate * args.seconds * 2) + args.bulk_items
+            for c in concurrencies:
+                alone[c].append(await closed_loop(target, unique_images(1000 * c + r), c, args.seconds))
+                run, overlapped = await classify_during_job(
+                    client, target, c, args.seconds, background, 2000 * c + r
+                )
+                during[c].append(run)
+                overlaps[c].append(overlapped)
+    rows = []
+    for c in concurrencies:
+        a, d = alone[c], during[c]
+        p99_alone = statistics.median(run.p99_ms for run in a)
+        p99_during = statistics.median(run.p99_ms for run in d)
+        rows.append(
+            {
+                "concurrency": c,
+                "alone": {
+                    "rps": statistics.median(run.rps for run in a),
+                    "p50_ms": statistics.median(run.p50_ms for run in a),
+                    "p99_ms": p99_alone,
+                },
+                "with_bulk": {
+                    "rps": statistics.median(run.rps for run in d),
+                    "p50_ms": statistics.median(run.p50_ms for run in d),
+                    "p99_ms": p99_during,
+                },
+                "p99_ratio": p99_during / p99_alone,
+                "errors": sum(run.errors for run in a + d),
+                "overlapped": overlaps[c],
+                "runs_alone": [asdict(run) for run in a],
+                "runs_with_bulk": [asdict(run) for run in d],
+            }
+        )
+    return {
+        "jobs": jobs,
+        "bulk_items_per_s": statistics.median(j["items_per_s"] for j in jobs),
+        "bulk_compute_items_per_s": statistics.median(j["compute_items_per_s"] for j in jobs),
+        "classify": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each Classify run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per phase (the median is reported)")
+    parser.add_argument("--concurrency", default="1,16", help="Classify callers, comma-separated")
+    parser.add_argument("--bulk-items", type=int, default=20000, help="items of the measured bulk job")
+    parser.add_argument("--target", help="host:port of a running API; default starts a local stack")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bulk.json")
+    args = parser.parse_args()
+
+    if args.target:
+        result = asyncio.run(measure(args.target, args))
+    else:
+        with LocalStack() as stack:
+            result = asyncio.run(measure(stack.target, args))
+    # Same run, stack idle: the compute limit the bulk path is compared with.
+    rates = model_alone()
+    best = max(rates, key=lambda k: rates[k])
+    result["model_alone_items_per_s"] = rates
+    result["model_best"] = {"batch": int(best), "items_per_s": rates[best]}
+
+    print(f"\nBulk vs model alone, median of {args.repeats} runs (digits CNN, CPU, loopback)")
+    print(
+        f"  model alone, best batch {best}: {rates[best]:>10,.0f} items/s   (by batch: "
+        + ", ".join(f"{k}: {v:,.0f}" for k, v in rates.items())
+        + ")"
+    )
+    for name, key in (
+        ("bulk job, upload to SUCCEEDED", "bulk_items_per_s"),
+        ("bulk job, compute phase", "bulk_compute_items_per_s"),
+    ):
+        print(f"  {name:<30}{result[key]:>10,.0f} items/s   ({result[key] / rates[best]:.2f}x model alone)")
+    print(f"\nClassify (fresh inputs) without / with a concurrent bulk job of >= {args.bulk_items} items")
+    print(
+        f"{'conc':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}   |{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'p99 x':>8}{'errors':>8}  overlapped"
+    )
+    for row in result["classify"]:
+        a, d = row["alone"], row["with_bulk"]
+        print(
+            f"{row['concurrency']:>6}{a['rps']:>10.0f}{a['p50_ms']:>9.2f}{a['p99_ms']:>9.2f}   |"
+            f"{d['rps']:>10.0f}{d['p50_ms']:>9.2f}{d['p99_ms']:>9.2f}{row['p99_ratio']:>8.2f}"
+            f"{row['errors']:>8}  {row['overlapped']}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "seconds": args.seconds,
+        "repeats": args.repeats,
+    }
+    args.out.write_text(json.dumps({"meta": meta, **result}, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

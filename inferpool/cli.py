@@ -1,0 +1,237 @@
+"""`inferpool`: classify files and run bulk jobs from the shell.
+
+    inferpool classify images.npy --model digits          # one Classify per item, JSON Lines out
+    inferpool submit images.npy --model digits --wait --out results.jsonl
+    inferpool job JOB_ID [--out results.npy]              # status, or results to a file
+    inferpool watch JOB_ID                                # progress bar until the job ends
+    inferpool cancel JOB_ID
+
+Inputs are .npy arrays shaped [N, *model input shape] (a single image: N = 1).
+Results go to JSON Lines (.jsonl: one object per item, in index order) or to .npy
+(.npy: float32 probabilities [N, classes]; rows of failed items are NaN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+import numpy as np
+from google.protobuf.json_format import MessageToDict
+from tqdm import tqdm
+
+from inferpool.client import Client, Job
+from inferpool.jobs import TERMINAL, state_name
+from inferpool.v1 import jobs_pb2
+
+
+def _load(path: str) -> np.ndarray:
+    array = np.load(path, allow_pickle=False)
+    if array.ndim < 2:
+        raise SystemExit(f"{path}: expected [N, *input shape], got shape {list(array.shape)}")
+    return np.ascontiguousarray(array)
+
+
+def _classes(classes: Iterable[Any]) -> list[dict[str, Any]]:
+    return [{"index": c.index, "label": c.label, "score": round(c.score, 6)} for c in classes]
+
+
+def _status(job: jobs_pb2.Job) -> dict[str, Any]:
+    out = MessageToDict(job, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    out["state"] = state_name(job.state)
+    out.pop("results", None)
+    out.pop("next_offset", None)
+    return out
+
+
+def _write_results(job: Job, total: int, out: Path) -> int:
+    """Writes every result to `out` (.jsonl or .npy); returns how many items failed."""
+    as_npy = out.suffix == ".npy"
+    failed = 0
+    probs: np.ndarray | None = None
+    with tqdm(total=total, desc="results", unit="item", disable=None) as bar:
+        sink: TextIO | None = None if as_npy else out.open("w")
+        try:
+            for r in job.results(include_scores=as_npy):
+                failed += not r.ok
+                if as_npy:
+                    if probs is None:
+                        probs = np.full((total, len(r.scores) or 1), np.nan, dtype=np.float32)
+                    if r.ok:
+                        probs[r.index] = r.scores
+                else:
+                    assert sink is not None
+                    row = {"index": r.index, "ok": r.ok, "cached": r.cached, "classes": _classes(r.classes)}
+                    if not r.ok:
+                        row["error"] = r.error
+                    sink.write(json.dumps(row) + "\n")
+                bar.update(1)
+        finally:
+            if sink is not None:
+                sink.close()
+    if as_npy:
+        np.save(out, probs if probs is not None else np.zeros((0, 0), dtype=np.float32))
+    return failed
+
+
+def _follow(job: Job, timeout_s: float | None) -> jobs_pb2.Job:
+    """Shows a progress bar while the job runs; returns its final status."""
+    bar = tqdm(desc=f"job {job.id[:8]}", unit="item", disable=None)
+
+    def update(status: jobs_pb2.Job) -> None:
+        bar.total = status.counts.total or None
+        bar.n = status.counts.done + status.counts.failed
+        bar.set_postfix(
+            state=state_name(status.state), cached=status.counts.cached, failed=status.counts.failed
+        )
+        bar.refresh()
+
+    try:
+        return job.wait(timeout_s=timeout_s, on_update=update)
+    finally:
+        bar.close()
+
+
+def cmd_classify(client: Client, args: argparse.Namespace) -> int:
+    x = _load(args.file)
+    out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 (stdout must stay open)
+    failed = 0
+
+    def one(i: int) -> dict[str, Any]:
+        try:
+            r = client.classify(
+                x[i : i + 1], args.model, version=args.version, top_k=args.top_k, timeout_s=args.timeout_s
+            )
+        except grpc.RpcError as exc:
+            return {"index": i, "ok": False, "error": f"{exc.code().name}: {exc.details()}"}
+        return {"index": i, "ok": True, "cached": r.cached, "classes": _classes(r.classes)}
+
+    try:
+        with (
+            ThreadPoolExecutor(args.concurrency) as pool,
+            tqdm(total=len(x), unit="item", disable=None) as bar,
+        ):
+            # map() keeps index order while `concurrency` calls are in flight.
+            for row in pool.map(one, range(len(x))):
+                failed += not row["ok"]
+                out.write(json.dumps(row) + "\n")
+                bar.update(1)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 1 if failed else 0
+
+
+def cmd_submit(client: Client, args: argparse.Namespace) -> int:
+    x = _load(args.file)
+    with tqdm(total=len(x), desc="upload", unit="item", disable=None) as bar:
+        job = client.submit(
+            x,
+            args.model,
+            version=args.version,
+            top_k=args.top_k,
+            idempotency_key=args.idempotency_key,
+            job_timeout_s=args.job_timeout_s,
+            on_sent=bar.update,
+        )
+    print(job.id)
+    if not (args.wait or args.out):
+        return 0
+    final = _follow(job, args.timeout_s)
+    print(json.dumps(_status(final)), file=sys.stderr)
+    if args.out:
+        _write_results(job, final.counts.total, Path(args.out))
+    return 0 if state_name(final.state) == "SUCCEEDED" else 1
+
+
+def cmd_job(client: Client, args: argparse.Namespace) -> int:
+    job = client.job(args.job_id)
+    status = job.status()
+    print(json.dumps(_status(status)))
+    if args.out:
+        _write_results(job, status.counts.total, Path(args.out))
+    return 0
+
+
+def cmd_watch(client: Client, args: argparse.Namespace) -> int:
+    final = _follow(client.job(args.job_id), args.timeout_s)
+    print(json.dumps(_status(final)))
+    return 0 if state_name(final.state) in TERMINAL else 1
+
+
+def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    print(json.dumps(_status(client.job(args.job_id).cancel())))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="inferpool", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument(
+        "--target",
+        default=os.environ.get("INFERPOOL_TARGET", "127.0.0.1:50051"),
+        help="API address (env INFERPOOL_TARGET)",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("file", help=".npy array [N, *input shape]")
+        sp.add_argument("--model", required=True)
+        sp.add_argument("--version", type=int, default=0, help="0 = latest")
+        sp.add_argument("--top-k", type=int, default=1)
+
+    sp = sub.add_parser("classify", help="one Classify call per item; JSON Lines to stdout or --out")
+    model_args(sp)
+    sp.add_argument("--out", help="write JSON Lines here instead of stdout")
+    sp.add_argument("--concurrency", type=int, default=16)
+    sp.add_argument("--timeout-s", type=float, default=10.0, help="deadline of each call")
+    sp.set_defaults(run=cmd_classify)
+
+    sp = sub.add_parser("submit", help="upload a bulk job; prints its id")
+    model_args(sp)
+    sp.add_argument("--idempotency-key", default="", help="a retry with the same key returns the same job")
+    sp.add_argument(
+        "--job-timeout-s", type=float, default=0.0, help="bound on the job's run time (0: server TTL)"
+    )
+    sp.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    sp.add_argument("--out", help="wait, then write the results (.jsonl or .npy)")
+    sp.add_argument("--timeout-s", type=float, default=None, help="how long --wait waits")
+    sp.set_defaults(run=cmd_submit)
+
+    sp = sub.add_parser("job", help="print a job's status; --out writes its results")
+    sp.add_argument("job_id")
+    sp.add_argument("--out", help="write the results (.jsonl or .npy)")
+    sp.set_defaults(run=cmd_job)
+
+    sp = sub.add_parser("watch", help="progress bar until the job ends")
+    sp.add_argument("job_id")
+    sp.add_argument("--timeout-s", type=float, default=None)
+    sp.set_defaults(run=cmd_watch)
+
+    sp = sub.add_parser("cancel", help="stop a job's remaining items")
+    sp.add_argument("job_id")
+    sp.set_defaults(run=cmd_cancel)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    with Client(args.target) as client:
+        try:
+            code = args.run(client, args)
+        except grpc.RpcError as exc:
+            print(f"inferpool: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
