@@ -19,7 +19,7 @@ import numpy as np
 from api.publisher import Publisher
 from api.replies import ReplyListener
 from inferpool.cache import Cache, input_key
-from inferpool.errors import DeadlineExceeded, InvalidInput, ModelFailed
+from inferpool.errors import DeadlineExceeded, InferpoolError, InvalidInput, ModelFailed
 from inferpool.names import MODEL_NAME_RE
 from inferpool.repository import ModelConfig, Repository
 from inferpool.v1 import envelope_pb2, inference_pb2, tensor_pb2
@@ -57,6 +57,7 @@ class Counters:
     hits: int = 0
     misses: int = 0
     deadline_exceeded: int = 0
+    coalesced: int = 0  # misses answered by an identical request's computation
 
 
 class DataPlane:
@@ -74,6 +75,7 @@ class DataPlane:
         self.replies = replies
         self.default_timeout_s = default_deadline_ms / 1000
         self.counters = Counters()
+        self._flights: dict[str, asyncio.Future[envelope_pb2.Reply]] = {}
 
     def resolve(self, model: str, version: int) -> ModelConfig:
         """The model config a request names (ModelNotFound / InvalidInput otherwise)."""
@@ -104,7 +106,7 @@ class DataPlane:
         budget_s = self.default_timeout_s if timeout_s is None else timeout_s
         if budget_s <= 0:
             self._deadline_exceeded()
-        reply = await self._compute(cfg, tensor, request_id, budget_s)
+        reply = await self._single_flight(key, cfg, tensor, request_id, budget_s)
         if reply.status == Reply.STATUS_INVALID_INPUT:
             raise InvalidInput(reply.error)
         if reply.status != Reply.STATUS_OK:
@@ -123,6 +125,37 @@ class DataPlane:
         result = await self.infer(cfg, request.input, request_id, timeout_s)
         return self._response(cfg, request_id, result.scores, top_k, result.cached, t0, result.reply)
 
+    async def _single_flight(
+        self, key: str, cfg: ModelConfig, tensor: tensor_pb2.Tensor, request_id: str, budget_s: float
+    ) -> envelope_pb2.Reply:
+        """Identical concurrent misses share one computation: the first caller computes,
+        the others wait for its reply (each within its own deadline). A follower whose
+        leader failed, e.g. on the leader's shorter deadline, computes for itself."""
+        leader = self._flights.get(key)
+        if leader is not None:
+            self.counters.coalesced += 1
+            try:
+                async with asyncio.timeout(budget_s):
+                    return await asyncio.shield(leader)
+            except TimeoutError:
+                self._deadline_exceeded()
+            except InferpoolError:
+                pass
+        flight: asyncio.Future[envelope_pb2.Reply] = asyncio.get_running_loop().create_future()
+        self._flights[key] = flight
+        try:
+            reply = await self._compute(cfg, tensor, request_id, budget_s)
+        except BaseException as exc:
+            flight.set_exception(exc if isinstance(exc, InferpoolError) else ModelFailed("leader failed"))
+            flight.exception()  # retrieved: followers may be gone
+            raise
+        else:
+            flight.set_result(reply)
+            return reply
+        finally:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+
     async def _compute(
         self, cfg: ModelConfig, tensor: tensor_pb2.Tensor, request_id: str, budget_s: float
     ) -> envelope_pb2.Reply:
@@ -135,8 +168,8 @@ class DataPlane:
             reply_key=self.replies.key,
             trace_id=request_id,
         )
-        waiter = self.replies.expect(correlation)
         published = self.publisher.enqueue(cfg, item)
+        waiter = self.replies.expect(correlation)
         try:
             async with asyncio.timeout(budget_s):
                 # Shielded: on timeout we withdraw it below instead of cancelling blindly.
@@ -146,6 +179,7 @@ class DataPlane:
             self._deadline_exceeded()
         finally:
             self.replies.forget(correlation)
+            self.publisher.settle(cfg)
             if not published.done():
                 published.cancel()
             elif not published.cancelled() and published.exception() is None:

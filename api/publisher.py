@@ -24,7 +24,7 @@ from celery import Celery
 
 from inferpool import codec
 from inferpool.codec import ENVELOPE_VERSION, SERIALIZER
-from inferpool.errors import BackendUnavailable
+from inferpool.errors import BackendUnavailable, Overloaded
 from inferpool.names import queue_name, task_name
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2
@@ -70,6 +70,9 @@ class _Group:
     pending: deque[tuple[envelope_pb2.EnvelopeItem, asyncio.Future[Published]]] = field(default_factory=deque)
     inflight: int = 0
     flushing: bool = False
+    # Requests enqueued whose callers still wait (queued here, on the broker or on a
+    # worker): this process's share of the model's backlog.
+    waiting: int = 0
 
 
 class Publisher:
@@ -82,17 +85,33 @@ class Publisher:
         self._flushers: set[asyncio.Task[None]] = set()
         self.messages = 0
         self.items = 0
+        self.rejected = 0
 
     def enqueue(self, cfg: ModelConfig, item: envelope_pb2.EnvelopeItem) -> asyncio.Future[Published]:
         """Resolves once the item is on the broker (BackendUnavailable if it cannot be).
-        Cancel it to withdraw an item that has not left yet."""
+        Cancel it to withdraw an item that has not left yet; call settle() once the
+        caller stops waiting. Raises Overloaded when the model's backlog from this
+        process is at its max_queue_size."""
         group = self._groups.get((cfg.name, cfg.version))
         if group is None:
             group = self._groups[cfg.name, cfg.version] = _Group(cfg)
+        if group.waiting >= cfg.max_queue_size:
+            # Admission control: past this backlog a request would mostly wait out its
+            # deadline; refusing at once lets the client back off or go elsewhere.
+            self.rejected += 1
+            raise Overloaded(
+                f"model {cfg.name!r} has {group.waiting} requests waiting for a worker "
+                f"(max_queue_size {cfg.max_queue_size}); retry later"
+            )
+        group.waiting += 1
         done: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
         group.pending.append((item, done))
         self._kick(group)
         return done
+
+    def settle(self, cfg: ModelConfig) -> None:
+        """The caller of one enqueue() stopped waiting (answered, failed or gave up)."""
+        self._groups[cfg.name, cfg.version].waiting -= 1
 
     def _ready(self, group: _Group) -> bool:
         return bool(group.pending) and (

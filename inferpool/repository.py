@@ -42,6 +42,9 @@ class ModelConfig:
     max_batch_size: int
     max_delay_ms: float
     channels_last: bool
+    # Misses one API process lets wait for a worker before it answers RESOURCE_EXHAUSTED
+    # (Triton's dynamic_batching.max_queue_size, but bounded by default).
+    max_queue_size: int = 0
 
     @property
     def model_file(self) -> Path:
@@ -79,8 +82,11 @@ class ModelConfig:
             labels = tuple(str(label) for label in raw.get("labels", ()))
             max_batch_size = int(raw.get("max_batch_size", 32))
             max_delay_ms = float(raw.get("max_delay_ms", 2.0))
-            if max_batch_size <= 0 or max_delay_ms < 0:
-                raise RepositoryError(f"{where}: max_batch_size must be > 0 and max_delay_ms >= 0")
+            max_queue_size = int(raw.get("max_queue_size", 32 * max_batch_size))
+            if max_batch_size <= 0 or max_delay_ms < 0 or max_queue_size <= 0:
+                raise RepositoryError(
+                    f"{where}: max_batch_size and max_queue_size must be > 0 and max_delay_ms >= 0"
+                )
             return cls(
                 name=name,
                 version=version,
@@ -93,6 +99,7 @@ class ModelConfig:
                 max_batch_size=max_batch_size,
                 max_delay_ms=max_delay_ms,
                 channels_last=bool(raw.get("channels_last", False)),
+                max_queue_size=max_queue_size,
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, RepositoryError):

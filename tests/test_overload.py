@@ -1,0 +1,87 @@
+"""Admission control and single-flight: overload is refused fast, duplicates computed once."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from inferpool.client import Client
+from tests.servers import ROOT, ApiThread, RedisServer, Worker, stack_settings, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def fresh_redis(logdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(logdir)
+    yield server
+    server.stop()
+
+
+def test_identical_concurrent_misses_are_computed_once(
+    client: Client, api: ApiThread, worker: Worker
+) -> None:
+    image = np.random.default_rng(99).random((1, 1, 28, 28), dtype=np.float32)
+    before = worker.stats()["items_computed"]
+    counters = api.server.plane.counters
+    shared = api.call(lambda: counters.coalesced + counters.hits)
+    futures = [client.classify_future(image, "digits", timeout_s=10) for _ in range(100)]
+    responses = [f.result() for f in futures]
+    assert len({r.classes[0].index for r in responses}) == 1
+    assert len({round(r.classes[0].score, 6) for r in responses}) == 1
+    assert worker.stats()["items_computed"] - before == 1
+    # The other 99 waited for that computation, or (arriving after it) hit the cache.
+    assert api.call(lambda: counters.coalesced + counters.hits) - shared == 99
+    assert api.call(lambda: counters.coalesced) > 0
+
+
+def test_backlog_past_max_queue_size_is_refused_at_once(fresh_redis: RedisServer, tmp_path: Path) -> None:
+    # A repository whose digits model queues at most 8 requests per API process.
+    repo = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / "digits" / "1", repo / "digits" / "1")
+    config = json.loads((repo / "digits" / "1" / "config.json").read_text())
+    (repo / "digits" / "1" / "config.json").write_text(json.dumps({**config, "max_queue_size": 8}))
+    # No worker: whatever is accepted waits out its deadline.
+    api = ApiThread(dataclasses.replace(stack_settings(fresh_redis, None), model_repository=repo))
+    try:
+        with Client(api.target) as client:
+            rng = np.random.default_rng(5)
+            waiting = [
+                client.classify_future(rng.random((1, 1, 28, 28), dtype=np.float32), "digits", timeout_s=3)
+                for _ in range(8)
+            ]
+            wait_until(
+                lambda: api.call(lambda: api.server.publisher.rejected) == 0 and _waiting(api) == 8,
+                5,
+                "8 waiting",
+            )
+            t0 = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as info:
+                client.classify(rng.random((1, 1, 28, 28), dtype=np.float32), "digits", timeout_s=3)
+            assert time.perf_counter() - t0 < 0.5
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_queue_size 8" in info.value.details()
+            for f in waiting:
+                with pytest.raises(grpc.RpcError) as late:
+                    f.result()
+                assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # The backlog drained with its deadlines: requests are admitted again.
+            # (The server settles each a moment after the client's own deadline fires.)
+            wait_until(lambda: _waiting(api) == 0, 2, "the backlog to drain")
+            with pytest.raises(grpc.RpcError) as again:
+                client.classify(rng.random((1, 1, 28, 28), dtype=np.float32), "digits", timeout_s=0.2)
+            assert again.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        api.stop()
+
+
+def _waiting(api: ApiThread) -> int:
+    return int(api.call(lambda: sum(g.waiting for g in api.server.publisher._groups.values())))
