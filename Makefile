@@ -5,14 +5,15 @@ PYTHON ?= python3
 PROTO_SRC := protos/inferpool/v1
 PROTO_OUT := inferpool/v1
 
-.PHONY: help venv servers proto proto-check lint typecheck test demo up bench train clean
+.PHONY: help venv servers proto proto-check lint typecheck test demo up flower bench train clean
 
 help:
 	@echo "make demo        start the stack on loopback, classify held-out digits, print figures, stop"
 	@echo "make test        lint, type-check, proto drift check and the test suite (real servers)"
-	@echo "make up          run redis, memcached, a worker and the API in the foreground (Ctrl-C stops)"
+	@echo "make up          run redis, memcached, a worker, the API and Flower in the foreground (Ctrl-C stops)"
+	@echo "make flower      Flower on 127.0.0.1:5555 for a running broker (FLOWER_BASIC_AUTH=user:password)"
 	@echo "make bench       bounded load test of the miss and hit paths (writes bench/results/*.json)"
-	@echo "make proto       regenerate inferpool/v1/ and inferpool/kserve/v2/ *_pb2*.py from protos/"
+	@echo "make proto       regenerate inferpool/v1/ and inferpool/triton/ *_pb2*.py from protos/"
 	@echo "make train       retrain models/digits/1 (seeded)"
 
 # The venv is rebuilt when the dependency spec changes. torch is pinned through
@@ -32,7 +33,8 @@ servers:
 proto: venv
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. $(PROTO_SRC)/tensor.proto $(PROTO_SRC)/envelope.proto
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)/inference.proto $(PROTO_SRC)/jobs.proto
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/inferpool/kserve/v2/grpc_predict_v2.proto
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. protos/inferpool/triton/model_config.proto
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/inferpool/triton/grpc_service.proto
 
 proto-check: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_boundaries.py::test_generated_code_matches_proto
@@ -52,6 +54,11 @@ demo: venv servers
 
 up: venv servers
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/honcho start -f Procfile
+
+# Flower alone, for a stack started some other way; basic auth is required.
+flower: venv
+	@test -n "$$FLOWER_BASIC_AUTH" || { echo "set FLOWER_BASIC_AUTH=user:password" >&2; exit 1; }
+	$(VENV)/bin/celery --broker="$${INFERPOOL_REDIS_URL:-redis://127.0.0.1:6379/0}" flower --address=127.0.0.1 --port="$${FLOWER_PORT:-5555}"
 
 bench: venv servers
 	$(PY) -m bench.load

@@ -16,6 +16,7 @@ from typing import NoReturn
 
 import numpy as np
 
+from api import metrics
 from api.publisher import Publisher
 from api.replies import ReplyListener
 from inferpool.cache import Cache, input_key
@@ -100,12 +101,14 @@ class DataPlane:
             scores = envelope_pb2.Scores()
             scores.ParseFromString(cached)
             self.counters.hits += 1
+            metrics.CACHE_HITS.labels(cfg.name).inc()
             return Inferred(scores, True, None)
         self.counters.misses += 1
+        metrics.CACHE_MISSES.labels(cfg.name).inc()
 
         budget_s = self.default_timeout_s if timeout_s is None else timeout_s
         if budget_s <= 0:
-            self._deadline_exceeded()
+            self._deadline_exceeded(cfg)
         reply = await self._single_flight(key, cfg, tensor, request_id, budget_s)
         if reply.status == Reply.STATUS_INVALID_INPUT:
             raise InvalidInput(reply.error)
@@ -138,7 +141,7 @@ class DataPlane:
                 async with asyncio.timeout(budget_s):
                     return await asyncio.shield(leader)
             except TimeoutError:
-                self._deadline_exceeded()
+                self._deadline_exceeded(cfg)
             except InferpoolError:
                 pass
         flight: asyncio.Future[envelope_pb2.Reply] = asyncio.get_running_loop().create_future()
@@ -170,14 +173,20 @@ class DataPlane:
         )
         published = self.publisher.enqueue(cfg, item)
         waiter = self.replies.expect(correlation)
+        inflight = metrics.INFLIGHT.labels(cfg.name)
+        inflight.inc()
+        t0 = time.perf_counter()
         try:
             async with asyncio.timeout(budget_s):
                 # Shielded: on timeout we withdraw it below instead of cancelling blindly.
                 await asyncio.shield(published)
-                return await waiter
+                reply = await waiter
+            metrics.WORKER_ROUNDTRIP.labels(cfg.name).observe(time.perf_counter() - t0)
+            return reply
         except TimeoutError:
-            self._deadline_exceeded()
+            self._deadline_exceeded(cfg)
         finally:
+            inflight.dec()
             self.replies.forget(correlation)
             self.publisher.settle(cfg)
             if not published.done():
@@ -185,8 +194,9 @@ class DataPlane:
             elif not published.cancelled() and published.exception() is None:
                 published.result().release()
 
-    def _deadline_exceeded(self) -> NoReturn:
+    def _deadline_exceeded(self, cfg: ModelConfig) -> NoReturn:
         self.counters.deadline_exceeded += 1
+        metrics.DEADLINE_EXCEEDED.labels(cfg.name).inc()
         raise DeadlineExceeded("no result before the deadline")
 
     @staticmethod

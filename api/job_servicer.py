@@ -1,4 +1,5 @@
-"""Thin gRPC servicer over the job plane."""
+"""Thin gRPC servicer over the job plane. Every call passes the authenticated caller's
+name (api/auth.py; "" with auth off) as the job owner: jobs are invisible to other names."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from api.auth import caller
 from api.jobs import JobPlane
+from api.metrics import instrumented
 from api.status import abort
 from inferpool.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -19,27 +22,30 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def __init__(self, plane: JobPlane) -> None:
         self.plane = plane
 
+    @instrumented("SubmitJob")
     async def SubmitJob(
         self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.SubmitJobResponse:
         try:
-            return await self.plane.submit(_one(request))
+            return await self.plane.submit(_one(request), caller(context))
         except Exception as exc:
             await abort(context, exc, "SubmitJob")
 
+    @instrumented("SubmitJobStream")
     async def SubmitJobStream(
         self, request_iterator: AsyncIterator[jobs_pb2.SubmitJobRequest], context: grpc.aio.ServicerContext
     ) -> jobs_pb2.SubmitJobResponse:
         try:
-            return await self.plane.submit(request_iterator)
+            return await self.plane.submit(request_iterator, caller(context))
         except Exception as exc:
             await abort(context, exc, "SubmitJobStream")
 
+    @instrumented("GetJob")
     async def GetJob(
         self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.Job:
         try:
-            return await self.plane.get(request)
+            return await self.plane.get(request, caller(context))
         except Exception as exc:
             await abort(context, exc, "GetJob")
 
@@ -47,15 +53,16 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self, request: jobs_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[jobs_pb2.Job]:
         try:
-            async for job in self.plane.watch(request.job_id):
+            async for job in self.plane.watch(request.job_id, caller(context)):
                 yield job
         except Exception as exc:
             await abort(context, exc, "WatchJob")
 
+    @instrumented("CancelJob")
     async def CancelJob(
         self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.Job:
         try:
-            return await self.plane.cancel(request.job_id)
+            return await self.plane.cancel(request.job_id, caller(context))
         except Exception as exc:
             await abort(context, exc, "CancelJob")

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis.asyncio as aioredis
 
+from api import metrics
 from api.core import DataPlane, top_classes
 from api.publisher import send_envelope
 from inferpool import jobs
@@ -112,6 +113,7 @@ class JobPlane:
         except (OSError, aioredis.RedisError) as exc:
             raise BackendUnavailable("the job store is unavailable") from exc
 
+        metrics.JOBS.labels(cfg.name, "QUEUED").inc()
         upload = _Upload(self, job_id, cfg, (deadline_ms or now_ms + ttl_ms) * 1_000_000)
         try:
             await upload.add(first)
@@ -240,11 +242,13 @@ class JobPlane:
             await asyncio.sleep(self.watch_interval_s)
 
     async def cancel(self, job_id: str, owner: str = "") -> jobs_pb2.Job:
-        await self._read(job_id, owner)
+        record = await self._read(job_id, owner)
         try:
-            await self._end(keys=[job_key(job_id)], args=[_now_ms(), "CANCELLED", ""])
+            state = await self._end(keys=[job_key(job_id)], args=[_now_ms(), "CANCELLED", ""])
         except (OSError, aioredis.RedisError) as exc:
             raise BackendUnavailable("the job store is unavailable") from exc
+        if record["state"] in jobs.LIVE and state in (b"CANCELLED", "CANCELLED"):
+            metrics.JOBS.labels(record["model"], "CANCELLED").inc()
         return await self._load(job_id, owner)
 
 

@@ -4,6 +4,11 @@ Protocol translation only, so that unmodified Triton and KServe clients work: a
 ModelInfer batch of N rows becomes N single-item DataPlane.infer calls, exactly the
 path inferpool.v1 Classify takes (validation, cache, coalescing, queue, deadline).
 Domain errors become status codes in api.status, as for every other front.
+
+The contract is Triton's `grpc_service.proto` (vendored in protos/inferpool/triton/), a
+wire-compatible superset of KServe's: besides the KServe RPCs it answers Triton's
+ModelConfig and ModelStatistics, which perf_analyzer needs; the other Triton-only RPCs
+(streaming, repository control, shared memory, trace and log settings) are UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ import asyncio
 import math
 import re
 import struct
+import time
 import uuid
+from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -21,12 +29,14 @@ from grpc_health.v1 import health, health_pb2
 
 import inferpool
 from api.core import DataPlane, Inferred
+from api.metrics import instrumented
 from api.status import abort
 from inferpool import tensor
 from inferpool.errors import InvalidInput, ModelNotFound
-from inferpool.kserve.v2 import grpc_predict_v2_pb2 as pb
-from inferpool.kserve.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 from inferpool.repository import ModelConfig
+from inferpool.triton import grpc_service_pb2 as pb
+from inferpool.triton import grpc_service_pb2_grpc as pb_grpc
+from inferpool.triton import model_config_pb2 as mc
 from inferpool.v1 import tensor_pb2
 
 SERVICE: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -34,7 +44,9 @@ SERVICE: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # Workers always answer softmax probabilities, whatever the model's own output is
 # (config output.kind), so the one output is named for what it holds.
 OUTPUT_NAME = "probabilities"
-PLATFORM = "pytorch_torchscript"
+# Triton's name for TorchScript models (its PyTorch backend), in ModelMetadata and ModelConfig.
+PLATFORM = "pytorch_libtorch"
+BACKEND = "pytorch"
 # Triton's per-output parameter: answer the top k classes as "score:index:label" strings.
 CLASSIFICATION = "classification"
 # Response parameter: how many of the request's rows were answered from the cache.
@@ -93,6 +105,91 @@ def model_metadata(plane: DataPlane, cfg: ModelConfig) -> pb.ModelMetadataRespon
             pb.ModelMetadataResponse.TensorMetadata(name=OUTPUT_NAME, datatype="FP32", shape=[-1, classes])
         ],
     )
+
+
+def model_config(plane: DataPlane, cfg: ModelConfig) -> mc.ModelConfig:
+    """Triton's ModelConfig for one repository model version, as Triton would report it
+    after auto-completion: dims without the batch dimension, which max_batch_size implies."""
+    classes = len(cfg.labels) or -1
+    return mc.ModelConfig(
+        name=cfg.name,
+        platform=PLATFORM,
+        backend=BACKEND,
+        # Every version in the repository is served (version "" picks the latest).
+        version_policy=mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All()),
+        max_batch_size=cfg.max_batch_size,
+        input=[
+            mc.ModelInput(
+                name=cfg.input_name,
+                data_type=f"TYPE_{kserve_datatype(cfg.input_dtype)}",  # TYPE_FP32 etc.
+                dims=list(cfg.input_shape),
+            )
+        ],
+        output=[mc.ModelOutput(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[classes])],
+        # Workers merge queued rows into batches of up to max_batch_size, waiting at most max_delay_ms.
+        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=round(cfg.max_delay_ms * 1000)),
+        response_cache=mc.ModelResponseCache(enable=plane.cache.enabled),
+    )
+
+
+@dataclass
+class ModelStats:
+    """Triton's per-model statistics, for the ModelInfer requests this front answered
+    (inferpool.v1 Classify traffic is not in them). Durations are wall-clock nanoseconds:
+    success/fail for whole requests; queue and compute_infer as the workers report them for
+    each computed row. Cache lookups and tensor (de)serialization are not timed separately:
+    compute_input, compute_output, cache_hit and cache_miss carry counts with 0 ns."""
+
+    last_inference_ms: int = 0
+    ok: int = 0
+    ok_ns: int = 0
+    failed: int = 0
+    failed_ns: int = 0
+    hits: int = 0
+    misses: int = 0
+    queue_ns: int = 0
+    compute_ns: int = 0
+    # Sum of 1/batch_size over computed rows: the batches, were all their rows from this front.
+    executions: float = 0.0
+
+    def succeeded(self, results: Sequence[Inferred], elapsed_ns: int) -> None:
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        self.ok += 1
+        self.ok_ns += elapsed_ns
+        for result in results:
+            reply = result.reply
+            if reply is None:
+                self.hits += 1
+                continue
+            self.misses += 1
+            self.queue_ns += round(reply.queue_ms * 1e6)
+            self.compute_ns += round(reply.compute_ms * 1e6)
+            self.executions += 1 / max(1, reply.batch_size)
+
+    def failure(self, elapsed_ns: int) -> None:
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        self.failed += 1
+        self.failed_ns += elapsed_ns
+
+    def to_proto(self, cfg: ModelConfig) -> pb.ModelStatistics:
+        d = pb.StatisticDuration
+        return pb.ModelStatistics(
+            name=cfg.name,
+            version=str(cfg.version),
+            last_inference=self.last_inference_ms,
+            inference_count=self.misses,  # as Triton counts: rows the model computed, not cache hits
+            execution_count=round(self.executions),
+            inference_stats=pb.InferStatistics(
+                success=d(count=self.ok, ns=self.ok_ns),
+                fail=d(count=self.failed, ns=self.failed_ns),
+                queue=d(count=self.misses, ns=self.queue_ns),
+                compute_input=d(count=self.misses),
+                compute_infer=d(count=self.misses, ns=self.compute_ns),
+                compute_output=d(count=self.misses),
+                cache_hit=d(count=self.hits),
+                cache_miss=d(count=self.misses),
+            ),
+        )
 
 
 def split_rows(cfg: ModelConfig, request: pb.ModelInferRequest) -> list[tensor_pb2.Tensor]:
@@ -202,12 +299,15 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane, health_servicer: health.aio.HealthServicer | None = None) -> None:
         self.plane = plane
         self.health = health_servicer
+        self.stats: defaultdict[tuple[str, int], ModelStats] = defaultdict(ModelStats)
 
+    @instrumented("ServerLive")
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
+    @instrumented("ServerReady")
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
@@ -217,6 +317,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         status = await self.health.Check(health_pb2.HealthCheckRequest(service=""), context)
         return pb.ServerReadyResponse(ready=status.status == health_pb2.HealthCheckResponse.SERVING)
 
+    @instrumented("ServerMetadata")
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
@@ -224,6 +325,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             name="inferpool", version=inferpool.__version__, extensions=[CLASSIFICATION]
         )
 
+    @instrumented("ModelReady")
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
@@ -236,6 +338,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             await abort(context, exc, "ModelReady")
         return pb.ModelReadyResponse(ready=True)
 
+    @instrumented("ModelMetadata")
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
@@ -245,11 +348,46 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:
             await abort(context, exc, "ModelMetadata")
 
+    @instrumented("ModelConfig")
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        try:
+            cfg = self.plane.resolve(request.name, parse_version(request.version))
+            return pb.ModelConfigResponse(config=model_config(self.plane, cfg))
+        except Exception as exc:
+            await abort(context, exc, "ModelConfig")
+
+    @instrumented("ModelStatistics")
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        """As Triton: no name means every model, no version every version of it."""
+        try:
+            repository = self.plane.repository
+            if request.name:
+                version = parse_version(request.version)
+                self.plane.resolve(request.name, version)  # NOT_FOUND for unknown ones
+                versions = [version] if version else repository.versions(request.name)
+                configs = [repository.resolve(request.name, v) for v in versions]
+            elif request.version:
+                raise InvalidInput("a model version needs a model name")
+            else:
+                configs = repository.all()
+            stats = [self.stats.get((c.name, c.version), ModelStats()).to_proto(c) for c in configs]
+            return pb.ModelStatisticsResponse(model_stats=stats)
+        except Exception as exc:
+            await abort(context, exc, "ModelStatistics")
+
+    @instrumented("ModelInfer")
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        t0 = time.perf_counter_ns()
+        stats: ModelStats | None = None
         try:
             cfg = self.plane.resolve(request.model_name, parse_version(request.model_version))
+            stats = self.stats[cfg.name, cfg.version]
             rows = split_rows(cfg, request)
             outputs = requested_outputs(cfg, request)
             request_id = request.id or uuid.uuid4().hex
@@ -268,15 +406,20 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     ]
             except ExceptionGroup as failed:
                 raise failed.exceptions[0] from None
-            return infer_response(cfg, request, outputs, [t.result() for t in tasks])
+            results = [t.result() for t in tasks]
+            response = infer_response(cfg, request, outputs, results)
+            stats.succeeded(results, time.perf_counter_ns() - t0)
+            return response
         except Exception as exc:
+            if stats is not None:
+                stats.failure(time.perf_counter_ns() - t0)
             await abort(context, exc, "ModelInfer")
 
 
 def add_to_server(
     server: grpc.aio.Server, plane: DataPlane, health_servicer: health.aio.HealthServicer | None = None
 ) -> str:
-    """Serves the KServe v2 service on `server`; returns its full name for reflection and
+    """Serves the KServe v2 service (Triton's superset) on `server`; returns its full name for reflection and
     health. With the server's health servicer, ServerReady follows its overall status."""
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(plane, health_servicer), server)
     return SERVICE

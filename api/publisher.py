@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 
 from celery import Celery
 
+from api import metrics
 from inferpool import codec
 from inferpool.codec import ENVELOPE_VERSION, SERIALIZER
 from inferpool.errors import BackendUnavailable, Overloaded
@@ -155,6 +156,7 @@ class Publisher:
                     )
                 except Exception as exc:
                     group.inflight -= 1
+                    metrics.PUBLISH_FAILURES.labels(group.cfg.name).inc()
                     log.warning("publish to %s failed: %r", queue_name(group.cfg.name), exc)
                     error = BackendUnavailable("the request queue is unavailable")
                     for _, done in take:
@@ -163,6 +165,7 @@ class Publisher:
                     continue
                 self.messages += 1
                 self.items += len(take)
+                metrics.ENVELOPE_ITEMS.labels(group.cfg.name).observe(len(take))
                 published = Published(group, len(take), self)
                 for _, done in take:
                     if done.done():

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from api import kserve
+from api import auth, kserve, metrics
 from api.core import DataPlane
 from api.job_servicer import JobServicer
 from api.jobs import JobPlane
@@ -25,7 +25,7 @@ from api.replies import ReplyListener
 from api.servicer import InferenceServicer
 from inferpool.broker import make_celery
 from inferpool.cache import Cache
-from inferpool.names import reply_key
+from inferpool.names import bulk_queue_name, queue_name, reply_key
 from inferpool.repository import Repository, RepositoryError
 from inferpool.settings import Settings, SettingsError
 from inferpool.v1 import inference_pb2, inference_pb2_grpc, jobs_pb2, jobs_pb2_grpc
@@ -41,12 +41,16 @@ class ApiServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # First, so a bad tokens file or certificate (SettingsError) stops start-up
+        # before anything connects.
+        self.credentials = auth.server_credentials(settings)
+        interceptors = auth.interceptors(settings)
         self.repository = Repository.load(settings.model_repository)
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.redis = aioredis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=1.0, health_check_interval=10
         )
-        self.cache = Cache(settings.memcached, settings.cache_timeout_ms, settings.cache_ttl_s)
+        self.cache = Cache.from_settings(settings)
         self.publisher = Publisher(
             make_celery(settings, main="inferpool-api"),
             settings.max_inflight_envelopes,
@@ -65,11 +69,12 @@ class ApiServer:
         )
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.plane), self.server)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs), self.server)
@@ -90,7 +95,11 @@ class ApiServer:
         self.port = 0
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        if self.credentials is not None:
+            self.port = self.server.add_secure_port(address, self.credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {self.settings.grpc_host}:{self.settings.grpc_port}")
         await self._probe_once()
@@ -151,6 +160,11 @@ class ApiServer:
 
 async def serve(settings: Settings) -> None:
     server = ApiServer(settings)
+    # Process-wide (one registry per process), so not in ApiServer: tests run several.
+    if settings.metrics_port:
+        queues = [q for n in server.repository.names for q in (queue_name(n), bulk_queue_name(n))]
+        metrics.register_queue_depth(settings.redis_url, queues)
+        metrics.serve(settings.metrics_port, settings.metrics_host)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -174,7 +188,7 @@ def main() -> None:
             asyncio.run(serve(settings))
         else:
             uvloop.run(serve(settings))
-    except RepositoryError as exc:  # raised by ApiServer before anything is bound
+    except (RepositoryError, SettingsError) as exc:  # raised by ApiServer before anything is bound
         sys.exit(str(exc))
 
 

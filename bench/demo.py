@@ -1,19 +1,24 @@
 """`make demo`: start the stack, classify the held-out digits twice through gRPC, stop.
 
 The first pass is all cache misses (computed by the batching worker), the second
-all hits (served from Memcached). Prints accuracy, hit ratio and latencies.
+all hits (served from Memcached). Prints accuracy, hit ratio and latencies, then
+what Flower and the worker's Prometheus endpoint saw of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import time
+import urllib.request
 
 import grpc
 import numpy as np
 
 from bench.stack import ROOT, LocalStack
 from inferpool.client import AsyncClient
+from inferpool.names import task_name
 
 CONCURRENCY = 16
 
@@ -43,12 +48,47 @@ async def classify_all(target: str, images: np.ndarray) -> tuple[np.ndarray, np.
         return predicted, cached, latency_ms, time.perf_counter() - t0
 
 
+def _flower_summary(stack: LocalStack) -> str:
+    """What Flower's dashboard shows, from its workers table (task-event counters)."""
+    request = urllib.request.Request(f"{stack.flower_url}/workers?json=1")
+    token = base64.b64encode(":".join(stack.flower_auth).encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            workers = json.loads(response.read())["data"]
+    except OSError as exc:
+        return f"unreachable ({exc})"
+    succeeded = sum(w.get("task-succeeded", 0) for w in workers)
+    failed = sum(w.get("task-failed", 0) for w in workers)
+    online = sum(bool(w.get("status")) for w in workers)
+    return f"{online} worker(s) online, {succeeded} {task_name('digits')} tasks succeeded, {failed} failed"
+
+
+def _metric_sum(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def _worker_metrics_summary(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError as exc:
+        return f"unreachable ({exc})"
+    batches = _metric_sum(text, "inferpool_batch_size_count")
+    items = _metric_sum(text, "inferpool_batch_size_sum")
+    if not batches:
+        return "no batch observed (the batcher does not report to Prometheus yet)"
+    return f"{batches:.0f} batches, {items / batches:.1f} items per batch on average"
+
+
 def main() -> None:
     data = np.load(ROOT / "models" / "digits" / "heldout.npz")
     x, y = data["x"], data["y"]
-    print("starting redis, memcached, a worker and the API (honcho, Procfile) on loopback ...")
+    print("starting redis, memcached, a worker, the API and Flower (honcho, Procfile) on loopback ...")
     with LocalStack() as stack:
-        print(f"stack ready, API on {stack.target}; classifying {len(x)} held-out digits twice\n")
+        user, password = stack.flower_auth
+        print(f"stack ready, API on {stack.target}, Flower on {stack.flower_url}/ ({user} / {password})")
+        print(f"classifying {len(x)} held-out digits twice\n")
         print(f"{'pass':<14}{'accuracy':>10}{'cached':>9}{'p50 ms':>9}{'p99 ms':>9}{'img/s':>8}")
         for name in ("1: misses", "2: repeats"):
             predicted, cached, ms, wall = asyncio.run(classify_all(stack.target, x))
@@ -57,6 +97,9 @@ def main() -> None:
                 f"{name:<14}{accuracy:>10.2%}{cached.mean():>9.0%}{np.percentile(ms, 50):>9.2f}"
                 f"{np.percentile(ms, 99):>9.2f}{len(x) / wall:>8.0f}"
             )
+        print(f"\nflower:  {_flower_summary(stack)}")
+        worker_metrics = stack.metrics_urls["worker"]
+        print(f"metrics: {worker_metrics}: {_worker_metrics_summary(worker_metrics)}")
         print(f"\n(concurrency {CONCURRENCY}; stack log: {stack.log_path})")
     print("stack stopped")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -39,14 +40,42 @@ def wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None 
             time.sleep(0.02)
 
 
-class LocalStack:
-    """`with LocalStack() as stack:` starts redis, memcached, a worker and the API, and
-    returns once a first Classify has been answered."""
+def _procfile_names() -> list[str]:
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return [line.split(":", 1)[0] for line in lines if line.strip() and not line.startswith("#")]
 
-    def __init__(self, extra_env: dict[str, str] | None = None, quiet: bool = True) -> None:
-        self.ports = {"REDIS_PORT": free_port(), "MEMCACHED_PORT": free_port(), "GRPC_PORT": free_port()}
+
+class LocalStack:
+    """`with LocalStack() as stack:` starts redis, memcached, a worker, the API and Flower,
+    and returns once a first Classify has been answered and Flower listens.
+
+    Flower binds 127.0.0.1 with basic auth: FLOWER_BASIC_AUTH (`user:password`) from the
+    environment or `extra_env`, else a fresh password (`stack.flower_auth`). `flower=False`
+    leaves it out, as benchmarks may want (task events are still sent).
+    """
+
+    def __init__(
+        self, extra_env: dict[str, str] | None = None, quiet: bool = True, flower: bool = True
+    ) -> None:
+        self.ports = {
+            "REDIS_PORT": free_port(),
+            "MEMCACHED_PORT": free_port(),
+            "GRPC_PORT": free_port(),
+            "FLOWER_PORT": free_port(),
+            "API_METRICS_PORT": free_port(),
+            "WORKER_METRICS_PORT": free_port(),
+        }
         self.extra_env = extra_env or {}
         self.quiet = quiet
+        self.flower = flower
+        self._flower_basic_auth = (
+            self.extra_env.get("FLOWER_BASIC_AUTH")
+            or os.environ.get("FLOWER_BASIC_AUTH")
+            or f"inferpool:{secrets.token_hex(8)}"
+        )
+        # Flower accepts several comma-separated pairs; the first is the one shown.
+        user, _, password = self._flower_basic_auth.split(",")[0].partition(":")
+        self.flower_auth = (user, password)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = ROOT / "bench" / "results" / "stack.log"
 
@@ -58,14 +87,38 @@ class LocalStack:
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.ports['REDIS_PORT']}/0"
 
+    @property
+    def flower_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['FLOWER_PORT']}"
+
+    @property
+    def metrics_urls(self) -> dict[str, str]:
+        """Prometheus endpoints: the worker's, and the API's once it serves one."""
+        return {
+            name: f"http://127.0.0.1:{self.ports[var]}/metrics"
+            for name, var in (("api", "API_METRICS_PORT"), ("worker", "WORKER_METRICS_PORT"))
+        }
+
     def __enter__(self) -> LocalStack:
         env = dict(os.environ, **{k: str(v) for k, v in self.ports.items()}, **self.extra_env)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env["INFERPOOL_MODEL_REPOSITORY"] = str(ROOT / "models")
+        env["FLOWER_BASIC_AUTH"] = self._flower_basic_auth
+        processes = [] if self.flower else [p for p in _procfile_names() if p != "flower"]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out = self.log_path.open("wb") if self.quiet else None
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "honcho", "start", "-f", str(ROOT / "Procfile"), "-d", str(ROOT)],
+            [
+                sys.executable,
+                "-m",
+                "honcho",
+                "start",
+                "-f",
+                str(ROOT / "Procfile"),
+                "-d",
+                str(ROOT),
+                *processes,
+            ],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
@@ -78,6 +131,8 @@ class LocalStack:
                 # Readiness = one answered miss: the worker has loaded and warmed the model.
                 probe = np.random.default_rng().random((1, 1, 28, 28), dtype=np.float32)
                 client.classify(probe, "digits", timeout_s=90)
+            if self.flower:
+                wait_port(self.ports["FLOWER_PORT"], 30, self.proc)
         except BaseException:
             self.stop()
             raise

@@ -10,6 +10,7 @@ is skipped for `retry_after_s` so a dead server costs one timeout, not one per c
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Mapping
@@ -18,9 +19,22 @@ import xxhash
 from pymemcache.client.base import PooledClient
 
 from inferpool.names import cache_key
+from inferpool.settings import Settings
 from inferpool.v1 import tensor_pb2
 
 log = logging.getLogger(__name__)
+
+
+def tls_context(ca_file: str, cert_file: str = "", key_file: str = "") -> ssl.SSLContext | None:
+    """The client TLS context for Memcached (None when no TLS file is set): verifies
+    the server against `ca_file` (host name included), and presents a client
+    certificate when one is given."""
+    if not (ca_file or cert_file or key_file):
+        return None
+    context = ssl.create_default_context(cafile=ca_file or None)
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file or None)
+    return context
 
 
 def input_key(model: str, version: int, t: tensor_pb2.Tensor) -> str:
@@ -32,7 +46,14 @@ def input_key(model: str, version: int, t: tensor_pb2.Tensor) -> str:
 
 
 class Cache:
-    def __init__(self, address: str, timeout_ms: float, ttl_s: int, retry_after_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout_ms: float,
+        ttl_s: int,
+        retry_after_s: float = 1.0,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.enabled = bool(address)
         self.ttl_s = ttl_s
         self.retry_after_s = retry_after_s
@@ -49,7 +70,22 @@ class Cache:
                 timeout=timeout_s,
                 no_delay=True,
                 max_pool_size=8,
+                tls_context=tls_context,  # None: plain text
             )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Cache:
+        """The cache as the settings describe it, TLS included."""
+        return cls(
+            settings.memcached,
+            settings.cache_timeout_ms,
+            settings.cache_ttl_s,
+            tls_context=tls_context(
+                settings.memcached_tls_ca_file,
+                settings.memcached_tls_cert_file,
+                settings.memcached_tls_key_file,
+            ),
+        )
 
     @property
     def available(self) -> bool:

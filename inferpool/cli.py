@@ -180,6 +180,17 @@ def parser() -> argparse.ArgumentParser:
         default=os.environ.get("INFERPOOL_TARGET", "127.0.0.1:50051"),
         help="API address (env INFERPOOL_TARGET)",
     )
+    # The token's default comes from the environment so it stays out of shell history and `ps`.
+    p.add_argument(
+        "--token",
+        default=os.environ.get("INFERPOOL_TOKEN") or None,
+        help="bearer token sent with every call (env INFERPOOL_TOKEN)",
+    )
+    p.add_argument(
+        "--tls-ca",
+        default=os.environ.get("INFERPOOL_TLS_CA") or None,
+        help="PEM CA file that verifies the API's certificate; turns TLS on (env INFERPOOL_TLS_CA)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(sp: argparse.ArgumentParser) -> None:
@@ -224,7 +235,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    with Client(args.target) as client:
+    roots = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    with Client(args.target, token=args.token, root_certificates=roots) as client:
         try:
             code = args.run(client, args)
         except grpc.RpcError as exc:

@@ -7,6 +7,7 @@ pages through the results in index order, `job.cancel()` stops it.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,6 +23,94 @@ ClassifyResponse = inference_pb2.ClassifyResponse
 
 # Upload messages stay well under gRPC's default 4 MiB receive limit.
 UPLOAD_MESSAGE_BYTES = 1 << 20
+
+
+class _Bearer(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer <token>` to every call. An interceptor rather than
+    call credentials, because grpc refuses call credentials on plain-text channels and
+    tests and loopback deployments run without TLS (there the token travels in clear)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            [*(details.metadata or ()), self._header],
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _AsyncBearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    """The asyncio twin of _Bearer (AsyncClient's calls are unary)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._header)
+        return details._replace(metadata=metadata)
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+def channel_credentials(
+    root_certificates: bytes | None = None,
+    private_key: bytes | None = None,
+    certificate_chain: bytes | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials: `root_certificates` (PEM) verifies the server (None: the system
+    roots); a key and certificate chain are the client's, for mutual TLS."""
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+def _channel(
+    target: str,
+    token: str | None,
+    tls: bool,
+    root_certificates: bytes | None,
+    private_key: bytes | None,
+    certificate_chain: bytes | None,
+) -> grpc.Channel:
+    if tls or root_certificates or private_key or certificate_chain:
+        creds = channel_credentials(root_certificates, private_key, certificate_chain)
+        channel = grpc.secure_channel(target, creds)
+    else:
+        channel = grpc.insecure_channel(target)
+    return grpc.intercept_channel(channel, _Bearer(token)) if token else channel
 
 
 def classify_request(
@@ -137,8 +226,23 @@ class Job:
 class Client:
     """Blocking client. `timeout_s` becomes the gRPC deadline, which bounds the server's wait."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, channel: grpc.Channel | None = None) -> None:
-        self.channel = channel or grpc.insecure_channel(target)
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        channel: grpc.Channel | None = None,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+    ) -> None:
+        """`token` is sent as `authorization: Bearer <token>` on every call. TLS is on
+        with `tls=True` or any of the PEM arguments: `root_certificates` verifies the
+        server (None: system roots); `private_key` + `certificate_chain` for mutual TLS."""
+        self.channel = channel or _channel(
+            target, token, tls, root_certificates, private_key, certificate_chain
+        )
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -205,8 +309,23 @@ class Client:
 
 
 class AsyncClient:
-    def __init__(self, target: str = "127.0.0.1:50051") -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+    ) -> None:
+        """The same `token` and TLS options as `Client`."""
+        interceptors = [_AsyncBearer(token)] if token else None
+        if tls or root_certificates or private_key or certificate_chain:
+            creds = channel_credentials(root_certificates, private_key, certificate_chain)
+            self.channel = grpc.aio.secure_channel(target, creds, interceptors=interceptors)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, interceptors=interceptors)
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
 
     async def classify(

@@ -116,7 +116,7 @@ class ModelConfig:
         if tuple(t.shape) != self.request_shape:
             raise InvalidInput(
                 f"model {self.name!r} takes shape {list(self.request_shape)} (batch of 1), "
-                f"got {list(t.shape)}"
+                f"got {tensor.shape_text(t.shape)}"
             )
         array = tensor.from_proto(t)
         if array.dtype.kind == "f" and not np.isfinite(array).all():

@@ -79,6 +79,12 @@ def _device(raw: str) -> str:
     return raw
 
 
+def _file(raw: str) -> str:
+    if raw and not Path(raw).is_file():
+        raise ValueError("no such file")
+    return raw
+
+
 def _setting(default: Any, parse: Callable[[str], Any], doc: str) -> Any:
     return field(default=default, metadata={"parse": parse, "doc": doc})
 
@@ -96,6 +102,8 @@ class Settings:
     visibility_timeout_s: float = _setting(
         300.0, _positive_float, "a bulk chunk unacknowledged this long is redelivered"
     )
+    metrics_host: str = _setting("127.0.0.1", str, "address the Prometheus /metrics server binds")
+    metrics_port: int = _setting(0, _port, "Prometheus /metrics port; 0 = no metrics server")
     # API.
     grpc_host: str = _setting("127.0.0.1", str, "address the gRPC server binds")
     grpc_port: int = _setting(50051, _port, "gRPC port; 0 picks a free one")
@@ -104,6 +112,22 @@ class Settings:
     max_inflight_envelopes: int = _setting(1, _positive_int, "envelopes in flight per model")
     max_message_bytes: int = _setting(4 * 1024 * 1024, _positive_int, "largest gRPC message accepted")
     health_interval_s: float = _setting(1.0, _positive_float, "period of the Redis health probe")
+    # Security (issue 5). Files are checked when read from the environment; api/auth.py
+    # reads them at start-up (a missing or unreadable one stops the server there too).
+    # Tokens: `name:token` entries; the name is the identity bulk jobs are scoped to.
+    # Not in repr, and parsed by api/auth.py, whose errors never quote a token.
+    auth_tokens_file: str = _setting("", _file, "bearer tokens, one name:token per line; empty = none")
+    auth_tokens: str = field(
+        default="",
+        repr=False,
+        metadata={"parse": str, "doc": "bearer tokens, comma-separated name:token entries"},
+    )
+    tls_cert_file: str = _setting("", _file, "PEM certificate chain of the gRPC port; empty = plain text")
+    tls_key_file: str = _setting("", _file, "PEM private key of tls_cert_file")
+    tls_client_ca_file: str = _setting("", _file, "PEM CA; when set, clients need a certificate it signed")
+    memcached_tls_ca_file: str = _setting("", _file, "PEM CA for memcached's certificate; set = TLS on")
+    memcached_tls_cert_file: str = _setting("", _file, "PEM client certificate for memcached (optional)")
+    memcached_tls_key_file: str = _setting("", _file, "PEM key of memcached_tls_cert_file")
     bulk_chunk_items: int = _setting(256, _positive_int, "bulk items per queue message")
     max_job_items: int = _setting(10_000_000, _positive_int, "largest bulk job accepted")
     # Worker.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -50,6 +51,16 @@ def dtype_name(code: int) -> str:
     return DataType.Name(code) if code in DataType.values() else f"<unknown dtype {code}>"
 
 
+def shape_text(shape: Sequence[int], limit: int = 8) -> str:
+    """A shape for an error message, bounded: a request may carry hundreds of thousands
+    of dimensions, and echoing them whole makes a status message larger than clients
+    accept (grpc then reports RESOURCE_EXHAUSTED instead of the real error)."""
+    if len(shape) <= limit:
+        return str(list(shape))
+    head = ", ".join(str(d) for d in shape[: limit - 1])
+    return f"[{head}, ..., {shape[-1]}] ({len(shape)} dimensions)"
+
+
 def numpy_dtype(code: int) -> np.dtype:
     """The little-endian numpy dtype of a DataType."""
     return _TO_NUMPY[code]
@@ -75,11 +86,11 @@ def from_proto(tensor: tensor_pb2.Tensor) -> np.ndarray:
         raise InvalidInput(f"unsupported dtype {dtype_name(tensor.dtype)}")
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
-        raise InvalidInput(f"shape {list(shape)} has a negative dimension")
+        raise InvalidInput(f"shape {shape_text(shape)} has a negative dimension")
     dtype = _TO_NUMPY[tensor.dtype]
     expected = math.prod(shape) * dtype.itemsize
     if len(tensor.data) != expected:
         raise InvalidInput(
-            f"data is {len(tensor.data)} bytes but shape {list(shape)} of {dtype.name} needs {expected}"
+            f"data is {len(tensor.data)} bytes but shape {shape_text(shape)} of {dtype.name} needs {expected}"
         )
     return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)

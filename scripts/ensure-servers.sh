@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Makes sure redis-server and memcached are on PATH: the tests and the demo start
-# their own instances on loopback. Installs them with apt when run as root.
+# their own instances on loopback. The tests also drive Flower's pages with headless
+# chromium and validate compose/compose.yaml with docker-compose (no engine needed).
+# Installs what is missing with apt when run as root.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v memcached >/dev/null 2>&1 || missing+=(memcached)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${missing[*]} with apt-get" >&2
@@ -16,7 +20,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   done
 else
   echo "error: ${missing[*]} not found on PATH." >&2
-  echo "Install them, e.g. 'sudo apt-get install -y redis-server memcached' (Debian/Ubuntu)" >&2
-  echo "or 'brew install redis memcached' (macOS), then re-run." >&2
+  echo "Install them, e.g. 'sudo apt-get install -y ${missing[*]}' (Debian/Ubuntu)" >&2
+  echo "or your platform's packages (macOS: brew install redis memcached docker-compose; brew install --cask chromium), then re-run." >&2
   exit 1
 fi

@@ -83,6 +83,22 @@ def repeat(client: triton.InferenceServerClient, seed: int) -> dict[str, Any]:
     }
 
 
+def config(client: triton.InferenceServerClient, seed: int) -> dict[str, Any]:
+    """Triton's ModelConfig and ModelStatistics, the statistics around one request of four
+    fresh rows sent twice (four computed, then four cache hits)."""
+    images = np.random.default_rng(seed).random((4, 1, 28, 28), dtype=np.float32)
+    before = client.get_inference_statistics(MODEL, as_json=True)
+    infer(client, images)
+    infer(client, images)
+    return {
+        "config": client.get_model_config(MODEL, as_json=True),
+        "config_v1": client.get_model_config(MODEL, "1", as_json=True),
+        "before": before,
+        "after": client.get_inference_statistics(MODEL, as_json=True),
+        "all": client.get_inference_statistics(as_json=True),
+    }
+
+
 def errors(client: triton.InferenceServerClient) -> dict[str, Any]:
     caught: dict[str, Any] = {}
     calls = {
@@ -91,6 +107,9 @@ def errors(client: triton.InferenceServerClient) -> dict[str, Any]:
         "infer_unknown_version": lambda: client.infer(
             MODEL, [_zeros_input()], model_version="99", client_timeout=30
         ),
+        "config_unknown_model": lambda: client.get_model_config("nope"),
+        "statistics_unknown_model": lambda: client.get_inference_statistics("nope"),
+        "repository_index": lambda: client.get_model_repository_index(),
     }
     for name, call in calls.items():
         try:
@@ -118,6 +137,8 @@ def main(argv: list[str]) -> None:
             out = classify(client, args[0], int(args[1]))
         elif scenario == "repeat":
             out = repeat(client, int(args[0]))
+        elif scenario == "config":
+            out = config(client, int(args[0]))
         elif scenario == "errors":
             out = errors(client)
         else:

@@ -223,3 +223,112 @@ class ApiThread:
         asyncio.run_coroutine_threadsafe(self.server.stop(grace_s=1.0), self.loop).result(15)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+# --- Security stacks (issue 5): certificates made at test time, Redis with a password
+# and/or TLS, Memcached over TLS.
+
+
+class TlsFiles:
+    """A throwaway CA and, signed by it, a server certificate for 127.0.0.1/localhost
+    and a client certificate (for mutual TLS), made with the openssl CLI (EC P-256,
+    valid one day) so the tests need no extra Python package."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dir = directory
+        self.ca, self.ca_key = directory / "ca.pem", directory / "ca.key"
+        self.cert, self.key = directory / "server.pem", directory / "server.key"
+        self.client_cert, self.client_key = directory / "client.pem", directory / "client.key"
+        openssl = _binary("openssl")
+        newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+        subprocess.run(
+            [
+                *(openssl, "req", "-x509", *newkey, "-keyout", str(self.ca_key), "-out", str(self.ca)),
+                *("-days", "1", "-subj", "/CN=inferpool test CA"),
+                *("-addext", "basicConstraints=critical,CA:TRUE"),
+                *("-addext", "keyUsage=critical,keyCertSign,cRLSign"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        self._sign("server", self.cert, self.key, "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        self._sign("client", self.client_cert, self.client_key, "extendedKeyUsage=clientAuth\n")
+
+    def _sign(self, name: str, cert: Path, key: Path, extensions: str) -> None:
+        openssl = _binary("openssl")
+        csr, ext = self.dir / f"{name}.csr", self.dir / f"{name}.ext"
+        ext.write_text(
+            "basicConstraints=CA:FALSE\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
+            + extensions
+        )
+        subprocess.run(
+            [
+                *(openssl, "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"),
+                *("-keyout", str(key), "-out", str(csr), "-subj", f"/CN=inferpool test {name}"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                *(openssl, "x509", "-req", "-in", str(csr), "-CA", str(self.ca), "-CAkey", str(self.ca_key)),
+                *("-CAcreateserial", "-out", str(cert), "-days", "1", "-extfile", str(ext)),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        # memcached drops to `nobody` when started as root; it reads these after that.
+        for path in (self.dir, cert, key, self.ca):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+class SecureRedisServer(RedisServer):
+    """redis-server with `requirepass` and/or TLS only (its plain-text port off)."""
+
+    def __init__(self, logdir: Path, *, password: str = "", tls: TlsFiles | None = None) -> None:
+        self.port = free_port()
+        self.password = password
+        self.tls = tls
+        args = [_binary("redis-server"), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args += ["--dir", str(logdir)]
+        if password:
+            args += ["--requirepass", password]
+        if tls is not None:
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            args += ["--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key)]
+            args += ["--tls-ca-cert-file", str(tls.ca)]
+        else:
+            args += ["--port", str(self.port)]
+        Proc.__init__(self, args, logdir / f"redis-secure-{self.port}.log")
+        self.ready(lambda: wait_port(self.port, 10, self.popen))
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        if self.tls is None:
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        # redis-py and kombu both read these query parameters (kombu turns ssl_* into its ssl options).
+        return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_cert_reqs=required&ssl_ca_certs={self.tls.ca}"
+
+
+class TlsMemcachedServer(MemcachedServer):
+    """memcached accepting TLS only (-Z), with the test CA's server certificate."""
+
+    def __init__(self, logdir: Path, tls: TlsFiles) -> None:
+        self.port = free_port()
+        Proc.__init__(
+            self,
+            [
+                _binary("memcached"),
+                "--listen=127.0.0.1",
+                f"--port={self.port}",
+                "--udp-port=0",
+                "--memory-limit=64",
+                "--enable-ssl",
+                f"--extended=ssl_chain_cert={tls.cert},ssl_key={tls.key}",
+            ]
+            + (["--user=nobody"] if os.geteuid() == 0 else []),
+            logdir / f"memcached-tls-{self.port}.log",
+        )
+        self.ready(lambda: wait_port(self.port, 10, self.popen))

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import filecmp
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from google.protobuf import descriptor_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos" / "inferpool" / "v1"
@@ -46,10 +51,44 @@ def test_generated_code_matches_proto(tmp_path: Path) -> None:
     _, mismatch, errors = filecmp.cmpfiles(fresh, GENERATED, names, shallow=False)
     assert not mismatch and not errors, f"stale generated code {mismatch + errors}: run `make proto`"
 
-    kserve_proto = ROOT / "protos" / "inferpool" / "kserve" / "v2" / "grpc_predict_v2.proto"
-    assert protoc.main([*base, f"--grpc_python_out={tmp_path}", str(kserve_proto)]) == 0
-    fresh, generated = tmp_path / "inferpool" / "kserve" / "v2", ROOT / "inferpool" / "kserve" / "v2"
+    # Triton's GRPCInferenceService (the KServe v2 protocol's superset): model_config has no service.
+    triton_protos = ROOT / "protos" / "inferpool" / "triton"
+    assert protoc.main([*base, str(triton_protos / "model_config.proto")]) == 0
+    service = str(triton_protos / "grpc_service.proto")
+    assert protoc.main([*base, f"--grpc_python_out={tmp_path}", service]) == 0
+    fresh, generated = tmp_path / "inferpool" / "triton", ROOT / "inferpool" / "triton"
     names = sorted(p.name for p in fresh.iterdir())
     assert names == sorted(p.name for p in generated.glob("*_pb2*")), "run `make proto`"
     _, mismatch, errors = filecmp.cmpfiles(fresh, generated, names, shallow=False)
     assert not mismatch and not errors, f"stale generated code {mismatch + errors}: run `make proto`"
+
+
+def _embedded_descriptor(path: Path) -> descriptor_pb2.FileDescriptorProto:
+    """The FileDescriptorProto a generated _pb2.py registers, read without importing it."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "AddSerializedFile":
+            arg = node.args[0]
+            assert isinstance(arg, ast.Constant) and isinstance(arg.value, bytes)
+            return descriptor_pb2.FileDescriptorProto.FromString(arg.value)
+    raise AssertionError(f"no AddSerializedFile in {path}")
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [("grpc_service", "service"), ("model_config", "model_config")])
+def test_triton_protos_match_tritonclient(ours: str, theirs: str) -> None:
+    """protos/inferpool/triton/ is Triton's contract as tritonclient ships it (reconstructed
+    from its descriptors: see the README there): the same descriptor but for the file
+    names. Parsed, not imported: the two cannot share protobuf's default pool."""
+    try:
+        dist = importlib.metadata.distribution("tritonclient")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("tritonclient is not installed (pip install -e .[dev])")
+    if dist.version != "2.41.0":
+        pytest.skip(f"vendored from tritonclient 2.41.0, installed {dist.version}")
+    mine = _embedded_descriptor(ROOT / "inferpool" / "triton" / f"{ours}_pb2.py")
+    upstream = _embedded_descriptor(Path(str(dist.locate_file(f"tritonclient/grpc/{theirs}_pb2.py"))))
+    assert mine.name == f"inferpool/triton/{ours}.proto"
+    assert [d.rpartition("/")[2] for d in mine.dependency] == list(upstream.dependency)
+    mine.name = upstream.name
+    del mine.dependency[:]
+    mine.dependency.extend(upstream.dependency)
+    assert mine.SerializeToString(deterministic=True) == upstream.SerializeToString(deterministic=True)

@@ -1,4 +1,4 @@
-"""KServe v2 / Open Inference Protocol through the real stack.
+"""KServe v2 / Open Inference Protocol (Triton's superset) through the real stack.
 
 The external client is the unmodified tritonclient, run in a subprocess
 (tests/kserve_client.py says why); requests tritonclient cannot send (typed
@@ -18,8 +18,8 @@ import grpc
 import numpy as np
 import pytest
 
-from inferpool.kserve.v2 import grpc_predict_v2_pb2 as pb
-from inferpool.kserve.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
+from inferpool.triton import grpc_service_pb2 as pb
+from inferpool.triton import grpc_service_pb2_grpc as pb_grpc
 from tests.servers import ApiThread
 
 pytestmark = pytest.mark.timeout(120)
@@ -72,7 +72,7 @@ def test_server_and_model_metadata(api: ApiThread) -> None:
     assert "classification" in got["server_metadata"]["extensions"]
     meta = got["model_metadata"]
     assert meta["name"] == "digits" and meta["versions"] == ["1"]
-    assert meta["platform"] == "pytorch_torchscript"
+    assert meta["platform"] == "pytorch_libtorch"
     # MessageToJson writes int64 as strings.
     assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": ["-1", "1", "28", "28"]}]
     assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": ["-1", "10"]}]
@@ -111,10 +111,74 @@ def test_repeat_is_served_from_cache(api: ApiThread) -> None:
 
 def test_unknown_model_and_version_are_not_found(api: ApiThread) -> None:
     got = triton(api, "errors")
-    for name in ("infer_unknown_model", "metadata_unknown_model", "infer_unknown_version"):
+    not_found = (
+        "infer_unknown_model",
+        "metadata_unknown_model",
+        "infer_unknown_version",
+        "config_unknown_model",
+        "statistics_unknown_model",
+    )
+    for name in not_found:
         assert got[name] is not None, f"{name} succeeded"
         assert got[name]["status"] == "StatusCode.NOT_FOUND", got[name]
     assert "nope" in got["infer_unknown_model"]["message"]
+    # Triton-only RPCs beyond ModelConfig and ModelStatistics are not served.
+    assert got["repository_index"]["status"] == "StatusCode.UNIMPLEMENTED", got["repository_index"]
+
+
+def test_model_config_and_statistics(api: ApiThread) -> None:
+    got = triton(api, "config", 8008)
+    config = got["config"]["config"]
+    assert config == got["config_v1"]["config"]
+    assert config["name"] == "digits" and config["platform"] == "pytorch_libtorch"
+    assert config["backend"] == "pytorch" and config["max_batch_size"] == 64
+    # Dims without the batch dimension, as Triton reports them when max_batch_size > 0.
+    assert config["input"] == [{"name": "image", "data_type": "TYPE_FP32", "dims": ["1", "28", "28"]}]
+    assert config["output"] == [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": ["10"]}]
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": "2000"}
+    assert config["response_cache"] == {"enable": True}
+    assert config["version_policy"] == {"all": {}}
+
+    def stats(answer: dict[str, Any]) -> dict[str, Any]:
+        (model,) = answer["model_stats"]
+        assert model["name"] == "digits" and model["version"] == "1"
+        return model
+
+    before, after = stats(got["before"]), stats(got["after"])
+    assert got["all"]["model_stats"][0]["name"] == "digits"
+
+    def delta(*path: str) -> int:
+        def value(s: dict[str, Any]) -> int:
+            for key in path:
+                s = s.get(key, {})
+            return int(s or 0)  # MessageToJson leaves out zeros and writes uint64 as strings
+
+        return value(after) - value(before)
+
+    # Two requests of the same four rows: computed once, then all from the cache.
+    assert delta("inference_stats", "success", "count") == 2
+    assert delta("inference_stats", "success", "ns") > 0
+    assert delta("inference_stats", "cache_miss", "count") == 4
+    assert delta("inference_stats", "cache_hit", "count") == 4
+    assert delta("inference_count") == 4
+    assert delta("inference_stats", "compute_infer", "count") == 4
+    assert delta("inference_stats", "compute_infer", "ns") > 0
+    assert 1 <= delta("execution_count") <= 4
+    assert int(after["last_inference"]) > 0
+
+
+def test_statistics_filters_and_rejects(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    every = stub.ModelStatistics(pb.ModelStatisticsRequest(), timeout=10).model_stats
+    assert [(s.name, s.version) for s in every] == [("digits", "1")]
+    one = stub.ModelStatistics(pb.ModelStatisticsRequest(name="digits", version="1"), timeout=10)
+    assert [(s.name, s.version) for s in one.model_stats] == [("digits", "1")]
+    for bad, code in (
+        (pb.ModelStatisticsRequest(name="digits", version="2"), grpc.StatusCode.NOT_FOUND),
+        (pb.ModelStatisticsRequest(version="1"), grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelStatistics(bad, timeout=10)
+        assert info.value.code() == code, info.value.details()
 
 
 def test_typed_contents_answer_like_raw(

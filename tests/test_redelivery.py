@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,7 +60,12 @@ def test_sigkill_mid_job_then_new_worker_completes_it_exactly_once(
             assert held > 0, "the killed worker held no unacknowledged chunk"
 
             second = Worker(settings, logdir)
-            final = job.wait(timeout_s=120)
+            try:
+                final = job.wait(timeout_s=60)
+            except TimeoutError as exc:
+                raise AssertionError(
+                    f"job did not complete; broker state: {_broker_state(r, job.id)}"
+                ) from exc
             assert state_name(final.state) == "SUCCEEDED", final
             assert (final.counts.total, final.counts.done, final.counts.failed) == (2000, 2000, 0)
             results = list(job.results())
@@ -74,3 +80,16 @@ def test_sigkill_mid_job_then_new_worker_completes_it_exactly_once(
             second.stop()
         first.stop()
         r.close()
+
+
+def _broker_state(r: redis.Redis, job_id: str) -> dict[str, object]:
+    return {
+        "job": r.hgetall(job_key(job_id)),
+        "bulk_queue": r.llen("inferpool.digits.bulk"),
+        "unacked": r.hlen("unacked"),
+        "unacked_index": r.zrange("unacked_index", 0, -1, withscores=True),
+        "unacked_mutex": r.get("unacked_mutex"),
+        "mutex_ttl": r.ttl("unacked_mutex"),
+        "now": time.time(),
+        "keys": sorted(k.decode() for k in r.keys("*") if not k.startswith(b"inferpool:job")),
+    }

@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 from celery import signals
+from celery.exceptions import Reject
 from celery.worker.control import inspect_command
 
 from inferpool import codec
@@ -25,6 +26,7 @@ from inferpool.names import task_name
 from inferpool.repository import ModelConfig, Repository
 from inferpool.settings import Settings
 from inferpool.v1 import envelope_pb2
+from workers import metrics
 from workers.batcher import Batcher, Pending, Ticket
 from workers.bulk import BulkConsumer
 from workers.sinks import JobSink, ReplySink
@@ -40,12 +42,18 @@ app = make_celery(settings, main="inferpool-worker")
 class Runtime:
     """What a running worker holds: a batcher (and model) per model version."""
 
-    def __init__(self, settings: Settings, repository: Repository, hostname: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        repository: Repository,
+        hostname: str | None = None,
+        task_events: bool = False,
+    ) -> None:
         from workers.runtime import ModelRunner, configure_threads, pick_device
 
         configure_threads(settings.torch_threads)
         device = pick_device(settings.device)
-        self.cache = Cache(settings.memcached, settings.cache_timeout_ms, settings.cache_ttl_s)
+        self.cache = Cache.from_settings(settings)
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
         self.sink = ReplySink(client, settings.reply_ttl_s)
         self.jobs = JobSink(client)
@@ -58,7 +66,13 @@ class Runtime:
             batcher.start()
             self.batchers[cfg.name, cfg.version] = batcher
         self.bulk = BulkConsumer(
-            app, self.batchers, self.jobs, STATS, settings.bulk_prefetch_chunks, hostname=hostname
+            app,
+            self.batchers,
+            self.jobs,
+            STATS,
+            settings.bulk_prefetch_chunks,
+            hostname=hostname,
+            task_events=task_events,
         )
         self.bulk.start()
 
@@ -80,8 +94,11 @@ _runtime_ready = threading.Event()
 @signals.worker_init.connect
 def _start_runtime(sender: Any = None, **_: Any) -> None:
     global _runtime
-    # The sender is the WorkController; its hostname ties bulk task events to this worker.
-    _runtime = Runtime(settings, repository, getattr(sender, "hostname", None))
+    # The sender is the WorkController: whether it sends task events (-E), and the
+    # hostname that ties the bulk consumer's events to this worker.
+    _runtime = Runtime(
+        settings, repository, getattr(sender, "hostname", None), bool(getattr(sender, "task_events", False))
+    )
     _runtime_ready.set()
 
 
@@ -124,7 +141,8 @@ def handle(model: str, body: bytes) -> dict[str, int]:
     except codec.PoisonMessage as exc:
         STATS.add("messages_poison")
         log.error("dropping poison message on %s: %s", model, exc)
-        return {"items": 0, "poison": 1}
+        # Rejected, not returned: Celery (and Flower) must not show it as a success.
+        raise Reject(str(exc), requeue=False) from exc
     batcher = _runtime.batchers.get((model, envelope.model_version))
     if batcher is None:
         # A worker deployed with another repository than the API: answer rather than
@@ -153,7 +171,9 @@ def handle(model: str, body: bytes) -> dict[str, int]:
         pending = [Pending(item, array, ticket) for item, array in accepted]
         if rejected:
             _runtime.sink.push(rejected)
-            STATS.add("items_failed", sum(len(v) for v in rejected.values()))
+            invalid = sum(len(v) for v in rejected.values())
+            STATS.add("items_failed", invalid)
+            metrics.DROPPED.labels(model, "invalid").inc(invalid)
         batcher.submit(pending)
     finally:
         batcher.arriving(-1)
@@ -161,7 +181,10 @@ def handle(model: str, body: bytes) -> dict[str, int]:
     latest_ns = max((p.item.deadline_unix_ns for p in pending), default=0)
     wait_s = max(0.0, (latest_ns - time.time_ns()) / 1e9) + 5.0
     if not ticket.done.wait(timeout=wait_s):
-        log.error("batch for %s did not settle within %.1fs", model, wait_s)
+        # A task shown as SUCCESS must have succeeded: this one did not finish.
+        raise TimeoutError(f"batch for {model} did not settle within {wait_s:.1f}s")
+    if pending and ticket.failed == len(pending):
+        raise RuntimeError(f"the model failed on all {len(pending)} items of this message")
     return {
         "items": len(envelope.items),
         "computed": ticket.computed,

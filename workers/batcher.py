@@ -25,6 +25,7 @@ from inferpool import jobs
 from inferpool.cache import Cache, input_key
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2
+from workers import metrics
 from workers.runtime import ModelRunner
 from workers.sinks import JobSink, ReplySink
 from workers.stats import WorkerStats
@@ -106,6 +107,14 @@ class Batcher(threading.Thread):
         self._stopping = False
         self._arriving = 0
         self._last_interactive = -INTERACTIVE_RECENT_S
+        name = cfg.name
+        self._m_queue = metrics.QUEUE_DURATION.labels(name)
+        self._m_batch = metrics.BATCH_SIZE.labels(name)
+        self._m_compute = metrics.COMPUTE_DURATION.labels(name)
+        self._m_ok = metrics.COMPUTED.labels(name, "ok")
+        self._m_failed = metrics.COMPUTED.labels(name, "failed")
+        self._m_expired = metrics.DROPPED.labels(name, "expired")
+        self._m_cancelled = metrics.DROPPED.labels(name, "cancelled")
 
     # -- called from task threads and the bulk consumer
     def arriving(self, delta: int) -> None:
@@ -181,6 +190,7 @@ class Batcher(threading.Thread):
                 live.append(p)
         if len(live) < len(batch):
             self.stats.add("items_expired", len(batch) - len(live))
+            self._m_expired.inc(len(batch) - len(live))
         for job_id in expired_jobs:
             self.jobs.expire(job_id)
         job_ids = {p.job_id for p in live if p.job_id}
@@ -194,6 +204,7 @@ class Batcher(threading.Thread):
             if p.job_id and p.job_id not in running:
                 p.ticket.settle("cancelled")
                 self.stats.add("items_cancelled")
+                self._m_cancelled.inc()
             else:
                 kept.append(p)
         return kept
@@ -238,10 +249,16 @@ class Batcher(threading.Thread):
                 results[p.job_id].append((p.item.job_index, kind, reply.SerializeToString()))
             else:
                 replies[p.item.reply_key].append(reply.SerializeToString())
+        for p in live:
+            self._m_queue.observe(max(0.0, (now_ns - p.ticket.enqueued_unix_ns) / 1e9))
+        self._m_batch.observe(len(live))
+        self._m_compute.observe(compute_s)
         if probs is not None:
             self.stats.batch(len(live), compute_s)
+            self._m_ok.inc(len(live))
         else:
             self.stats.add("items_failed", len(live))
+            self._m_failed.inc(len(live))
         # Cache first: a caller who got its reply and asks again must hit.
         self.cache.set_many(cache_values)
         recorded: set[str] = set()

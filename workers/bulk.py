@@ -19,6 +19,7 @@ and the chunk goes back on its queue; revoked when their job was cancelled).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -32,6 +33,7 @@ from inferpool import codec, jobs
 from inferpool.errors import InvalidInput
 from inferpool.names import bulk_queue_name
 from inferpool.v1 import envelope_pb2
+from workers import metrics
 from workers.batcher import Batcher, Pending, Ticket
 from workers.sinks import JobSink
 from workers.stats import WorkerStats
@@ -51,6 +53,7 @@ class BulkConsumer(threading.Thread):
         prefetch: int,
         drain_s: float = 10.0,
         hostname: str | None = None,
+        task_events: bool = False,
     ) -> None:
         super().__init__(name="bulk-consumer", daemon=True)
         self.app = app
@@ -60,12 +63,20 @@ class BulkConsumer(threading.Thread):
         self.prefetch = prefetch
         self.drain_s = drain_s
         self.hostname = hostname
+        self.task_events = task_events
         self._events: Any = None
         self.models = sorted({name for name, _ in batchers})
         # Finished chunks, handed back by the batcher threads; only this thread touches
         # the channel, so acks are sent from here.
         self._finished: queue.SimpleQueue[tuple[Message, Ticket, float]] = queue.SimpleQueue()
         self._inflight = 0
+        # Chunks held per bulk queue (handed to a batcher, not yet acknowledged): they left
+        # the Redis list, so the backlog metric adds them to its length.
+        self._held: dict[str, int] = {bulk_queue_name(m): 0 for m in self.models}
+        for q in self._held:
+            metrics.HELD.add_source(
+                q, reserved=lambda: 0, active=functools.partial(self._held.__getitem__, q)
+            )
         self._stopping = threading.Event()
         self.ready = threading.Event()
 
@@ -98,7 +109,7 @@ class BulkConsumer(threading.Thread):
             channel, queues=queues, callbacks=[self._on_message], accept=[codec.CONTENT_TYPE], no_ack=False
         )
         consumer.consume()
-        if self.hostname and self.app.conf.worker_send_task_events:
+        if self.hostname and self.task_events:
             self._events = self.app.events.Dispatcher(conn, hostname=self.hostname, enabled=True)
         self.ready.set()
         try:
@@ -128,6 +139,11 @@ class BulkConsumer(threading.Thread):
             return
         while True:
             self._inflight -= 1
+            routing = (message.delivery_info or {}).get("routing_key", "")
+            if routing in self._held:
+                self._held[routing] -= 1
+            task = (message.headers or {}).get("task", "")
+            metrics.TASKS.labels(task, "failed" if ticket.unrecorded else "succeeded").inc()
             if ticket.unrecorded:
                 message.requeue()  # its results could not be written: compute it again later
                 self._event(
@@ -203,6 +219,9 @@ class BulkConsumer(threading.Thread):
         ticket = Ticket(len(valid), envelope.enqueued_unix_ns)
         ticket.on_done = lambda: self._finished.put((message, ticket, t0))
         self._inflight += 1
+        routing = (message.delivery_info or {}).get("routing_key", "")
+        if routing in self._held:
+            self._held[routing] += 1
         self._event("task-started", message)
         batcher.submit([Pending(item, array, ticket, job_id) for item, array in valid], bulk=True)
 

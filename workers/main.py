@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from inferpool.names import queue_name
+from inferpool.names import bulk_queue_name, queue_name
 from inferpool.repository import RepositoryError
 from inferpool.settings import SettingsError
+
+
+def _own_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Splits off the options Celery does not know; everything else goes to Celery."""
+    parser = argparse.ArgumentParser(prog="inferpool-worker", add_help=False, allow_abbrev=False)
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus /metrics on this port (0 picks a free one; default: INFERPOOL_METRICS_PORT, "
+        "where 0 means off)",
+    )
+    parser.add_argument(
+        "--metrics-host", default=None, help="address the metrics server binds (INFERPOOL_METRICS_HOST)"
+    )
+    return parser.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -15,15 +32,24 @@ def main(argv: list[str] | None = None) -> None:
         from workers.app import app, repository, settings
     except (SettingsError, RepositoryError) as exc:
         sys.exit(str(exc))
+    from workers import metrics
 
-    extra = list(sys.argv[1:] if argv is None else argv)
+    own, extra = _own_options(list(sys.argv[1:] if argv is None else argv))
+    queues = [queue_name(n) for n in repository.names]
+    metrics.install(app, [*queues, *(bulk_queue_name(n) for n in repository.names)])
+    port = own.metrics_port if own.metrics_port is not None else (settings.metrics_port or None)
+    if port is not None:
+        metrics.serve(port, own.metrics_host or settings.metrics_host)
     args = [
         "worker",
         # Threads, not prefork: one process holds the model once, and the batcher thread
         # merges the messages that the task threads decode concurrently.
         "--pool=threads",
         f"--concurrency={settings.worker_concurrency}",
-        f"--queues={','.join(queue_name(n) for n in repository.names)}",
+        f"--queues={','.join(queues)}",
+        # Task events feed Flower's task list and states (a few small Redis publishes per
+        # message); worker heartbeats feed its worker list.
+        "--task-events",
         "--without-gossip",
         "--without-mingle",
         "--loglevel=INFO",

@@ -1,0 +1,257 @@
+"""Prometheus metrics of the front service (prometheus-client), on their own registry.
+
+Names follow Triton and Ray Serve (`<project>_<what>_<unit>`, counters end in
+`_total`); the README's operator section lists them. The API is one asyncio
+process, so the plain registry is exact; a scrape runs on the HTTP server's own
+thread, never on the event loop.
+
+The queue collector lives here, not on the workers: the API is up while workers
+are scaled to zero, which is exactly when an autoscaler must still read the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+import redis
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+log = logging.getLogger(__name__)
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+for _default in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+    REGISTRY.register(_default)
+
+# From a cache-speed answer to a deadline-bound wait of seconds.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+REQUESTS = Counter(
+    "inferpool_requests",
+    "RPCs answered, by method (Classify, ...) and gRPC status code (OK, INVALID_ARGUMENT, "
+    "NOT_FOUND, DEADLINE_EXCEEDED, UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL).",
+    ["rpc", "code"],
+    registry=REGISTRY,
+)
+REQUEST_DURATION = Histogram(
+    "inferpool_request_duration_seconds",
+    "Server-side time from an RPC's arrival to its answer, by method and status code.",
+    ["rpc", "code"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+CACHE_HITS = Counter(
+    "inferpool_cache_hits",
+    "Requests answered from Memcached without touching a worker.",
+    ["model"],
+    registry=REGISTRY,
+)
+CACHE_MISSES = Counter(
+    "inferpool_cache_misses",
+    "Requests not found in Memcached (a cache error or timeout counts as a miss); each went to a worker.",
+    ["model"],
+    registry=REGISTRY,
+)
+DEADLINE_EXCEEDED = Counter(
+    "inferpool_deadline_exceeded",
+    "Requests answered DEADLINE_EXCEEDED because no worker reply came before the caller's deadline.",
+    ["model"],
+    registry=REGISTRY,
+)
+WORKER_ROUNDTRIP = Histogram(
+    "inferpool_worker_roundtrip_seconds",
+    "For a cache miss: from handing it to the publisher to its worker reply (coalescing, queue, "
+    "batch, reply list). Minus inferpool_queue_duration_seconds and compute, it is transport.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+INFLIGHT = Gauge(
+    "inferpool_inflight_requests",
+    "Cache misses of this API process waiting for a worker reply now.",
+    ["model"],
+    registry=REGISTRY,
+)
+ENVELOPE_ITEMS = Histogram(
+    "inferpool_envelope_items",
+    "Requests per published queue message (envelope): _count is messages published, _sum the "
+    "requests they carried; a mean above 1 means misses are being coalesced under load.",
+    ["model"],
+    buckets=SIZE_BUCKETS,
+    registry=REGISTRY,
+)
+PUBLISH_FAILURES = Counter(
+    "inferpool_publish_failures",
+    "Envelopes that could not be put on the broker; their requests were answered UNAVAILABLE.",
+    ["model"],
+    registry=REGISTRY,
+)
+JOBS = Counter(
+    "inferpool_jobs",
+    "Bulk jobs that entered each state (QUEUED on submit, CANCELLED on cancel, ...) through this "
+    "API process; summed with the workers' series it gives jobs by state.",
+    ["model", "state"],
+    registry=REGISTRY,
+)
+
+# kombu's Redis transport splits a queue into one list per priority step (0, 3, 6, 9)
+# named "<queue>\x06\x16<step>"; step 0 is the queue's own name.
+PRIORITY_STEPS = (0, 3, 6, 9)
+PRIORITY_SEP = "\x06\x16"
+
+
+def priority_lists(queue: str, steps: Sequence[int] = PRIORITY_STEPS, prefix: str = "") -> list[str]:
+    """The Redis lists that hold a queue's ready messages, one per priority step."""
+    return [f"{prefix}{queue}{PRIORITY_SEP}{step}" if step else f"{prefix}{queue}" for step in steps]
+
+
+class QueueDepth(Collector):
+    """Reads the broker at scrape time, in one pipelined round trip of O(1) calls:
+
+    - `inferpool_queue_messages{queue}`: LLEN over each queue's priority lists;
+    - `inferpool_broker_unacked_messages`: HLEN of kombu's `unacked` hash, all queues;
+    - `inferpool_backlog_messages`: the two added, the pool's true backlog;
+    - `inferpool_broker_up`: whether the broker answered.
+
+    Per-queue reserved counts come from each worker (`inferpool_worker_reserved_messages`):
+    finding them here would mean reading every unacked message body (see workers/metrics.py).
+    """
+
+    NAMES = (
+        "inferpool_broker_up",
+        "inferpool_queue_messages",
+        "inferpool_broker_unacked_messages",
+        "inferpool_backlog_messages",
+    )
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        queues: Iterable[str],
+        key_prefix: str = "",
+        priority_steps: Sequence[int] = PRIORITY_STEPS,
+    ) -> None:
+        self.client = client
+        self.queues = sorted(set(queues))
+        self.key_prefix = key_prefix
+        self.priority_steps = tuple(priority_steps)
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # Lets the registry learn the names without a Redis round trip at register time.
+        for name in self.NAMES:
+            yield GaugeMetricFamily(name, "")
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "inferpool_broker_up", "1 when the last scrape could read the broker (Redis), else 0."
+        )
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for queue in self.queues:
+                for key in priority_lists(queue, self.priority_steps, self.key_prefix):
+                    pipe.llen(key)
+            pipe.hlen(f"{self.key_prefix}unacked")
+            lengths = pipe.execute()
+        except redis.RedisError as exc:
+            log.debug("queue depth scrape failed: %r", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        ready = GaugeMetricFamily(
+            "inferpool_queue_messages",
+            "Messages waiting in a queue's Redis lists (all priority steps), not yet taken by any "
+            "worker: what KEDA's redis trigger reads.",
+            labels=["queue"],
+        )
+        n = len(self.priority_steps)
+        for i, queue in enumerate(self.queues):
+            ready.add_metric([queue], sum(lengths[i * n : (i + 1) * n]))
+        yield ready
+        unacked = lengths[-1]
+        yield GaugeMetricFamily(
+            "inferpool_broker_unacked_messages",
+            "Messages delivered to workers and not acknowledged, all queues together (kombu's unacked "
+            "hash): prefetched and not started, bulk chunks in progress, and those of a worker that "
+            "died, until the visibility timeout restores them.",
+            value=unacked,
+        )
+        yield GaugeMetricFamily(
+            "inferpool_backlog_messages",
+            "The pool's true backlog, all queues: inferpool_queue_messages summed plus "
+            "inferpool_broker_unacked_messages. LLEN alone under-reads it by every worker's prefetch.",
+            value=sum(lengths[:-1]) + unacked,
+        )
+
+
+def register_queue_depth(
+    redis_url: str, queues: Iterable[str], registry: CollectorRegistry = REGISTRY
+) -> QueueDepth:
+    """Adds a QueueDepth collector with its own client: short timeouts and no retries,
+    so a scrape reports the broker down instead of hanging on it, and blocking calls,
+    because scrapes run on the HTTP server's thread, not the event loop."""
+    client = redis.Redis.from_url(
+        redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
+    )
+    collector = QueueDepth(client, queues)
+    registry.register(collector)
+    return collector
+
+
+def serve(port: int, host: str = "127.0.0.1") -> tuple[WSGIServer, threading.Thread]:
+    """Serves GET /metrics for REGISTRY on a daemon thread (port 0 picks a free one:
+    `server.server_port`). Loopback by default: widen it only where the scraper runs."""
+    server, thread = start_http_server(port, addr=host, registry=REGISTRY)
+    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+    return server, thread
+
+
+def instrumented(rpc: str) -> Callable[[Handler], Handler]:
+    """Counts and times a unary servicer method by gRPC status code: OK, or the code it
+    aborted with (api.status sets it), or CANCELLED when the caller went away."""
+
+    def decorate(method: Handler) -> Handler:
+        @functools.wraps(method)
+        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            t0 = time.perf_counter()
+            code = "OK"
+            try:
+                return await method(self, request, context)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except BaseException:
+                status = context.code()
+                code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+                raise
+            finally:
+                REQUESTS.labels(rpc, code).inc()
+                REQUEST_DURATION.labels(rpc, code).observe(time.perf_counter() - t0)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

@@ -1,1 +1,0 @@
-"""Generated code for the KServe v2 / Open Inference Protocol (`inference` proto package)."""

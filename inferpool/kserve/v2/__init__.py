@@ -1,1 +1,0 @@
-"""Generated protobuf code for protos/inferpool/kserve/v2 (make proto). Do not edit."""
