@@ -15,18 +15,16 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 
 import redis.asyncio as aioredis
 
 from api import metrics
 from api.core import DataPlane, top_classes
-from api.publisher import send_envelope
 from inferpool import jobs
 from inferpool.cache import input_key
 from inferpool.codec import ENVELOPE_VERSION, encode
 from inferpool.errors import BackendUnavailable, InvalidInput, JobNotFound
-from inferpool.names import bulk_queue_name, bulk_task_name, job_idempotency_key, job_key, job_results_key
+from inferpool.names import bulk_queue_name, job_idempotency_key, job_key, job_results_key
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2, jobs_pb2, tensor_pb2
 
@@ -70,13 +68,7 @@ class JobPlane:
         self._seal = client.register_script(jobs.SEAL)
         self._end = client.register_script(jobs.END)
         self._observe = client.register_script(jobs.OBSERVE)
-        # Chunks are large; they get their own thread so Classify's publishes never
-        # queue behind them.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-publish")
         self.chunks_published = 0
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
 
     # -- submit
     async def submit(
@@ -166,16 +158,8 @@ class JobPlane:
             enqueued_unix_ns=time.time_ns(),
             job_id=job_id,
         )
-        expires_ns = max(item.deadline_unix_ns for item in items)
-        await asyncio.get_running_loop().run_in_executor(
-            self._executor,
-            send_envelope,
-            self.plane.publisher.celery,
-            bulk_task_name(cfg.name),
-            bulk_queue_name(cfg.name),
-            encode(envelope),
-            expires_ns,
-        )
+        # Onto the reliable bulk list (inferpool.bulkqueue): the body is the envelope itself.
+        await self.redis.lpush(bulk_queue_name(cfg.name), encode(envelope))
         self.chunks_published += 1
 
     # -- read

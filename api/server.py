@@ -152,7 +152,6 @@ class ApiServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self.jobs.close()
         self.publisher.close()
         self.cache.close()
         await self.redis.aclose()

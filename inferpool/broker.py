@@ -32,12 +32,6 @@ def make_celery(settings: Settings, main: str = "inferpool") -> Celery:
         broker_transport_options={
             "socket_timeout": 2.0,
             "socket_connect_timeout": 1.0,
-            # Bulk chunks are acknowledged only once their results are written; a chunk
-            # held this long by a worker that died goes back on its queue. kombu sweeps
-            # for such chunks every interval x throttle seconds.
-            "visibility_timeout": settings.visibility_timeout_s,
-            "unacked_restore_interval": max(1, int(settings.visibility_timeout_s / 4)),
-            "unacked_restore_throttle": 1,
         },
         worker_enable_remote_control=True,
     )

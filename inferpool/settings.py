@@ -100,7 +100,7 @@ class Settings:
     reply_ttl_s: int = _setting(60, _positive_int, "lifetime of an unread reply list")
     job_ttl_s: int = _setting(86400, _positive_int, "lifetime of a bulk job's record and results")
     visibility_timeout_s: float = _setting(
-        300.0, _positive_float, "a bulk chunk unacknowledged this long is redelivered"
+        30.0, _positive_float, "bulk chunks of a worker silent this long go back on their queue"
     )
     metrics_host: str = _setting("127.0.0.1", str, "address the Prometheus /metrics server binds")
     metrics_port: int = _setting(0, _port, "Prometheus /metrics port; 0 = no metrics server")

@@ -177,3 +177,15 @@ def test_job_timeout_ends_expired_and_ttl_removes_the_job(
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         short_ttl.stop()
+
+
+def test_poison_bulk_chunk_is_dead_lettered_and_jobs_go_on(
+    client: Client, worker: Worker, redis_client: redis.Redis, heldout: tuple[np.ndarray, np.ndarray]
+) -> None:
+    queue = bulk_queue_name("digits")
+    before = worker.stats()["messages_poison"]
+    redis_client.lpush(queue, b"\x00not an envelope")
+    wait_until(lambda: redis_client.llen(f"{queue}.dead") >= 1, 10, "the chunk to be dead-lettered")
+    assert worker.stats()["messages_poison"] == before + 1
+    x, _ = unique_digits(heldout, 100, seed=7)
+    assert state_name(client.submit(x, "digits").wait(timeout_s=30).state) == "SUCCEEDED"

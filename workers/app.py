@@ -67,10 +67,12 @@ class Runtime:
             self.batchers[cfg.name, cfg.version] = batcher
         self.bulk = BulkConsumer(
             app,
+            settings.redis_url,
             self.batchers,
             self.jobs,
             STATS,
             settings.bulk_prefetch_chunks,
+            lease_s=settings.visibility_timeout_s,
             hostname=hostname,
             task_events=task_events,
         )

@@ -1,37 +1,41 @@
 """The bulk consumer: feeds bulk-job chunks to the batchers, acknowledging each chunk
 only after every item of it has a result in Redis.
 
-It runs on its own thread and connection, outside Celery's task pool, for two
-reasons: a chunk waiting for its items must not hold one of the pool's threads
-(interactive messages queue behind those), and it must be acknowledged late, when
-the batcher has written its results, which a Celery task cannot defer to another
-thread. The channel's prefetch bounds how many chunks a worker holds; everything
-unacknowledged when the worker dies is redelivered by kombu after the visibility
-timeout, and the job's idempotent result writes make that harmless.
+It runs on its own thread and Redis connection, outside Celery's task pool: a chunk
+waiting for its items must not hold one of the pool's threads (interactive messages
+queue behind those), and it must be acknowledged late, once the batcher has written
+its results. Chunks travel on reliable Redis lists (inferpool.bulkqueue): a chunk
+is moved atomically into this consumer's processing list, removed from there when
+done, and put back on its queue by another worker's reaper if this one dies
+(SIGKILL included) and stops renewing its lease; the job's idempotent result writes
+make the repeat harmless. `prefetch` bounds how many chunks a worker holds.
 
-Each chunk is a Celery task message (`inferpool.bulk.<model>`), and when the worker
-sends task events (`-E`) this consumer sends the same task events Celery's own
-consumer would, so chunks show in Flower with their true state: received, started,
-then succeeded only once their results are written (failed when they could not be,
-and the chunk goes back on its queue; revoked when their job was cancelled).
+With task events on (`-E`), each chunk is reported as a Celery task
+(`inferpool.bulk.<model>`), so chunks show in Flower with their true state:
+received, started, then succeeded only once their results are written (failed when
+they could not be and the chunk went back on its queue; revoked when their job had
+been cancelled).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
+import os
 import queue
+import socket
 import threading
 import time
+import uuid
 from typing import Any
 
+import redis
 from celery import Celery
-from kombu import Connection, Consumer, Exchange, Message, Queue
 
 from inferpool import codec, jobs
+from inferpool.bulkqueue import BulkQueues
 from inferpool.errors import InvalidInput
-from inferpool.names import bulk_queue_name
+from inferpool.names import bulk_queue_name, bulk_task_name
 from inferpool.v1 import envelope_pb2
 from workers import metrics
 from workers.batcher import Batcher, Pending, Ticket
@@ -43,14 +47,27 @@ log = logging.getLogger(__name__)
 Reply = envelope_pb2.Reply
 
 
+class _Chunk:
+    """One chunk held by this worker: where it came from, what it was, when it arrived."""
+
+    def __init__(self, queue: str, body: bytes, task_id: str, task: str) -> None:
+        self.queue = queue
+        self.body = body
+        self.task_id = task_id
+        self.task = task
+        self.t0 = time.monotonic()
+
+
 class BulkConsumer(threading.Thread):
     def __init__(
         self,
         app: Celery,
+        redis_url: str,
         batchers: dict[tuple[str, int], Batcher],
         job_sink: JobSink,
         stats: WorkerStats,
         prefetch: int,
+        lease_s: float,
         drain_s: float = 10.0,
         hostname: str | None = None,
         task_events: bool = False,
@@ -64,19 +81,23 @@ class BulkConsumer(threading.Thread):
         self.drain_s = drain_s
         self.hostname = hostname
         self.task_events = task_events
-        self._events: Any = None
         self.models = sorted({name for name, _ in batchers})
-        # Finished chunks, handed back by the batcher threads; only this thread touches
-        # the channel, so acks are sent from here.
-        self._finished: queue.SimpleQueue[tuple[Message, Ticket, float]] = queue.SimpleQueue()
+        consumer = f"{hostname or socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # Its own connection: take() blocks on it.
+        client = redis.Redis.from_url(redis_url, socket_timeout=10.0, socket_connect_timeout=2.0)
+        self.queues = BulkQueues(client, consumer, [bulk_queue_name(m) for m in self.models], lease_s)
+        self.lease_s = lease_s
+        # Finished chunks, handed back by the batcher threads; acknowledged from here.
+        self._finished: queue.SimpleQueue[tuple[_Chunk, Ticket]] = queue.SimpleQueue()
         self._inflight = 0
-        # Chunks held per bulk queue (handed to a batcher, not yet acknowledged): they left
-        # the Redis list, so the backlog metric adds them to its length.
-        self._held: dict[str, int] = {bulk_queue_name(m): 0 for m in self.models}
+        # Chunks held per bulk queue: they left the Redis list, so the backlog metric adds
+        # them to its length.
+        self._held: dict[str, int] = dict.fromkeys(self.queues.queues, 0)
         for q in self._held:
             metrics.HELD.add_source(
                 q, reserved=lambda: 0, active=functools.partial(self._held.__getitem__, q)
             )
+        self._events: Any = None
         self._stopping = threading.Event()
         self.ready = threading.Event()
 
@@ -86,116 +107,115 @@ class BulkConsumer(threading.Thread):
     def run(self) -> None:
         backoff_s = 0.2
         while not self._stopping.is_set():
-            conn = self.app.connection_for_read()
             try:
-                self._consume(conn)
+                self._consume()
                 backoff_s = 0.2
-            except conn.connection_errors + conn.channel_errors as exc:
-                log.warning("bulk consumer lost the broker (%r); reconnecting in %.1fs", exc, backoff_s)
-                # Chunks of the lost channel come back after the visibility timeout.
-                self._inflight = 0
+            except (redis.RedisError, OSError) as exc:
+                # What this worker held stays in its processing lists: the reaper of the
+                # next worker (or ours, once the lease lapses) puts it back.
+                log.warning("bulk consumer lost Redis (%r); retrying in %.1fs", exc, backoff_s)
                 self._stopping.wait(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
-            finally:
-                conn.release()
 
-    def _consume(self, conn: Connection) -> None:
-        channel = conn.channel()
-        # The names and exchanges Celery creates when the API publishes by queue name.
-        names = [bulk_queue_name(m) for m in self.models]
-        queues = [Queue(q, Exchange(q, type="direct"), routing_key=q) for q in names]
-        channel.basic_qos(0, self.prefetch, False)
-        consumer = Consumer(
-            channel, queues=queues, callbacks=[self._on_message], accept=[codec.CONTENT_TYPE], no_ack=False
-        )
-        consumer.consume()
-        if self.hostname and self.task_events:
-            self._events = self.app.events.Dispatcher(conn, hostname=self.hostname, enabled=True)
+    def _consume(self) -> None:
+        self.queues.register()
+        if self.hostname and self.task_events and self._events is None:
+            self._events = self.app.events.Dispatcher(
+                self.app.connection_for_write(), hostname=self.hostname, enabled=True
+            )
         self.ready.set()
+        renew_every_s = self.lease_s / 3
+        next_renew = next_reap = 0.0
         try:
             while not self._stopping.is_set():
+                now = time.monotonic()
+                if now >= next_renew:
+                    self.queues.renew()
+                    next_renew = now + renew_every_s
+                if now >= next_reap:
+                    if moved := self.queues.reap():
+                        log.warning("put %d chunks of a dead worker back on their queues", moved)
+                    next_reap = now + renew_every_s
                 self._ack_finished(block=self._inflight >= self.prefetch)
                 if self._inflight < self.prefetch:
-                    with contextlib.suppress(TimeoutError):
-                        conn.drain_events(timeout=0.02)
+                    # Short blocks: acks and lease renewals must not wait long behind them.
+                    taken = self.queues.take(block_s=0.05)
+                    if taken is not None:
+                        self._on_chunk(*taken)
             # Graceful stop: take nothing new, let the batchers finish what we hold.
-            consumer.cancel()
             deadline = time.monotonic() + self.drain_s
             while self._inflight and time.monotonic() < deadline:
                 self._ack_finished(block=True)
         finally:
-            if self._inflight:
-                log.warning("returning %d unfinished bulk chunks to their queues", self._inflight)
-            # Closing the channel puts every unacknowledged chunk back on its queue.
-            channel.close()
-            if self._events is not None:
-                self._events.close()
-                self._events = None
+            if self._stopping.is_set():
+                if returned := self.queues.release():
+                    log.warning("returned %d unfinished bulk chunks to their queues", returned)
+                if self._events is not None:
+                    self._events.close()
+                    self._events = None
 
     def _ack_finished(self, block: bool) -> None:
         try:
-            message, ticket, t0 = self._finished.get(timeout=0.2) if block else self._finished.get_nowait()
+            chunk, ticket = self._finished.get(timeout=0.2) if block else self._finished.get_nowait()
         except queue.Empty:
             return
         while True:
             self._inflight -= 1
-            routing = (message.delivery_info or {}).get("routing_key", "")
-            if routing in self._held:
-                self._held[routing] -= 1
-            task = (message.headers or {}).get("task", "")
-            metrics.TASKS.labels(task, "failed" if ticket.unrecorded else "succeeded").inc()
+            self._held[chunk.queue] -= 1
             if ticket.unrecorded:
-                message.requeue()  # its results could not be written: compute it again later
-                self._event(
-                    "task-failed",
-                    message,
-                    exception=f"{ticket.unrecorded} results could not be written; the chunk was requeued",
-                )
+                self.queues.requeue(chunk.queue, chunk.body)  # compute it again later
+                metrics.TASKS.labels(chunk.task, "failed").inc()
+                error = f"{ticket.unrecorded} results could not be written; the chunk was requeued"
+                self._event("task-failed", chunk, exception=error)
             else:
-                message.ack()
+                self.queues.ack(chunk.queue, chunk.body)
                 self.stats.add("chunks_done")
+                metrics.TASKS.labels(chunk.task, "succeeded").inc()
                 outcome = {
                     "computed": ticket.computed,
                     "expired": ticket.expired,
                     "cancelled": ticket.cancelled,
                 }
-                self._event("task-succeeded", message, result=repr(outcome), runtime=time.monotonic() - t0)
+                self._event(
+                    "task-succeeded", chunk, result=repr(outcome), runtime=time.monotonic() - chunk.t0
+                )
             try:
-                message, ticket, t0 = self._finished.get_nowait()
+                chunk, ticket = self._finished.get_nowait()
             except queue.Empty:
                 return
 
-    def _event(self, kind: str, message: Message, **fields: Any) -> None:
+    def _event(self, kind: str, chunk: _Chunk, **fields: Any) -> None:
         if self._events is None:
             return
-        headers = message.headers or {}
         if kind == "task-received":
-            fields = {"name": headers.get("task"), "args": "", "kwargs": "", "retries": 0, **fields}
+            fields = {"name": chunk.task, "args": "", "kwargs": "", "retries": 0, **fields}
         try:
-            self._events.send(kind, uuid=headers.get("id"), **fields)
+            self._events.send(kind, uuid=chunk.task_id, **fields)
         except Exception as exc:  # events are for operators; never fail a chunk over them
             log.debug("could not send %s: %r", kind, exc)
 
-    def _on_message(self, body: Any, message: Message) -> None:
-        t0 = time.monotonic()
-        self._event("task-received", message)
+    def _on_chunk(self, queue_name: str, body: bytes) -> None:
+        model = queue_name.removesuffix(".bulk").removeprefix("inferpool.")
         try:
-            args, _, _ = body
-            envelope = codec.decode(args[0])
-            if not envelope.job_id:
-                raise codec.PoisonMessage("bulk envelope without a job id")
-        except (codec.PoisonMessage, TypeError, ValueError) as exc:
+            envelope = codec.decode(body)
+            if not envelope.job_id or envelope.model != model:
+                raise codec.PoisonMessage(f"not a bulk envelope for {model!r}")
+        except codec.PoisonMessage as exc:
             self.stats.add("messages_poison")
-            log.error("dropping poison bulk message: %s", exc)
-            message.reject()
-            self._event("task-failed", message, exception=f"poison message: {exc}")
+            log.error("dead-lettering poison bulk chunk from %s: %s", queue_name, exc)
+            self.queues.dead_letter(queue_name, body)
+            metrics.TASKS.labels(bulk_task_name(model), "rejected").inc()
             return
         job_id = envelope.job_id
+        first = envelope.items[0].job_index if envelope.items else 0
+        # Stable across redeliveries: a chunk is one task however often it runs.
+        chunk = _Chunk(queue_name, body, f"{job_id}-{first}", bulk_task_name(model))
+        self._event("task-received", chunk)
         if not self.jobs.live([job_id]):
             # Cancelled, ended or expired: nobody wants these items computed.
             self.stats.add("items_cancelled", len(envelope.items))
-            message.ack()
-            self._event("task-revoked", message, terminated=False, signum=None, expired=False)
+            self.queues.ack(queue_name, body)
+            self._event("task-revoked", chunk, terminated=False, signum=None, expired=False)
             return
         batcher = self.batchers.get((envelope.model, envelope.model_version))
         failures: list[tuple[int, str, bytes]] = []
@@ -212,17 +232,16 @@ class BulkConsumer(threading.Thread):
         if failures:
             self.jobs.record(job_id, failures)
             self.stats.add("items_failed", len(failures))
+            metrics.DROPPED.labels(model, "invalid").inc(len(failures))
         if batcher is None or not valid:
-            message.ack()
-            self._event("task-succeeded", message, result=repr({"failed": len(failures)}), runtime=0.0)
+            self.queues.ack(queue_name, body)
+            self._event("task-succeeded", chunk, result=repr({"failed": len(failures)}), runtime=0.0)
             return
         ticket = Ticket(len(valid), envelope.enqueued_unix_ns)
-        ticket.on_done = lambda: self._finished.put((message, ticket, t0))
+        ticket.on_done = lambda: self._finished.put((chunk, ticket))
         self._inflight += 1
-        routing = (message.delivery_info or {}).get("routing_key", "")
-        if routing in self._held:
-            self._held[routing] += 1
-        self._event("task-started", message)
+        self._held[queue_name] += 1
+        self._event("task-started", chunk)
         batcher.submit([Pending(item, array, ticket, job_id) for item, array in valid], bulk=True)
 
 
