@@ -160,7 +160,8 @@ def main() -> None:
     if args.target:
         result = asyncio.run(measure(args.target, args))
     else:
-        with LocalStack() as stack:
+        # Flower would share the two cores with the stack; operators run it elsewhere.
+        with LocalStack(flower=False) as stack:
             result = asyncio.run(measure(stack.target, args))
     # Same run, stack idle: the compute limit the bulk path is compared with.
     rates = model_alone()

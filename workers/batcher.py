@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 
 Reply = envelope_pb2.Reply
 
-# While interactive requests arrived this recently, bulk items fill batches only up to
-# a quarter of max_batch_size: a Classify that lands while a batch runs then waits for
-# a short batch, not a full one. With no interactive traffic bulk runs full batches.
+# While interactive requests arrived this recently, bulk-only batches hold at most an
+# eighth of max_batch_size: a Classify that lands while one runs then waits for a short
+# batch, not a full one. With no interactive traffic bulk runs full batches.
 INTERACTIVE_RECENT_S = 0.1
 
 
@@ -148,16 +148,24 @@ class Batcher(threading.Thread):
                 if self._stopping:
                     return None
                 self._cond.wait()
-            batch: list[Pending] = []
             now = time.monotonic()
+            interactive_recent = now - self._last_interactive <= INTERACTIVE_RECENT_S
+            if interactive_recent and not self._interactive and not self._stopping:
+                # Classify traffic is live and only bulk work waits: give the next
+                # interactive request up to max_delay_ms of first claim on the model and
+                # the CPU, so bulk work runs in the gaps instead of ahead of it.
+                self._cond.wait_for(lambda: self._interactive or self._stopping, timeout=max_delay_s)
+                now = time.monotonic()
+            if not self._interactive:
+                # Bulk only: never waits, and never shares a batch with interactive items
+                # (which would make the interactive batch slower to compute and answer).
+                bulk_max = max(1, max_n // 8) if interactive_recent else max_n
+                return [self._bulk.popleft() for _ in range(min(bulk_max, len(self._bulk)))]
+            batch: list[Pending] = []
             flush_at = now + max_delay_s
-            bulk_max = max_n if now - self._last_interactive > INTERACTIVE_RECENT_S else max(1, max_n // 4)
             while True:
                 while self._interactive and len(batch) < max_n:
                     batch.append(self._interactive.popleft())
-                # Bulk items only fill what interactive requests leave, and never wait.
-                while self._bulk and len(batch) < bulk_max:
-                    batch.append(self._bulk.popleft())
                 remaining = flush_at - time.monotonic()
                 if len(batch) >= max_n or remaining <= 0 or self._arriving <= 0 or self._stopping:
                     return batch
