@@ -160,7 +160,7 @@ def main() -> None:
         for inflight in args.inflight.split(",") if args.inflight else [default]:
             # The stack inherits this environment: INFERPOOL_* variables configure it.
             env = {} if inflight == "default" else {"INFERPOOL_MAX_INFLIGHT_ENVELOPES": inflight}
-            with LocalStack(extra_env=env) as stack:
+            with LocalStack(extra_env=env, flower=False) as stack:
                 for row in asyncio.run(measure(stack.target, args.seconds, args.repeats)):
                     rows.append({"max_inflight": inflight, **row})
     print_table(rows, args.repeats)
