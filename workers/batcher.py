@@ -217,6 +217,25 @@ class Batcher(threading.Thread):
                 kept.append(p)
         return kept
 
+    def _run(self, live: list[Pending]) -> list[np.ndarray | None]:
+        """Class probabilities per item; None for an item the model failed on. When the
+        batch fails, each item is run alone, so one bad input fails only itself."""
+        try:
+            return list(self.runner.run(np.concatenate([p.array for p in live])))
+        except Exception:
+            log.exception("model %s v%d failed on a batch of %d", self.cfg.name, self.cfg.version, len(live))
+        if len(live) == 1:
+            return [None]
+        self.stats.add("batches_split")
+        rows: list[np.ndarray | None] = []
+        for p in live:
+            try:
+                rows.append(self.runner.run(p.array)[0])
+            except Exception as exc:
+                log.warning("model %s v%d failed on one input: %r", self.cfg.name, self.cfg.version, exc)
+                rows.append(None)
+        return rows
+
     def _process(self, batch: list[Pending]) -> None:
         now_ns = time.time_ns()
         live = self._drop_dead(batch)
@@ -226,34 +245,30 @@ class Batcher(threading.Thread):
         results: dict[str, list[tuple[int, str, bytes]]] = defaultdict(list)
         cache_values: dict[str, bytes] = {}
         t0 = time.perf_counter()
-        try:
-            probs = self.runner.run(np.concatenate([p.array for p in live]))
-            outcome = "computed"
-        except Exception:
-            log.exception("model %s v%d failed on a batch of %d", self.cfg.name, self.cfg.version, len(live))
-            probs = None
-            outcome = "failed"
+        rows = self._run(live)
         compute_s = time.perf_counter() - t0
         compute_ms = compute_s * 1000
-        for i, p in enumerate(live):
+        failed = 0
+        for p, row in zip(live, rows, strict=True):
             reply = Reply(
                 request_id=p.item.request_id,
                 queue_ms=max(0.0, (now_ns - p.ticket.enqueued_unix_ns) / 1e6),
                 compute_ms=compute_ms,
                 batch_size=len(live),
             )
-            if probs is None:
+            if row is None:
+                failed += 1
                 reply.status = Reply.STATUS_INTERNAL
-                reply.error = "model execution failed"
+                reply.error = "the model failed on this input"
             else:
                 reply.status = Reply.STATUS_OK
-                reply.scores.values.extend(probs[i].tolist())
+                reply.scores.values.extend(row.tolist())
                 # The key is recomputed here from what was actually computed, never
                 # taken from the message: clients cannot steer what lands in the cache.
                 key = input_key(self.cfg.name, self.cfg.version, p.item.input)
                 cache_values[key] = reply.scores.SerializeToString()
             if p.job_id:
-                kind = jobs.OK if probs is not None else jobs.FAILED
+                kind = jobs.OK if row is not None else jobs.FAILED
                 results[p.job_id].append((p.item.job_index, kind, reply.SerializeToString()))
             else:
                 replies[p.item.reply_key].append(reply.SerializeToString())
@@ -261,12 +276,12 @@ class Batcher(threading.Thread):
             self._m_queue.observe(max(0.0, (now_ns - p.ticket.enqueued_unix_ns) / 1e9))
         self._m_batch.observe(len(live))
         self._m_compute.observe(compute_s)
-        if probs is not None:
-            self.stats.batch(len(live), compute_s)
-            self._m_ok.inc(len(live))
-        else:
-            self.stats.add("items_failed", len(live))
-            self._m_failed.inc(len(live))
+        if failed < len(live):
+            self.stats.batch(len(live) - failed, compute_s)
+            self._m_ok.inc(len(live) - failed)
+        if failed:
+            self.stats.add("items_failed", failed)
+            self._m_failed.inc(failed)
         # Cache first: a caller who got its reply and asks again must hit.
         self.cache.set_many(cache_values)
         recorded: set[str] = set()
@@ -279,5 +294,8 @@ class Batcher(threading.Thread):
             if replies:
                 self.sink.push(replies)
         finally:
-            for p in live:
-                p.ticket.settle("unrecorded" if p.job_id and p.job_id not in recorded else outcome)
+            for p, row in zip(live, rows, strict=True):
+                if p.job_id and p.job_id not in recorded:
+                    p.ticket.settle("unrecorded")
+                else:
+                    p.ticket.settle("computed" if row is not None else "failed")

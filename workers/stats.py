@@ -21,6 +21,7 @@ class WorkerStats:
         self.items_failed = 0
         self.messages_poison = 0
         self.items_cancelled = 0
+        self.batches_split = 0  # batches the model failed on, rerun item by item
         self.chunks_done = 0
         self.compute_s = 0.0
         self.batch_sizes: Counter[int] = Counter()
@@ -46,6 +47,7 @@ class WorkerStats:
                 "items_failed": self.items_failed,
                 "messages_poison": self.messages_poison,
                 "items_cancelled": self.items_cancelled,
+                "batches_split": self.batches_split,
                 "chunks_done": self.chunks_done,
                 "compute_s": round(self.compute_s, 6),
                 # JSON object keys must be strings.

@@ -1,0 +1,84 @@
+"""Per-item isolation: a model that raises on one input fails that request only."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from inferpool.client import Client
+from tests.servers import ApiThread, RedisServer, Worker, stack_settings
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    # The repository format is TorchScript, which torch 2.13 marks deprecated.
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+]
+
+
+class Picky(torch.nn.Module):
+    """Raises on any negative input value; otherwise a softmax over three features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x < 0).any()):
+            raise RuntimeError("negative input")
+        return torch.softmax(x.flatten(1)[:, :3], dim=1)
+
+
+@pytest.fixture
+def picky_repository(tmp_path: Path) -> Path:
+    folder = tmp_path / "models" / "picky" / "1"
+    folder.mkdir(parents=True)
+    torch.jit.script(Picky()).save(str(folder / "model.pt"))
+    config = {
+        "input": {"name": "x", "dtype": "float32", "shape": [1, 2, 2]},
+        "output": {"name": "p", "kind": "probabilities"},
+        "labels": ["a", "b", "c"],
+        "max_batch_size": 8,
+        # Long enough that the concurrent requests below share one batch.
+        "max_delay_ms": 50,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return tmp_path / "models"
+
+
+@pytest.fixture
+def fresh_redis(logdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(logdir)
+    yield server
+    server.stop()
+
+
+def test_one_bad_input_fails_alone(fresh_redis: RedisServer, picky_repository: Path, logdir: Path) -> None:
+    settings = dataclasses.replace(stack_settings(fresh_redis, None), model_repository=picky_repository)
+    worker = Worker(settings, logdir)
+    api = ApiThread(settings)
+    try:
+        with Client(api.target) as client:
+            rng = np.random.default_rng(3)
+            inputs = [rng.random((1, 1, 2, 2), dtype=np.float32) for _ in range(8)]
+            inputs[5] = -inputs[5]
+            futures = [client.classify_future(x, "picky", timeout_s=10) for x in inputs]
+            outcomes = []
+            for f in futures:
+                try:
+                    outcomes.append(f.result())
+                except grpc.RpcError as exc:
+                    outcomes.append(exc)
+        bad = outcomes.pop(5)
+        assert isinstance(bad, grpc.RpcError) and bad.code() == grpc.StatusCode.INTERNAL
+        assert "failed on this input" in bad.details()
+        assert all(not isinstance(o, grpc.RpcError) for o in outcomes), outcomes
+        assert max(o.timings.batch_size for o in outcomes) > 1  # they did share a batch
+        stats = worker.stats()
+        assert stats["batches_split"] >= 1
+        assert (stats["items_computed"], stats["items_failed"]) == (7, 1)
+    finally:
+        api.stop()
+        worker.stop()
