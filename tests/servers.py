@@ -82,8 +82,9 @@ class Proc:
 
 
 class RedisServer(Proc):
-    def __init__(self, logdir: Path) -> None:
-        self.port = free_port()
+    def __init__(self, logdir: Path, port: int | None = None) -> None:
+        # A given port restarts "the same" Redis (fault tests); empty, as after a crash.
+        self.port = port or free_port()
         super().__init__(
             [
                 _binary("redis-server"),
@@ -219,8 +220,8 @@ class ApiThread:
 
         return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(10)
 
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(grace_s=1.0), self.loop).result(15)
+    def stop(self, grace_s: float = 1.0) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace_s=grace_s), self.loop).result(grace_s + 15)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
