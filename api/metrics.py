@@ -75,6 +75,12 @@ CACHE_MISSES = Counter(
     ["model"],
     registry=REGISTRY,
 )
+CACHE_AVAILABLE = Gauge(
+    "inferpool_cache_available",
+    "1 while Memcached answers; 0 while this API process treats it as down (degraded: every "
+    "lookup is a miss and goes to a worker, health stays SERVING).",
+    registry=REGISTRY,
+)
 DEADLINE_EXCEEDED = Counter(
     "inferpool_deadline_exceeded",
     "Requests answered DEADLINE_EXCEEDED because no worker reply came before the caller's deadline.",

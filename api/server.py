@@ -163,6 +163,7 @@ async def serve(settings: Settings) -> None:
     if settings.metrics_port:
         queues = [q for n in server.repository.names for q in (queue_name(n), bulk_queue_name(n))]
         metrics.register_queue_depth(settings.redis_url, queues)
+        metrics.CACHE_AVAILABLE.set_function(lambda: float(server.cache.available))
         metrics.serve(settings.metrics_port, settings.metrics_host)
     await server.start()
     stop = asyncio.Event()

@@ -88,6 +88,8 @@ def test_memcached_killed_mid_test_keeps_answering(
             elapsed = time.perf_counter() - t0
             assert worker.stats()["items_computed"] - before == 10
             assert client.health() == "SERVING"
+            # Degraded, and visible as such (inferpool_cache_available reads this).
+            assert api.call(lambda: api.server.cache.errors) > 0
             print(f"10 requests with memcached dead: {elapsed * 1000:.0f} ms")
     finally:
         api.stop()
