@@ -1,0 +1,114 @@
+"""A worker SIGKILLed mid-batch: interactive callers fail no later than their deadline,
+and what was still queued is answered by the next worker."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from inferpool.client import Client
+from tests.servers import ApiThread, RedisServer, Worker, stack_settings, wait_until
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    # The repository format is TorchScript, which torch 2.13 marks deprecated.
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+]
+
+DEADLINE_S = 8.0
+
+
+class Slow(torch.nn.Module):
+    """Real work, deliberately long (~0.1-0.3 s per call here), so a kill lands mid-batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(384, 384) / 20)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.flatten(1).repeat(1, 96)
+        for _ in range(400):
+            y = torch.tanh(y @ self.w)
+        return torch.softmax(y[:, :4], dim=1)
+
+
+@pytest.fixture
+def slow_repository(tmp_path: Path) -> Path:
+    folder = tmp_path / "models" / "slow" / "1"
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.jit.script(Slow()).save(str(folder / "model.pt"))
+    config = {
+        "input": {"name": "x", "dtype": "float32", "shape": [4]},
+        "output": {"name": "p", "kind": "probabilities"},
+        "labels": ["a", "b", "c", "d"],
+        "max_batch_size": 1,
+        "max_delay_ms": 0,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return tmp_path / "models"
+
+
+@pytest.fixture
+def fresh_redis(logdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(logdir)
+    yield server
+    server.stop()
+
+
+def test_sigkill_mid_batch(fresh_redis: RedisServer, slow_repository: Path, logdir: Path) -> None:
+    # One message at a time per worker, one request per message: the rest stay queued in Redis.
+    settings = dataclasses.replace(
+        stack_settings(fresh_redis, None),
+        model_repository=slow_repository,
+        worker_concurrency=1,
+        worker_prefetch=1,
+        max_inflight_envelopes=100,
+    )
+    first = Worker(settings, logdir)
+    api = ApiThread(settings)
+    second: Worker | None = None
+    try:
+        with Client(api.target) as client:
+            rng = np.random.default_rng(4)
+            sent = []
+            for _ in range(6):
+                sent.append(
+                    (
+                        time.monotonic(),
+                        client.classify_future(
+                            rng.random((1, 4), dtype=np.float32), "slow", timeout_s=DEADLINE_S
+                        ),
+                    )
+                )
+                time.sleep(0.01)  # distinct envelopes, in order
+            wait_until(lambda: first.stats()["batches"] >= 1, 30, "a first batch to finish")
+            first.kill()
+            second = Worker(settings, logdir)
+            answered = failed = 0
+            for t0, future in sent:
+                try:
+                    future.result()
+                    answered += 1
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED, exc
+                    # No caller waits past its deadline, whatever happened to its worker.
+                    assert time.monotonic() - t0 <= DEADLINE_S + 0.5
+                    failed += 1
+            assert answered + failed == 6, (answered, failed)
+            # What the killed worker had not taken was answered by the next one.
+            assert second.stats()["items_computed"] >= 1
+            assert answered >= 2
+    finally:
+        api.stop()
+        if second is not None:
+            second.stop()
+        first.stop()
