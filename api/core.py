@@ -171,8 +171,9 @@ class DataPlane:
             reply_key=self.replies.key,
             trace_id=request_id,
         )
-        published = self.publisher.enqueue(cfg, item)
+        published = self.publisher.enqueue(cfg, item, budget_s)
         waiter = self.replies.expect(correlation)
+        answered = False
         inflight = metrics.INFLIGHT.labels(cfg.name)
         inflight.inc()
         t0 = time.perf_counter()
@@ -182,13 +183,14 @@ class DataPlane:
                 await asyncio.shield(published)
                 reply = await waiter
             metrics.WORKER_ROUNDTRIP.labels(cfg.name).observe(time.perf_counter() - t0)
+            answered = True
             return reply
         except TimeoutError:
             self._deadline_exceeded(cfg)
         finally:
             inflight.dec()
             self.replies.forget(correlation)
-            self.publisher.settle(cfg)
+            self.publisher.settle(cfg, answered)
             if not published.done():
                 published.cancel()
             elif not published.cancelled() and published.exception() is None:

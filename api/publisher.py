@@ -32,6 +32,9 @@ from inferpool.v1 import envelope_pb2
 
 log = logging.getLogger(__name__)
 
+# Answers counted over this window give the service rate admission control estimates with.
+RATE_WINDOW_S = 2.0
+
 
 def send_envelope(celery: Celery, task: str, queue: str, body: bytes, expires_unix_ns: int) -> None:
     """Publishes one encoded envelope by task name (blocking: call it off the event loop)."""
@@ -74,6 +77,8 @@ class _Group:
     # Requests enqueued whose callers still wait (queued here, on the broker or on a
     # worker): this process's share of the model's backlog.
     waiting: int = 0
+    # When recent requests were answered: the model's service rate as this process sees it.
+    answered_at: deque[float] = field(default_factory=deque)
 
 
 class Publisher:
@@ -88,31 +93,56 @@ class Publisher:
         self.items = 0
         self.rejected = 0
 
-    def enqueue(self, cfg: ModelConfig, item: envelope_pb2.EnvelopeItem) -> asyncio.Future[Published]:
+    def enqueue(
+        self, cfg: ModelConfig, item: envelope_pb2.EnvelopeItem, budget_s: float | None = None
+    ) -> asyncio.Future[Published]:
         """Resolves once the item is on the broker (BackendUnavailable if it cannot be).
         Cancel it to withdraw an item that has not left yet; call settle() once the
-        caller stops waiting. Raises Overloaded when the model's backlog from this
-        process is at its max_queue_size."""
+        caller stops waiting. Raises Overloaded, before anything is queued, when the
+        model's backlog from this process is at its max_queue_size, or when at the
+        recent answer rate the requests ahead would take longer than `budget_s`."""
         group = self._groups.get((cfg.name, cfg.version))
         if group is None:
             group = self._groups[cfg.name, cfg.version] = _Group(cfg)
         if group.waiting >= cfg.max_queue_size:
-            # Admission control: past this backlog a request would mostly wait out its
-            # deadline; refusing at once lets the client back off or go elsewhere.
             self.rejected += 1
             raise Overloaded(
                 f"model {cfg.name!r} has {group.waiting} requests waiting for a worker "
                 f"(max_queue_size {cfg.max_queue_size}); retry later"
             )
+        if budget_s is not None and group.waiting >= cfg.max_batch_size:
+            rate = self._answer_rate(group)
+            # Below one batch ahead the estimate means nothing; with no recent answers
+            # (cold start, stalled workers) only max_queue_size bounds the backlog.
+            if rate > 0 and group.waiting / rate > budget_s:
+                self.rejected += 1
+                raise Overloaded(
+                    f"model {cfg.name!r} is overloaded: {group.waiting} requests ahead at ~{rate:.0f}/s "
+                    f"would take {group.waiting / rate * 1000:.0f} ms, past the {budget_s * 1000:.0f} ms "
+                    "deadline; retry later"
+                )
         group.waiting += 1
         done: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
         group.pending.append((item, done))
         self._kick(group)
         return done
 
-    def settle(self, cfg: ModelConfig) -> None:
-        """The caller of one enqueue() stopped waiting (answered, failed or gave up)."""
-        self._groups[cfg.name, cfg.version].waiting -= 1
+    def settle(self, cfg: ModelConfig, answered: bool = False) -> None:
+        """The caller of one enqueue() stopped waiting: answered by a worker, or not."""
+        group = self._groups[cfg.name, cfg.version]
+        group.waiting -= 1
+        if answered:
+            now = time.monotonic()
+            group.answered_at.append(now)
+            while group.answered_at and group.answered_at[0] < now - RATE_WINDOW_S:
+                group.answered_at.popleft()
+
+    @staticmethod
+    def _answer_rate(group: _Group) -> float:
+        now = time.monotonic()
+        while group.answered_at and group.answered_at[0] < now - RATE_WINDOW_S:
+            group.answered_at.popleft()
+        return len(group.answered_at) / RATE_WINDOW_S
 
     def _ready(self, group: _Group) -> bool:
         return bool(group.pending) and (
