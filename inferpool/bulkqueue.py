@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import redis
 
-from inferpool.names import PREFIX
+from inferpool.names import DEAD_LETTER_MAX, PREFIX, dead_letter_key
 
 CONSUMERS = f"{PREFIX}:bulk:consumers"
 
@@ -29,11 +29,6 @@ def processing_key(consumer: str, queue: str) -> str:
 
 def lease_key(consumer: str) -> str:
     return f"{PREFIX}:bulk:lease:{consumer}"
-
-
-def dead_letter_key(queue: str) -> str:
-    """Where undecodable chunks go, kept for inspection instead of being retried forever."""
-    return f"{queue}.dead"
 
 
 # KEYS: queue1, processing1, queue2, processing2, ... Takes the oldest chunk of the
@@ -119,6 +114,7 @@ class BulkQueues:
         pipe = self.client.pipeline(transaction=True)
         pipe.execute_command("LREM", processing_key(self.consumer, queue), 1, chunk)
         pipe.lpush(dead_letter_key(queue), chunk)
+        pipe.ltrim(dead_letter_key(queue), 0, DEAD_LETTER_MAX - 1)
         pipe.execute()
 
     def reap(self) -> int:

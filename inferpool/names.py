@@ -41,6 +41,15 @@ def job_idempotency_key(scope: str, key: str) -> str:
     return f"{PREFIX}:jobkey:{scope}:{key}"
 
 
+def dead_letter_key(queue: str) -> str:
+    """Redis list where a queue's undecodable messages are kept for inspection (newest
+    first, capped at DEAD_LETTER_MAX) instead of being retried forever."""
+    return f"{queue}.dead"
+
+
+DEAD_LETTER_MAX = 1000
+
+
 def task_name(model: str) -> str:
     """Per-model task names make Flower's task list and Celery's stats readable per model."""
     return f"{PREFIX}.classify.{model}"

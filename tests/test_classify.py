@@ -11,9 +11,10 @@ import redis
 
 from inferpool import tensor
 from inferpool.client import Client
-from inferpool.names import queue_name
-from inferpool.v1 import inference_pb2, tensor_pb2
-from tests.servers import ApiThread, Worker
+from inferpool.codec import SERIALIZER
+from inferpool.names import dead_letter_key, queue_name, task_name
+from inferpool.v1 import envelope_pb2, inference_pb2, tensor_pb2
+from tests.servers import ApiThread, Worker, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -147,3 +148,29 @@ def test_health_serving_and_reflection(client: Client) -> None:
     services = ProtoReflectionDescriptorDatabase(client.channel).get_services()
     assert "inferpool.v1.InferenceService" in services
     assert "grpc.health.v1.Health" in services
+
+
+def test_poison_message_is_dead_lettered_and_batch_mates_answered(
+    client: Client, worker: Worker, redis_client: redis.Redis
+) -> None:
+    dead = dead_letter_key(queue_name("digits"))
+    before = worker.stats()["messages_poison"]
+    rng = np.random.default_rng(77)
+    futures = [
+        client.classify_future(rng.random((1, 1, 28, 28), dtype=np.float32), "digits") for _ in range(8)
+    ]
+    # Undecodable bytes, and a well-formed envelope of an unknown version, among real traffic.
+    for body in (
+        b"\x00\x01not an envelope",
+        envelope_pb2.Envelope(envelope_version=99, model="digits").SerializeToString(),
+    ):
+        worker.control.send_task(
+            task_name("digits"), args=(body,), queue=queue_name("digits"), serializer=SERIALIZER, argsrepr=""
+        )
+    futures += [
+        client.classify_future(rng.random((1, 1, 28, 28), dtype=np.float32), "digits") for _ in range(8)
+    ]
+    assert all(f.result().classes for f in futures)
+    wait_until(lambda: worker.stats()["messages_poison"] == before + 2, 10, "both poison messages counted")
+    assert redis_client.llen(dead) >= 2
+    assert client.classify(rng.random((1, 1, 28, 28), dtype=np.float32), "digits").classes  # still serving

@@ -23,7 +23,7 @@ from inferpool import codec
 from inferpool.broker import make_celery
 from inferpool.cache import Cache
 from inferpool.errors import InvalidInput
-from inferpool.names import task_name
+from inferpool.names import DEAD_LETTER_MAX, dead_letter_key, queue_name, task_name
 from inferpool.repository import ModelConfig, Repository
 from inferpool.settings import Settings
 from inferpool.v1 import envelope_pb2
@@ -147,7 +147,15 @@ def handle(model: str, body: bytes) -> dict[str, int]:
             raise codec.PoisonMessage(f"envelope for {envelope.model!r} on the {model!r} task")
     except codec.PoisonMessage as exc:
         STATS.add("messages_poison")
-        log.error("dropping poison message on %s: %s", model, exc)
+        log.error("dead-lettering poison message on %s: %s", model, exc)
+        dead = dead_letter_key(queue_name(model))
+        try:
+            pipe = _runtime.sink.client.pipeline()
+            pipe.lpush(dead, body)
+            pipe.ltrim(dead, 0, DEAD_LETTER_MAX - 1)
+            pipe.execute()
+        except redis.RedisError:
+            log.exception("could not dead-letter a poison message on %s", model)
         # Rejected, not returned: Celery (and Flower) must not show it as a success.
         raise Reject(str(exc), requeue=False) from exc
     batcher = _runtime.batchers.get((model, envelope.model_version))
