@@ -7,6 +7,7 @@ inferpool.errors and never sees a status code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -15,13 +16,15 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from api import metrics
 from api.publisher import Publisher
 from api.replies import ReplyListener
 from inferpool.cache import Cache, input_key
 from inferpool.errors import DeadlineExceeded, InferpoolError, InvalidInput, ModelFailed
-from inferpool.names import MODEL_NAME_RE
+from inferpool.names import MODEL_NAME_RE, flight_key
 from inferpool.repository import ModelConfig, Repository
 from inferpool.v1 import envelope_pb2, inference_pb2, tensor_pb2
 
@@ -59,6 +62,7 @@ class Counters:
     misses: int = 0
     deadline_exceeded: int = 0
     coalesced: int = 0  # misses answered by an identical request's computation
+    coalesced_remote: int = 0  # ... when another API replica computed it
 
 
 class DataPlane:
@@ -69,8 +73,12 @@ class DataPlane:
         publisher: Publisher,
         replies: ReplyListener,
         default_deadline_ms: float,
+        flight_locks: aioredis.Redis | None = None,
     ) -> None:
         self.repository = repository
+        # Where identical misses across API replicas agree on one leader (None: only
+        # within this process).
+        self.flight_locks = flight_locks
         self.cache = cache
         self.publisher = publisher
         self.replies = replies
@@ -114,7 +122,7 @@ class DataPlane:
             raise InvalidInput(reply.error)
         if reply.status != Reply.STATUS_OK:
             raise ModelFailed(reply.error or "the model could not compute this input")
-        return Inferred(reply.scores, False, reply)
+        return Inferred(reply.scores, reply.cached, None if reply.cached else reply)
 
     async def classify(
         self, request: inference_pb2.ClassifyRequest, timeout_s: float | None
@@ -147,7 +155,7 @@ class DataPlane:
         flight: asyncio.Future[envelope_pb2.Reply] = asyncio.get_running_loop().create_future()
         self._flights[key] = flight
         try:
-            reply = await self._compute(cfg, tensor, request_id, budget_s)
+            reply = await self._across_replicas(key, cfg, tensor, request_id, budget_s)
         except BaseException as exc:
             flight.set_exception(exc if isinstance(exc, InferpoolError) else ModelFailed("leader failed"))
             flight.exception()  # retrieved: followers may be gone
@@ -158,6 +166,48 @@ class DataPlane:
         finally:
             if self._flights.get(key) is flight:
                 del self._flights[key]
+
+    async def _across_replicas(
+        self, key: str, cfg: ModelConfig, tensor: tensor_pb2.Tensor, request_id: str, budget_s: float
+    ) -> envelope_pb2.Reply:
+        """Single-flight across API replicas: a short Redis lock per cache key names the
+        replica that computes; the others wait for the cache entry its worker writes
+        before replying, and compute for themselves only if the lock goes away without
+        one (leader failed) while their own deadline allows."""
+        if self.flight_locks is None or not self.cache.available:
+            return await self._compute(cfg, tensor, request_id, budget_s)
+        lock = flight_key(key)
+        try:
+            # Held no longer than the leader can wait: a crashed leader frees it by itself.
+            leader = await self.flight_locks.set(
+                lock, self.replies.key, nx=True, px=max(1, int(budget_s * 1000))
+            )
+        except (OSError, RedisError):
+            leader = True  # no lock store: compute (publishing reports a broker outage)
+        if leader:
+            try:
+                return await self._compute(cfg, tensor, request_id, budget_s)
+            finally:
+                with contextlib.suppress(OSError, RedisError):
+                    await self.flight_locks.delete(lock)
+        self.counters.coalesced_remote += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget_s
+        delay_s = 0.002
+        while (left := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(delay_s, left))
+            delay_s = min(delay_s * 2, 0.02)
+            cached = self.cache.get(key)
+            if cached is not None:
+                reply = envelope_pb2.Reply(status=Reply.STATUS_OK, cached=True)
+                reply.scores.ParseFromString(cached)
+                return reply
+            if not await self.flight_locks.exists(lock):
+                break  # the leader finished without a cache entry, or gave up
+        left = deadline - loop.time()
+        if left <= 0:
+            self._deadline_exceeded(cfg)
+        return await self._compute(cfg, tensor, request_id, left)
 
     async def _compute(
         self, cfg: ModelConfig, tensor: tensor_pb2.Tensor, request_id: str, budget_s: float

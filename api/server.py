@@ -58,7 +58,12 @@ class ApiServer:
         )
         self.replies = ReplyListener(self.redis, reply_key(self.instance))
         self.plane = DataPlane(
-            self.repository, self.cache, self.publisher, self.replies, settings.default_deadline_ms
+            self.repository,
+            self.cache,
+            self.publisher,
+            self.replies,
+            settings.default_deadline_ms,
+            flight_locks=self.redis,
         )
         self.jobs = JobPlane(
             self.plane,

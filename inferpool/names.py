@@ -41,6 +41,11 @@ def job_idempotency_key(scope: str, key: str) -> str:
     return f"{PREFIX}:jobkey:{scope}:{key}"
 
 
+def flight_key(cache_key: str) -> str:
+    """Redis lock naming the API replica that computes an input others also wait for."""
+    return f"{PREFIX}:flight:{cache_key}"
+
+
 def dead_letter_key(queue: str) -> str:
     """Redis list where a queue's undecodable messages are kept for inspection (newest
     first, capped at DEAD_LETTER_MAX) instead of being retried forever."""

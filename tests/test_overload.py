@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from inferpool.client import Client
-from tests.servers import ROOT, ApiThread, RedisServer, Worker, stack_settings, wait_until
+from tests.servers import ROOT, ApiThread, MemcachedServer, RedisServer, Worker, stack_settings, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,6 +44,40 @@ def test_identical_concurrent_misses_are_computed_once(fresh_redis: RedisServer,
         assert worker.stats()["items_computed"] == 1
     finally:
         api.stop()
+        if worker is not None:
+            worker.stop()
+
+
+def test_identical_misses_on_two_api_replicas_are_computed_once(
+    fresh_redis: RedisServer, logdir: Path, memcached_server: MemcachedServer
+) -> None:
+    # Two API processes' worth of servers on one Redis and one Memcached; no worker until
+    # every request waits, so only single-flight (in-process and across replicas) can
+    # keep the 100 requests to one computation.
+    settings = stack_settings(fresh_redis, memcached_server)
+    replicas = [ApiThread(settings), ApiThread(settings)]
+    worker: Worker | None = None
+    try:
+        clients = [Client(api.target) for api in replicas]
+        image = np.random.default_rng(1234).random((1, 1, 28, 28), dtype=np.float32)
+        futures = [clients[i % 2].classify_future(image, "digits", timeout_s=60) for i in range(100)]
+
+        def counts() -> tuple[int, int]:
+            local = sum(api.call(lambda a=api: a.server.plane.counters.coalesced) for api in replicas)
+            remote = sum(api.call(lambda a=api: a.server.plane.counters.coalesced_remote) for api in replicas)
+            return local, remote
+
+        # Each replica: one leader and 49 local followers; one of the two leaders follows the other.
+        wait_until(lambda: counts() == (98, 1), 10, "98 local and 1 cross-replica follower")
+        worker = Worker(settings, logdir)
+        responses = [f.result() for f in futures]
+        assert len({(r.classes[0].index, round(r.classes[0].score, 6)) for r in responses}) == 1
+        assert worker.stats()["items_computed"] == 1
+        for c in clients:
+            c.close()
+    finally:
+        for api in replicas:
+            api.stop()
         if worker is not None:
             worker.stop()
 
