@@ -5,7 +5,7 @@ PYTHON ?= python3
 PROTO_SRC := protos/inferpool/v1
 PROTO_OUT := inferpool/v1
 
-.PHONY: help venv servers proto proto-check lint typecheck test demo up flower bench train clean
+.PHONY: help venv servers proto proto-check lint typecheck test demo up flower bench bench-all train clean
 
 help:
 	@echo "make demo        start the stack on loopback, classify held-out digits, print figures, stop"
@@ -13,6 +13,7 @@ help:
 	@echo "make up          run redis, memcached, a worker, the API and Flower in the foreground (Ctrl-C stops)"
 	@echo "make flower      Flower on 127.0.0.1:5555 for a running broker (FLOWER_BASIC_AUTH=user:password)"
 	@echo "make bench       bounded load test of the miss and hit paths (writes bench/results/*.json)"
+	@echo "make bench-all   issue 6's harness: inferpool against its baselines (~10 min; BENCH_ARGS=--quick ~2)"
 	@echo "make proto       regenerate inferpool/v1/ and inferpool/triton/ *_pb2*.py from protos/"
 	@echo "make train       retrain models/digits/1 (seeded)"
 
@@ -62,6 +63,10 @@ flower: venv
 
 bench: venv servers
 	$(PY) -m bench.load
+
+# Every workload and baseline in one run: bench/results/harness.json and harness.png.
+bench-all: venv servers
+	$(PY) -m bench.harness $(BENCH_ARGS)
 
 train: venv
 	$(PY) models/train_digits.py

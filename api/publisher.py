@@ -82,8 +82,17 @@ class _Group:
 
 
 class Publisher:
-    def __init__(self, celery: Celery, max_inflight: int = 1, coalesce_window_ms: float = 0.0) -> None:
+    def __init__(
+        self,
+        celery: Celery,
+        max_inflight: int = 1,
+        coalesce_window_ms: float = 0.0,
+        max_envelope_items: int = 0,
+    ) -> None:
         self.celery = celery
+        # 0: up to the model's max_batch_size. 1 turns coalescing off (one message per
+        # miss), the naive queue path the benchmarks compare against.
+        self.max_envelope_items = max_envelope_items
         self.max_inflight = max_inflight
         self.window_s = coalesce_window_ms / 1000
         self._groups: dict[tuple[str, int], _Group] = {}
@@ -144,9 +153,14 @@ class Publisher:
             group.answered_at.popleft()
         return len(group.answered_at) / RATE_WINDOW_S
 
+    def _envelope_items(self, cfg: ModelConfig) -> int:
+        if self.max_envelope_items:
+            return min(self.max_envelope_items, cfg.max_batch_size)
+        return cfg.max_batch_size
+
     def _ready(self, group: _Group) -> bool:
         return bool(group.pending) and (
-            group.inflight < self.max_inflight or len(group.pending) >= group.cfg.max_batch_size
+            group.inflight < self.max_inflight or len(group.pending) >= self._envelope_items(group.cfg)
         )
 
     def _kick(self, group: _Group) -> None:
@@ -165,7 +179,7 @@ class Publisher:
             await asyncio.sleep(self.window_s)
             while self._ready(group):
                 take: list[tuple[envelope_pb2.EnvelopeItem, asyncio.Future[Published]]] = []
-                while group.pending and len(take) < group.cfg.max_batch_size:
+                while group.pending and len(take) < self._envelope_items(group.cfg):
                     entry = group.pending.popleft()
                     if not entry[1].done():  # withdrawn by a caller whose deadline passed
                         take.append(entry)

@@ -55,6 +55,7 @@ class ApiServer:
             make_celery(settings, main="inferpool-api"),
             settings.max_inflight_envelopes,
             settings.coalesce_window_ms,
+            settings.max_envelope_items,
         )
         self.replies = ReplyListener(self.redis, reply_key(self.instance))
         self.plane = DataPlane(

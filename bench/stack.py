@@ -52,10 +52,15 @@ class LocalStack:
     Flower binds 127.0.0.1 with basic auth: FLOWER_BASIC_AUTH (`user:password`) from the
     environment or `extra_env`, else a fresh password (`stack.flower_auth`). `flower=False`
     leaves it out, as benchmarks may want (task events are still sent).
+    `model_repository` replaces models/ (it must hold digits: readiness classifies one).
     """
 
     def __init__(
-        self, extra_env: dict[str, str] | None = None, quiet: bool = True, flower: bool = True
+        self,
+        extra_env: dict[str, str] | None = None,
+        quiet: bool = True,
+        flower: bool = True,
+        model_repository: Path | None = None,
     ) -> None:
         self.ports = {
             "REDIS_PORT": free_port(),
@@ -68,6 +73,7 @@ class LocalStack:
         self.extra_env = extra_env or {}
         self.quiet = quiet
         self.flower = flower
+        self.model_repository = model_repository or ROOT / "models"
         self._flower_basic_auth = (
             self.extra_env.get("FLOWER_BASIC_AUTH")
             or os.environ.get("FLOWER_BASIC_AUTH")
@@ -102,7 +108,7 @@ class LocalStack:
     def __enter__(self) -> LocalStack:
         env = dict(os.environ, **{k: str(v) for k, v in self.ports.items()}, **self.extra_env)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        env["INFERPOOL_MODEL_REPOSITORY"] = str(ROOT / "models")
+        env["INFERPOOL_MODEL_REPOSITORY"] = str(self.model_repository)
         env["FLOWER_BASIC_AUTH"] = self._flower_basic_auth
         processes = [] if self.flower else [p for p in _procfile_names() if p != "flower"]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,7 @@ class Settings:
     default_deadline_ms: float = _setting(5000.0, _positive_float, "wait bound for calls with no deadline")
     coalesce_window_ms: float = _setting(0.0, _non_negative_float, "extra wait to group misses")
     max_inflight_envelopes: int = _setting(1, _positive_int, "envelopes in flight per model")
+    max_envelope_items: int = _setting(0, _non_negative_int, "misses per queue message; 0 = max_batch_size")
     max_message_bytes: int = _setting(4 * 1024 * 1024, _positive_int, "largest gRPC message accepted")
     health_interval_s: float = _setting(1.0, _positive_float, "period of the Redis health probe")
     # Security (issue 5). Files are checked when read from the environment; api/auth.py
