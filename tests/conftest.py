@@ -39,6 +39,21 @@ def memcached_server(logdir: Path) -> Iterator[MemcachedServer]:
     server.stop()
 
 
+@pytest.fixture
+def fresh_redis(logdir: Path) -> Iterator[RedisServer]:
+    """A Redis of the test's own, for stacks a test may break or must keep apart."""
+    server = RedisServer(logdir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_memcached(logdir: Path) -> Iterator[MemcachedServer]:
+    server = MemcachedServer(logdir)
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def worker(redis_server: RedisServer, memcached_server: MemcachedServer, logdir: Path) -> Iterator[Worker]:
     w = Worker(stack_settings(redis_server, memcached_server), logdir)

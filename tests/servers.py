@@ -7,6 +7,7 @@ on a condition (a port accepting, a Celery ping answered), bounded in time.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -38,6 +39,18 @@ def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, pol
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(poll_s)
+
+
+def write_model(root: Path, name: str, module: Any, config: dict[str, Any]) -> Path:
+    """Scripts `module` into `<root>/models/<name>/1/` with its config.json, as a model
+    repository a Worker can serve; returns the repository root."""
+    import torch  # tests only: the API side never needs it
+
+    folder = root / "models" / name / "1"
+    folder.mkdir(parents=True)
+    torch.jit.script(module).save(str(folder / "model.pt"))
+    (folder / "config.json").write_text(json.dumps(config))
+    return root / "models"
 
 
 class Proc:

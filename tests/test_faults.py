@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -18,20 +17,6 @@ from inferpool.names import queue_name
 from tests.servers import ApiThread, MemcachedServer, RedisServer, Worker, stack_settings, wait_until
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def fresh_redis(logdir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(logdir)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def fresh_memcached(logdir: Path) -> Iterator[MemcachedServer]:
-    server = MemcachedServer(logdir)
-    yield server
-    server.stop()
 
 
 def test_deadline_without_worker_and_late_worker_skips_it(

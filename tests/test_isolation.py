@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -13,7 +11,7 @@ import pytest
 import torch
 
 from inferpool.client import Client
-from tests.servers import ApiThread, RedisServer, Worker, stack_settings
+from tests.servers import ApiThread, RedisServer, Worker, stack_settings, write_model
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -33,9 +31,6 @@ class Picky(torch.nn.Module):
 
 @pytest.fixture
 def picky_repository(tmp_path: Path) -> Path:
-    folder = tmp_path / "models" / "picky" / "1"
-    folder.mkdir(parents=True)
-    torch.jit.script(Picky()).save(str(folder / "model.pt"))
     config = {
         "input": {"name": "x", "dtype": "float32", "shape": [1, 2, 2]},
         "output": {"name": "p", "kind": "probabilities"},
@@ -44,15 +39,7 @@ def picky_repository(tmp_path: Path) -> Path:
         # Long enough that the concurrent requests below share one batch.
         "max_delay_ms": 50,
     }
-    (folder / "config.json").write_text(json.dumps(config))
-    return tmp_path / "models"
-
-
-@pytest.fixture
-def fresh_redis(logdir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(logdir)
-    yield server
-    server.stop()
+    return write_model(tmp_path, "picky", Picky(), config)
 
 
 def test_one_bad_input_fails_alone(fresh_redis: RedisServer, picky_repository: Path, logdir: Path) -> None:

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -17,13 +16,6 @@ from inferpool.client import Client
 from tests.servers import ROOT, ApiThread, MemcachedServer, RedisServer, Worker, stack_settings, wait_until
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def fresh_redis(logdir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(logdir)
-    yield server
-    server.stop()
 
 
 def test_identical_concurrent_misses_are_computed_once(fresh_redis: RedisServer, logdir: Path) -> None:

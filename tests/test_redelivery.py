@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,20 +15,6 @@ from inferpool.names import job_key
 from tests.servers import ApiThread, MemcachedServer, RedisServer, Worker, stack_settings, wait_until
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture
-def fresh_redis(logdir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(logdir)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def fresh_memcached(logdir: Path) -> Iterator[MemcachedServer]:
-    server = MemcachedServer(logdir)
-    yield server
-    server.stop()
 
 
 def test_sigkill_mid_job_then_new_worker_completes_it_exactly_once(

@@ -4,9 +4,7 @@ and what was still queued is answered by the next worker."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -15,7 +13,7 @@ import pytest
 import torch
 
 from inferpool.client import Client
-from tests.servers import ApiThread, RedisServer, Worker, stack_settings, wait_until
+from tests.servers import ApiThread, RedisServer, Worker, stack_settings, wait_until, write_model
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -43,10 +41,7 @@ class Slow(torch.nn.Module):
 
 @pytest.fixture
 def slow_repository(tmp_path: Path) -> Path:
-    folder = tmp_path / "models" / "slow" / "1"
-    folder.mkdir(parents=True)
     torch.manual_seed(0)
-    torch.jit.script(Slow()).save(str(folder / "model.pt"))
     config = {
         "input": {"name": "x", "dtype": "float32", "shape": [4]},
         "output": {"name": "p", "kind": "probabilities"},
@@ -54,15 +49,7 @@ def slow_repository(tmp_path: Path) -> Path:
         "max_batch_size": 1,
         "max_delay_ms": 0,
     }
-    (folder / "config.json").write_text(json.dumps(config))
-    return tmp_path / "models"
-
-
-@pytest.fixture
-def fresh_redis(logdir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(logdir)
-    yield server
-    server.stop()
+    return write_model(tmp_path, "slow", Slow(), config)
 
 
 def test_sigkill_mid_batch(fresh_redis: RedisServer, slow_repository: Path, logdir: Path) -> None:

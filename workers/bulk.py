@@ -85,7 +85,8 @@ class BulkConsumer(threading.Thread):
         consumer = f"{hostname or socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         # Its own connection: take() blocks on it.
         client = redis.Redis.from_url(redis_url, socket_timeout=10.0, socket_connect_timeout=2.0)
-        self.queues = BulkQueues(client, consumer, [bulk_queue_name(m) for m in self.models], lease_s)
+        self._model_of = {bulk_queue_name(m): m for m in self.models}
+        self.queues = BulkQueues(client, consumer, list(self._model_of), lease_s)
         self.lease_s = lease_s
         # Finished chunks, handed back by the batcher threads; acknowledged from here.
         self._finished: queue.SimpleQueue[tuple[_Chunk, Ticket]] = queue.SimpleQueue()
@@ -195,7 +196,7 @@ class BulkConsumer(threading.Thread):
             log.debug("could not send %s: %r", kind, exc)
 
     def _on_chunk(self, queue_name: str, body: bytes) -> None:
-        model = queue_name.removesuffix(".bulk").removeprefix("inferpool.")
+        model = self._model_of[queue_name]
         try:
             envelope = codec.decode(body)
             if not envelope.job_id or envelope.model != model:
