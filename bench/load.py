@@ -52,6 +52,7 @@ async def closed_loop(
     seconds: float,
     max_requests: int = 1_000_000,
     timeout_s: float = 5.0,
+    model: str = "digits",
 ) -> Run:
     """`concurrency` callers, each sending its next request when the last one returns,
     until `seconds` pass or `max_requests` are sent."""
@@ -67,7 +68,7 @@ async def closed_loop(
                 sent += 1
                 t0 = time.perf_counter()
                 try:
-                    response = await client.classify(image, "digits", timeout_s=timeout_s)
+                    response = await client.classify(image, model, timeout_s=timeout_s)
                 except grpc.aio.AioRpcError:
                     errors += 1
                     continue
@@ -88,9 +89,9 @@ async def closed_loop(
     )
 
 
-def unique_images(seed: int) -> Callable[[int], np.ndarray]:
+def unique_images(seed: int, shape: tuple[int, ...] = SHAPE) -> Callable[[int], np.ndarray]:
     rng = np.random.default_rng(seed)
-    return lambda _: rng.random(SHAPE, dtype=np.float32)
+    return lambda _: rng.random(shape, dtype=np.float32)
 
 
 def repeated_images(pool: np.ndarray) -> Callable[[int], np.ndarray]:

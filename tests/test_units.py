@@ -126,3 +126,33 @@ def test_status_mapping() -> None:
     assert code_for(errors.BackendUnavailable("x")) == grpc.StatusCode.UNAVAILABLE
     assert code_for(errors.DeadlineExceeded("x")) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert code_for(KeyError("x")) == grpc.StatusCode.INTERNAL
+
+
+def test_admission_refuses_when_the_backlog_cannot_meet_the_deadline() -> None:
+    """Deadline-aware admission: the requests ahead plus one batch, at the recent answer
+    rate, must fit in ADMIT_SHARE of the caller's budget."""
+    import asyncio
+
+    from api.publisher import ADMIT_SHARE, Publisher
+
+    cfg = Repository.load(ROOT / "models").resolve("digits", 0)
+    batch = cfg.max_batch_size
+
+    async def scenario() -> None:
+        publisher = Publisher(celery=None, max_inflight=0)  # never publishes
+        item = envelope_pb2.EnvelopeItem()
+        for _ in range(2 * batch):  # no deadline: only max_queue_size applies
+            publisher.enqueue(cfg, item)
+        for _ in range(batch):  # half of them answered within the 2 s rate window
+            publisher.settle(cfg, answered=True)
+        # `batch` still waiting at `batch / 2` answers/s: a new call waits for them and
+        # its own batch, 4 s, and is let in only with 4 s <= ADMIT_SHARE * budget.
+        fits_s = (batch + batch) / (batch / 2.0) / ADMIT_SHARE
+        publisher.enqueue(cfg, item, budget_s=fits_s * 1.05)
+        publisher.settle(cfg)  # that caller gave up: `batch` waiting again
+        with pytest.raises(errors.Overloaded, match="too close to the"):
+            publisher.enqueue(cfg, item, budget_s=fits_s * 0.95)
+        assert publisher.rejected == 1
+        publisher.close()
+
+    asyncio.run(scenario())
