@@ -7,7 +7,6 @@ inferpool.errors and never sees a status code.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -16,10 +15,10 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 import numpy as np
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from api import metrics
+from api.flights import FlightLocks
 from api.publisher import Publisher
 from api.replies import ReplyListener
 from inferpool.cache import Cache, input_key
@@ -73,7 +72,7 @@ class DataPlane:
         publisher: Publisher,
         replies: ReplyListener,
         default_deadline_ms: float,
-        flight_locks: aioredis.Redis | None = None,
+        flight_locks: FlightLocks | None = None,
     ) -> None:
         self.repository = repository
         # Where identical misses across API replicas agree on one leader (None: only
@@ -179,17 +178,14 @@ class DataPlane:
         lock = flight_key(key)
         try:
             # Held no longer than the leader can wait: a crashed leader frees it by itself.
-            leader = await self.flight_locks.set(
-                lock, self.replies.key, nx=True, px=max(1, int(budget_s * 1000))
-            )
+            leader = await self.flight_locks.acquire(lock, int(budget_s * 1000))
         except (OSError, RedisError):
             leader = True  # no lock store: compute (publishing reports a broker outage)
         if leader:
             try:
                 return await self._compute(cfg, tensor, request_id, budget_s)
             finally:
-                with contextlib.suppress(OSError, RedisError):
-                    await self.flight_locks.delete(lock)
+                self.flight_locks.release(lock)
         self.counters.coalesced_remote += 1
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget_s
@@ -202,7 +198,7 @@ class DataPlane:
                 reply = envelope_pb2.Reply(status=Reply.STATUS_OK, cached=True)
                 reply.scores.ParseFromString(cached)
                 return reply
-            if not await self.flight_locks.exists(lock):
+            if not await self.flight_locks.held(lock):
                 break  # the leader finished without a cache entry, or gave up
         left = deadline - loop.time()
         if left <= 0:

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from api import auth, kserve, metrics
 from api.core import DataPlane
+from api.flights import FlightLocks
 from api.job_servicer import JobServicer
 from api.jobs import JobPlane
 from api.publisher import Publisher
@@ -64,7 +65,7 @@ class ApiServer:
             self.publisher,
             self.replies,
             settings.default_deadline_ms,
-            flight_locks=self.redis,
+            flight_locks=FlightLocks(self.redis, self.replies.key),
         )
         self.jobs = JobPlane(
             self.plane,

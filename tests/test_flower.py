@@ -94,13 +94,23 @@ class Flower(Proc):
 
 
 @pytest.fixture(scope="module")
-def flower(redis_server: RedisServer, worker: Worker, logdir: Path) -> Iterator[Flower]:
+def flower(redis_server: RedisServer, worker: Worker, client: Client, logdir: Path) -> Iterator[Flower]:
     f = Flower(redis_server.url, logdir)
 
     def sees_worker() -> bool:
         return any(w.get("hostname") == worker.name for w in f.json("/workers?json=1")["data"])
 
-    f.ready(lambda: wait_for(sees_worker, 30, f"Flower to list {worker.name}"))
+    def sees_tasks() -> bool:
+        # The worker starts without task events; Flower's periodic enable_events
+        # broadcast (every 5 s) turns them on. Until then, misses leave no trace here.
+        _classify_misses(client, 1)
+        return bool(f.json(f"/api/tasks?taskname={TASK}&workername={worker.name}"))
+
+    def ready() -> None:
+        wait_for(sees_worker, 30, f"Flower to list {worker.name}")
+        wait_for(sees_tasks, 30, f"Flower to turn on task events of {worker.name}")
+
+    f.ready(ready)
     yield f
     f.stop()
 

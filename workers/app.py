@@ -109,6 +109,15 @@ def _start_runtime(sender: Any = None, **_: Any) -> None:
     _runtime_ready.set()
 
 
+@signals.worker_ready.connect
+def _follow_task_events(sender: Any = None, **_: Any) -> None:
+    # The sender is the Consumer: its dispatcher's groups change when Flower (or
+    # `celery control enable_events`) turns task events on or off at runtime.
+    dispatcher = getattr(sender, "event_dispatcher", None)
+    if _runtime is not None and dispatcher is not None:
+        _runtime.bulk.follow_events(dispatcher)
+
+
 @signals.worker_shutdown.connect
 def _stop_runtime(**_: Any) -> None:
     if _runtime is not None:

@@ -10,7 +10,8 @@ done, and put back on its queue by another worker's reaper if this one dies
 (SIGKILL included) and stops renewing its lease; the job's idempotent result writes
 make the repeat harmless. `prefetch` bounds how many chunks a worker holds.
 
-With task events on (`-E`), each chunk is reported as a Celery task
+While the worker sends task events (`-E`, or turned on at runtime by Flower or
+`celery control enable_events`), each chunk is reported as a Celery task
 (`inferpool.bulk.<model>`), so chunks show in Flower with their true state:
 received, started, then succeeded only once their results are written (failed when
 they could not be and the chunk went back on its queue; revoked when their job had
@@ -81,6 +82,9 @@ class BulkConsumer(threading.Thread):
         self.drain_s = drain_s
         self.hostname = hostname
         self.task_events = task_events
+        # The worker's own event dispatcher, once it runs (follow_events): its groups
+        # say whether task events are on now.
+        self._worker_events: Any = None
         self.models = sorted({name for name, _ in batchers})
         consumer = f"{hostname or socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         # Its own connection: take() blocks on it.
@@ -105,6 +109,18 @@ class BulkConsumer(threading.Thread):
     def stop(self) -> None:
         self._stopping.set()
 
+    def follow_events(self, dispatcher: Any) -> None:
+        """Send chunk events exactly while the worker sends task events."""
+        self._worker_events = dispatcher
+
+    def _events_on(self) -> bool:
+        worker = self._worker_events
+        if worker is None:
+            return self.task_events
+        # Celery's enable_events/disable_events control commands edit these groups;
+        # an empty set means every group.
+        return bool(worker.enabled) and (not worker.groups or "task" in worker.groups)
+
     def run(self) -> None:
         backoff_s = 0.2
         while not self._stopping.is_set():
@@ -120,10 +136,6 @@ class BulkConsumer(threading.Thread):
 
     def _consume(self) -> None:
         self.queues.register()
-        if self.hostname and self.task_events and self._events is None:
-            self._events = self.app.events.Dispatcher(
-                self.app.connection_for_write(), hostname=self.hostname, enabled=True
-            )
         self.ready.set()
         renew_every_s = self.lease_s / 3
         next_renew = next_reap = 0.0
@@ -186,8 +198,12 @@ class BulkConsumer(threading.Thread):
                 return
 
     def _event(self, kind: str, chunk: _Chunk, **fields: Any) -> None:
-        if self._events is None:
+        if not self.hostname or not self._events_on():
             return
+        if self._events is None:
+            self._events = self.app.events.Dispatcher(
+                self.app.connection_for_write(), hostname=self.hostname, enabled=True
+            )
         if kind == "task-received":
             fields = {"name": chunk.task, "args": "", "kwargs": "", "retries": 0, **fields}
         try:

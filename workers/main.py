@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         "--pool=threads",
         f"--concurrency={settings.worker_concurrency}",
         f"--queues={','.join(queues)}",
-        # Task events feed Flower's task list and states (a few small Redis publishes per
-        # message); worker heartbeats feed its worker list.
-        "--task-events",
+        # No -E: task events (three Redis publishes per message, on the consumer's
+        # thread) doubled a lone Classify's latency. Flower turns them on while it runs
+        # (its enable_events broadcast, every 5 s); worker heartbeats, which feed its
+        # worker list, are always sent. Pass -E to have them from the start.
         "--without-gossip",
         "--without-mingle",
         "--loglevel=INFO",
