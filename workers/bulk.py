@@ -200,13 +200,13 @@ class BulkConsumer(threading.Thread):
     def _event(self, kind: str, chunk: _Chunk, **fields: Any) -> None:
         if not self.hostname or not self._events_on():
             return
-        if self._events is None:
-            self._events = self.app.events.Dispatcher(
-                self.app.connection_for_write(), hostname=self.hostname, enabled=True
-            )
         if kind == "task-received":
             fields = {"name": chunk.task, "args": "", "kwargs": "", "retries": 0, **fields}
         try:
+            if self._events is None:
+                self._events = self.app.events.Dispatcher(
+                    self.app.connection_for_write(), hostname=self.hostname, enabled=True
+                )
             self._events.send(kind, uuid=chunk.task_id, **fields)
         except Exception as exc:  # events are for operators; never fail a chunk over them
             log.debug("could not send %s: %r", kind, exc)
