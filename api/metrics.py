@@ -22,32 +22,20 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 import redis
-from prometheus_client import (
-    GC_COLLECTOR,
-    PLATFORM_COLLECTOR,
-    PROCESS_COLLECTOR,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    start_http_server,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from inferpool import metrics as shared
+
 log = logging.getLogger(__name__)
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
-REGISTRY = CollectorRegistry(auto_describe=True)
-for _default in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
-    REGISTRY.register(_default)
+REGISTRY = shared.new_registry()
 
-# From a cache-speed answer to a deadline-bound wait of seconds.
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 REQUESTS = Counter(
     "inferpool_requests",
@@ -60,7 +48,7 @@ REQUEST_DURATION = Histogram(
     "inferpool_request_duration_seconds",
     "Server-side time from an RPC's arrival to its answer, by method and status code.",
     ["rpc", "code"],
-    buckets=LATENCY_BUCKETS,
+    buckets=shared.LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 CACHE_HITS = Counter(
@@ -92,7 +80,7 @@ WORKER_ROUNDTRIP = Histogram(
     "For a cache miss: from handing it to the publisher to its worker reply (coalescing, queue, "
     "batch, reply list). Minus inferpool_queue_duration_seconds and compute, it is transport.",
     ["model"],
-    buckets=LATENCY_BUCKETS,
+    buckets=shared.LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 INFLIGHT = Gauge(
@@ -106,7 +94,7 @@ ENVELOPE_ITEMS = Histogram(
     "Requests per published queue message (envelope): _count is messages published, _sum the "
     "requests they carried; a mean above 1 means misses are being coalesced under load.",
     ["model"],
-    buckets=SIZE_BUCKETS,
+    buckets=shared.SIZE_BUCKETS,
     registry=REGISTRY,
 )
 PUBLISH_FAILURES = Counter(
@@ -231,9 +219,7 @@ def register_queue_depth(
 def serve(port: int, host: str = "127.0.0.1") -> tuple[WSGIServer, threading.Thread]:
     """Serves GET /metrics for REGISTRY on a daemon thread (port 0 picks a free one:
     `server.server_port`). Loopback by default: widen it only where the scraper runs."""
-    server, thread = start_http_server(port, addr=host, registry=REGISTRY)
-    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
-    return server, thread
+    return shared.serve(REGISTRY, port, host)
 
 
 def instrumented(rpc: str) -> Callable[[Handler], Handler]:

@@ -71,6 +71,7 @@ def pin(pid: int, cpus: set[int]) -> None:
 
 
 def all_pids(root_pid: int) -> list[int]:
+    """`root_pid` and every process below it."""
     pids, todo = [], [root_pid]
     while todo:
         pid = todo.pop()
@@ -83,20 +84,15 @@ def all_pids(root_pid: int) -> list[int]:
 def stack_pids(root_pid: int) -> dict[str, int]:
     """The API and worker processes under honcho, by their command lines."""
     found: dict[str, int] = {}
-    todo = [root_pid]
-    while todo:
-        pid = todo.pop()
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-        for child in map(int, out):
-            todo.append(child)
-            try:
-                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if argv[1:3] == [b"-m", b"api"]:
-                found["api"] = child
-            elif argv[1:3] == [b"-m", b"workers.main"]:
-                found["worker"] = child
+    for pid in all_pids(root_pid)[1:]:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[1:3] == [b"-m", b"api"]:
+            found["api"] = pid
+        elif argv[1:3] == [b"-m", b"workers.main"]:
+            found["worker"] = pid
     return found
 
 

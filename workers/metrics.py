@@ -23,49 +23,36 @@ from wsgiref.simple_server import WSGIServer
 
 from celery import Celery, signals
 from celery.worker import state as worker_state
-from prometheus_client import (
-    GC_COLLECTOR,
-    PLATFORM_COLLECTOR,
-    PROCESS_COLLECTOR,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    start_http_server,
-)
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from inferpool import metrics as shared
+
 log = logging.getLogger(__name__)
 
-REGISTRY = CollectorRegistry(auto_describe=True)
-for _default in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
-    REGISTRY.register(_default)
-
-# From a cache-speed answer to a deadline-bound wait of seconds.
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# Batch and envelope sizes: powers of two up to well past any max_batch_size in use.
-SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+REGISTRY = shared.new_registry()
 
 QUEUE_DURATION = Histogram(
     "inferpool_queue_duration_seconds",
     "Time one request waited before compute: from its envelope's publish by the API to the start "
     "of the batch that runs it (Redis list, worker prefetch, batcher). Observed once per item.",
     ["model"],
-    buckets=LATENCY_BUCKETS,
+    buckets=shared.LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 BATCH_SIZE = Histogram(
     "inferpool_batch_size",
     "Items in one model call (interactive and bulk together). _count is the number of batches.",
     ["model"],
-    buckets=SIZE_BUCKETS,
+    buckets=shared.SIZE_BUCKETS,
     registry=REGISTRY,
 )
 COMPUTE_DURATION = Histogram(
     "inferpool_compute_duration_seconds",
     "Wall time of one model call on a whole batch, host-device copies included.",
     ["model"],
-    buckets=LATENCY_BUCKETS,
+    buckets=shared.LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 COMPUTED = Counter(
@@ -225,6 +212,4 @@ def _on_unknown(name: str | None = None, **_: Any) -> None:
 def serve(port: int, host: str = "127.0.0.1") -> tuple[WSGIServer, threading.Thread]:
     """Serves GET /metrics for REGISTRY on a daemon thread (port 0 picks a free one:
     `server.server_port`). Loopback by default: widen it only where the scraper runs."""
-    server, thread = start_http_server(port, addr=host, registry=REGISTRY)
-    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
-    return server, thread
+    return shared.serve(REGISTRY, port, host)
