@@ -84,6 +84,10 @@ class _Group:
     waiting: int = 0
     # When recent requests were answered: the model's service rate as this process sees it.
     answered_at: deque[float] = field(default_factory=deque)
+    # When this process started sending the model requests: until RATE_WINDOW_S has
+    # passed since, answers are counted over that shorter span, not the whole window
+    # (which would read a cold start's first answers as a fraction of the true rate).
+    since: float = field(default_factory=time.monotonic)
 
 
 class Publisher:
@@ -158,7 +162,8 @@ class Publisher:
         now = time.monotonic()
         while group.answered_at and group.answered_at[0] < now - RATE_WINDOW_S:
             group.answered_at.popleft()
-        return len(group.answered_at) / RATE_WINDOW_S
+        span_s = min(RATE_WINDOW_S, now - group.since)
+        return len(group.answered_at) / span_s if span_s > 0 else 0.0
 
     def _envelope_items(self, cfg: ModelConfig) -> int:
         if self.max_envelope_items:

@@ -143,6 +143,8 @@ def test_admission_refuses_when_the_backlog_cannot_meet_the_deadline() -> None:
         item = envelope_pb2.EnvelopeItem()
         for _ in range(2 * batch):  # no deadline: only max_queue_size applies
             publisher.enqueue(cfg, item)
+        # As if this process had been sending for a whole rate window already.
+        publisher._groups[cfg.name, cfg.version].since -= 2.0
         for _ in range(batch):  # half of them answered within the 2 s rate window
             publisher.settle(cfg, answered=True)
         # `batch` still waiting at `batch / 2` answers/s: a new call waits for them and
