@@ -7,7 +7,8 @@ that queued up meanwhile, in one envelope (one broker message) of up to
 `max_batch_size` items. A full envelope never waits. So an idle system adds no
 delay, and a busy one pays the per-message broker cost once per batch instead of
 once per request: the backlog accumulates here as batches, not in Redis as single
-messages. kombu's publish is blocking, so it runs on one dedicated thread.
+messages. Envelopes ready together leave in one pipelined LPUSH from the event loop,
+as Celery task messages (inferpool.taskwire) that workers consume unchanged.
 """
 
 from __future__ import annotations
@@ -16,18 +17,18 @@ import asyncio
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
+import redis.asyncio as aioredis
 from celery import Celery
 
 from api import metrics
 from inferpool import codec
-from inferpool.codec import ENVELOPE_VERSION, SERIALIZER
+from inferpool.codec import ENVELOPE_VERSION
 from inferpool.errors import BackendUnavailable, Overloaded
 from inferpool.names import queue_name, task_name
 from inferpool.repository import ModelConfig
+from inferpool.taskwire import task_payload
 from inferpool.v1 import envelope_pb2
 
 log = logging.getLogger(__name__)
@@ -39,22 +40,9 @@ RATE_WINDOW_S = 2.0
 # wait about as long as the bound allows: the margin absorbs the rate estimate's noise
 # and the hops the prediction leaves out (gRPC, publish, reply).
 ADMIT_SHARE = 0.8
-
-
-def send_envelope(celery: Celery, task: str, queue: str, body: bytes, expires_unix_ns: int) -> None:
-    """Publishes one encoded envelope by task name (blocking: call it off the event loop)."""
-    celery.send_task(
-        task,
-        args=(body,),
-        queue=queue,
-        serializer=SERIALIZER,
-        # Workers discard the message unseen once no caller in it is still waiting.
-        expires=datetime.fromtimestamp(expires_unix_ns / 1e9, tz=UTC),
-        ignore_result=True,
-        # Celery would otherwise repr() the tensor bytes into the message headers.
-        argsrepr="",
-        kwargsrepr="",
-    )
+# A publish that Redis does not confirm within this fails its callers with UNAVAILABLE
+# (the redis client's own reconnect retries could otherwise hold them to their deadline).
+PUBLISH_TIMEOUT_S = 2.0
 
 
 class Published:
@@ -93,19 +81,20 @@ class _Group:
 class Publisher:
     def __init__(
         self,
-        celery: Celery,
+        celery: Celery | None,
+        broker: aioredis.Redis | None,
         max_inflight: int = 1,
         coalesce_window_ms: float = 0.0,
         max_envelope_items: int = 0,
     ) -> None:
-        self.celery = celery
+        self.celery = celery  # builds the task messages (no I/O)
+        self.broker = broker
         # 0: up to the model's max_batch_size. 1 turns coalescing off (one message per
         # miss), the naive queue path the benchmarks compare against.
         self.max_envelope_items = max_envelope_items
         self.max_inflight = max_inflight
         self.window_s = coalesce_window_ms / 1000
         self._groups: dict[tuple[str, int], _Group] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish")
         self._flushers: set[asyncio.Task[None]] = set()
         self.messages = 0
         self.items = 0
@@ -185,55 +174,71 @@ class Publisher:
         task.add_done_callback(self._flushers.discard)
 
     async def _flush(self, group: _Group) -> None:
-        loop = asyncio.get_running_loop()
         try:
             # Let requests that arrived in the same loop iteration (or window) join.
             await asyncio.sleep(self.window_s)
             while self._ready(group):
-                take: list[tuple[envelope_pb2.EnvelopeItem, asyncio.Future[Published]]] = []
-                while group.pending and len(take) < self._envelope_items(group.cfg):
-                    entry = group.pending.popleft()
-                    if not entry[1].done():  # withdrawn by a caller whose deadline passed
-                        take.append(entry)
-                if not take:
-                    continue
-                envelope = envelope_pb2.Envelope(
-                    envelope_version=ENVELOPE_VERSION,
-                    model=group.cfg.name,
-                    model_version=group.cfg.version,
-                    items=[item for item, _ in take],
-                    enqueued_unix_ns=time.time_ns(),
-                )
-                latest_ns = max(item.deadline_unix_ns for item, _ in take)
-                group.inflight += 1
-                try:
-                    await loop.run_in_executor(
-                        self._executor, self._send, group.cfg.name, codec.encode(envelope), latest_ns
-                    )
-                except Exception as exc:
-                    group.inflight -= 1
-                    metrics.PUBLISH_FAILURES.labels(group.cfg.name).inc()
-                    log.warning("publish to %s failed: %r", queue_name(group.cfg.name), exc)
-                    error = BackendUnavailable("the request queue is unavailable")
-                    for _, done in take:
-                        if not done.done():
-                            done.set_exception(error)
-                    continue
-                self.messages += 1
-                self.items += len(take)
-                metrics.ENVELOPE_ITEMS.labels(group.cfg.name).observe(len(take))
-                published = Published(group, len(take), self)
-                for _, done in take:
-                    if done.done():
-                        published.release()  # its caller gave up while we were publishing
-                    else:
-                        done.set_result(published)
+                batches = self._take(group)
+                if batches:
+                    await self._publish(group, batches)
         finally:
             group.flushing = False
         self._kick(group)
 
-    def _send(self, model: str, body: bytes, latest_deadline_ns: int) -> None:
-        send_envelope(self.celery, task_name(model), queue_name(model), body, latest_deadline_ns)
+    def _take(self, group: _Group) -> list[list[tuple[envelope_pb2.EnvelopeItem, asyncio.Future[Published]]]]:
+        """Every envelope that may leave now (each counted in flight), as its items."""
+        batches = []
+        while self._ready(group):
+            take: list[tuple[envelope_pb2.EnvelopeItem, asyncio.Future[Published]]] = []
+            while group.pending and len(take) < self._envelope_items(group.cfg):
+                entry = group.pending.popleft()
+                if not entry[1].done():  # withdrawn by a caller whose deadline passed
+                    take.append(entry)
+            if take:
+                group.inflight += 1
+                batches.append(take)
+        return batches
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+    async def _publish(
+        self, group: _Group, batches: list[list[tuple[envelope_pb2.EnvelopeItem, asyncio.Future[Published]]]]
+    ) -> None:
+        model = group.cfg.name
+        try:
+            if self.celery is None or self.broker is None:
+                raise RuntimeError("this publisher has no broker")
+            pipe = self.broker.pipeline(transaction=False)
+            for take in batches:
+                envelope = envelope_pb2.Envelope(
+                    envelope_version=ENVELOPE_VERSION,
+                    model=model,
+                    model_version=group.cfg.version,
+                    items=[item for item, _ in take],
+                    enqueued_unix_ns=time.time_ns(),
+                )
+                # Workers discard the message unseen once no caller in it is still waiting.
+                latest_ns = max(item.deadline_unix_ns for item, _ in take)
+                queue = queue_name(model)
+                body = codec.encode(envelope)
+                pipe.lpush(queue, task_payload(self.celery, task_name(model), queue, body, latest_ns))
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                await pipe.execute()
+        except Exception as exc:  # Redis down or slow, mostly: callers see UNAVAILABLE
+            group.inflight -= len(batches)
+            metrics.PUBLISH_FAILURES.labels(model).inc(len(batches))
+            log.warning("publish to %s failed: %r", queue_name(model), exc)
+            error = BackendUnavailable("the request queue is unavailable")
+            for take in batches:
+                for _, done in take:
+                    if not done.done():
+                        done.set_exception(error)
+            return
+        for take in batches:
+            self.messages += 1
+            self.items += len(take)
+            metrics.ENVELOPE_ITEMS.labels(model).observe(len(take))
+            published = Published(group, len(take), self)
+            for _, done in take:
+                if done.done():
+                    published.release()  # its caller gave up while we were publishing
+                else:
+                    done.set_result(published)

@@ -54,6 +54,7 @@ class ApiServer:
         self.cache = Cache.from_settings(settings)
         self.publisher = Publisher(
             make_celery(settings, main="inferpool-api"),
+            self.redis,
             settings.max_inflight_envelopes,
             settings.coalesce_window_ms,
             settings.max_envelope_items,
@@ -159,7 +160,6 @@ class ApiServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self.publisher.close()
         self.cache.close()
         await self.redis.aclose()
 

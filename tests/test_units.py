@@ -139,7 +139,7 @@ def test_admission_refuses_when_the_backlog_cannot_meet_the_deadline() -> None:
     batch = cfg.max_batch_size
 
     async def scenario() -> None:
-        publisher = Publisher(celery=None, max_inflight=0)  # never publishes
+        publisher = Publisher(celery=None, broker=None, max_inflight=0)  # never publishes
         item = envelope_pb2.EnvelopeItem()
         for _ in range(2 * batch):  # no deadline: only max_queue_size applies
             publisher.enqueue(cfg, item)
@@ -155,6 +155,5 @@ def test_admission_refuses_when_the_backlog_cannot_meet_the_deadline() -> None:
         with pytest.raises(errors.Overloaded, match="too close to the"):
             publisher.enqueue(cfg, item, budget_s=fits_s * 0.95)
         assert publisher.rejected == 1
-        publisher.close()
 
     asyncio.run(scenario())
