@@ -121,6 +121,9 @@ class Batcher(threading.Thread):
         """A task announces it is decoding a message for this model (+1) or has submitted it (-1)."""
         with self._cond:
             self._arriving += delta
+            if self._arriving <= 0:
+                # A batch held open for this message closes now, not at max_delay_ms.
+                self._cond.notify()
 
     def submit(self, items: list[Pending], bulk: bool = False) -> None:
         with self._cond:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from inferpool.names import bulk_queue_name, queue_name
@@ -24,6 +25,25 @@ def _own_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--metrics-host", default=None, help="address the metrics server binds (INFERPOOL_METRICS_HOST)"
     )
     return parser.parse_known_args(argv)
+
+
+# Celery's two INFO lines per message ("Received task", "Task succeeded"): at a thousand
+# messages a second they cost the task threads a tenth of their time, plus whatever
+# ships the log. Flower lists every task; --loglevel=DEBUG brings the lines back.
+PER_MESSAGE_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
+def _log_level(args: list[str]) -> str:
+    """The level the worker will run at: Celery takes the last -l/--loglevel given."""
+    level = "INFO"
+    for i, arg in enumerate(args):
+        if arg.startswith("--loglevel="):
+            level = arg.split("=", 1)[1]
+        elif arg in ("-l", "--loglevel") and i + 1 < len(args):
+            level = args[i + 1]
+        elif arg.startswith("-l") and len(arg) > 2:
+            level = arg[2:]
+    return level.upper()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
         "--hostname=inferpool@%h",
     ]
     # Later flags win in Celery's parser, so callers can override any of the above.
+    if _log_level([*args, *extra]) != "DEBUG":
+        for name in PER_MESSAGE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     app.worker_main([*args, *extra])
 
 
