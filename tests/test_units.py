@@ -157,3 +157,21 @@ def test_admission_refuses_when_the_backlog_cannot_meet_the_deadline() -> None:
         assert publisher.rejected == 1
 
     asyncio.run(scenario())
+
+
+def test_top_classes_orders_by_score_then_index_on_both_paths() -> None:
+    from api.core import SMALL_OUTPUT, top_classes
+
+    cfg = Repository.load(ROOT / "models").resolve("digits", 0)
+    small = [0.1, 0.3, 0.3, 0.05, 0.05, 0.0, 0.1, 0.05, 0.05, 0.0]
+    assert [c.index for c in top_classes(cfg, small, 4)] == [1, 2, 0, 6]
+    assert [c.label for c in top_classes(cfg, small, 1)] == ["1"]
+    assert len(top_classes(cfg, small, 50)) == len(small)
+    rng = np.random.default_rng(5)
+    big = rng.random(SMALL_OUTPUT * 4).astype(np.float32)
+    big[[9, 3, 200]] = 2.0  # a three-way tie at the top
+    expected = sorted(range(len(big)), key=lambda i: (-big[i], i))[:6]
+    assert [c.index for c in top_classes(cfg, big.tolist(), 6)] == expected
+    assert [c.index for c in top_classes(cfg, big[:SMALL_OUTPUT].tolist(), 6)] == sorted(
+        range(SMALL_OUTPUT), key=lambda i: (-big[i], i)
+    )[:6]
