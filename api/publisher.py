@@ -60,11 +60,15 @@ class Published:
             self._publisher._kick(self._group)
 
 
+# One queued miss: its item, and the future its caller awaits the publish on.
+_Entry = tuple[envelope_pb2.EnvelopeItem, asyncio.Future[Published]]
+
+
 @dataclass
 class _Group:
     cfg: ModelConfig
     # A deque: under overload thousands may wait, and each leaves from the front.
-    pending: deque[tuple[envelope_pb2.EnvelopeItem, asyncio.Future[Published]]] = field(default_factory=deque)
+    pending: deque[_Entry] = field(default_factory=deque)
     inflight: int = 0
     flushing: bool = False
     # Requests enqueued whose callers still wait (queued here, on the broker or on a
@@ -185,11 +189,11 @@ class Publisher:
             group.flushing = False
         self._kick(group)
 
-    def _take(self, group: _Group) -> list[list[tuple[envelope_pb2.EnvelopeItem, asyncio.Future[Published]]]]:
+    def _take(self, group: _Group) -> list[list[_Entry]]:
         """Every envelope that may leave now (each counted in flight), as its items."""
         batches = []
         while self._ready(group):
-            take: list[tuple[envelope_pb2.EnvelopeItem, asyncio.Future[Published]]] = []
+            take: list[_Entry] = []
             while group.pending and len(take) < self._envelope_items(group.cfg):
                 entry = group.pending.popleft()
                 if not entry[1].done():  # withdrawn by a caller whose deadline passed
@@ -199,9 +203,7 @@ class Publisher:
                 batches.append(take)
         return batches
 
-    async def _publish(
-        self, group: _Group, batches: list[list[tuple[envelope_pb2.EnvelopeItem, asyncio.Future[Published]]]]
-    ) -> None:
+    async def _publish(self, group: _Group, batches: list[list[_Entry]]) -> None:
         model = group.cfg.name
         try:
             if self.celery is None or self.broker is None:
