@@ -26,28 +26,19 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def SubmitJob(
         self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.SubmitJobResponse:
-        try:
-            return await self.plane.submit(_one(request), caller(context))
-        except Exception as exc:
-            await abort(context, exc, "SubmitJob")
+        return await self.plane.submit(_one(request), caller(context))
 
     @instrumented("SubmitJobStream")
     async def SubmitJobStream(
         self, request_iterator: AsyncIterator[jobs_pb2.SubmitJobRequest], context: grpc.aio.ServicerContext
     ) -> jobs_pb2.SubmitJobResponse:
-        try:
-            return await self.plane.submit(request_iterator, caller(context))
-        except Exception as exc:
-            await abort(context, exc, "SubmitJobStream")
+        return await self.plane.submit(request_iterator, caller(context))
 
     @instrumented("GetJob")
     async def GetJob(
         self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.Job:
-        try:
-            return await self.plane.get(request, caller(context))
-        except Exception as exc:
-            await abort(context, exc, "GetJob")
+        return await self.plane.get(request, caller(context))
 
     async def WatchJob(
         self, request: jobs_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
@@ -62,7 +53,4 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def CancelJob(
         self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.Job:
-        try:
-            return await self.plane.cancel(request.job_id, caller(context))
-        except Exception as exc:
-            await abort(context, exc, "CancelJob")
+        return await self.plane.cancel(request.job_id, caller(context))

@@ -30,7 +30,6 @@ from grpc_health.v1 import health, health_pb2
 import inferpool
 from api.core import DataPlane, Inferred
 from api.metrics import instrumented
-from api.status import abort
 from inferpool import tensor
 from inferpool.errors import InvalidInput, ModelNotFound
 from inferpool.repository import ModelConfig
@@ -334,50 +333,39 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         except ModelNotFound:
             # As Triton does: an unknown model is simply not ready.
             return pb.ModelReadyResponse(ready=False)
-        except Exception as exc:
-            await abort(context, exc, "ModelReady")
         return pb.ModelReadyResponse(ready=True)
 
     @instrumented("ModelMetadata")
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        try:
-            cfg = self.plane.resolve(request.name, parse_version(request.version))
-            return model_metadata(self.plane, cfg)
-        except Exception as exc:
-            await abort(context, exc, "ModelMetadata")
+        cfg = self.plane.resolve(request.name, parse_version(request.version))
+        return model_metadata(self.plane, cfg)
 
     @instrumented("ModelConfig")
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        try:
-            cfg = self.plane.resolve(request.name, parse_version(request.version))
-            return pb.ModelConfigResponse(config=model_config(self.plane, cfg))
-        except Exception as exc:
-            await abort(context, exc, "ModelConfig")
+        cfg = self.plane.resolve(request.name, parse_version(request.version))
+        return pb.ModelConfigResponse(config=model_config(self.plane, cfg))
 
     @instrumented("ModelStatistics")
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
         """As Triton: no name means every model, no version every version of it."""
-        try:
-            repository = self.plane.repository
-            if request.name:
-                version = parse_version(request.version)
-                self.plane.resolve(request.name, version)  # NOT_FOUND for unknown ones
-                versions = [version] if version else repository.versions(request.name)
-                configs = [repository.resolve(request.name, v) for v in versions]
-            elif request.version:
-                raise InvalidInput("a model version needs a model name")
-            else:
-                configs = repository.all()
-            stats = [self.stats.get((c.name, c.version), ModelStats()).to_proto(c) for c in configs]
-            return pb.ModelStatisticsResponse(model_stats=stats)
-        except Exception as exc:
-            await abort(context, exc, "ModelStatistics")
+        repository = self.plane.repository
+        if request.name:
+            version = parse_version(request.version)
+            self.plane.resolve(request.name, version)  # NOT_FOUND for unknown ones
+            versions = [version] if version else repository.versions(request.name)
+            configs = [repository.resolve(request.name, v) for v in versions]
+        elif request.version:
+            raise InvalidInput("a model version needs a model name")
+        else:
+            configs = repository.all()
+        stats = [self.stats.get((c.name, c.version), ModelStats()).to_proto(c) for c in configs]
+        return pb.ModelStatisticsResponse(model_stats=stats)
 
     @instrumented("ModelInfer")
     async def ModelInfer(
@@ -410,10 +398,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             response = infer_response(cfg, request, outputs, results)
             stats.succeeded(results, time.perf_counter_ns() - t0)
             return response
-        except Exception as exc:
+        except Exception:
             if stats is not None:
                 stats.failure(time.perf_counter_ns() - t0)
-            await abort(context, exc, "ModelInfer")
+            raise
 
 
 def add_to_server(

@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from api.status import abort
 from inferpool import metrics as shared
 
 log = logging.getLogger(__name__)
@@ -223,8 +224,9 @@ def serve(port: int, host: str = "127.0.0.1") -> tuple[WSGIServer, threading.Thr
 
 
 def instrumented(rpc: str) -> Callable[[Handler], Handler]:
-    """Counts and times a unary servicer method by gRPC status code: OK, or the code it
-    aborted with (api.status sets it), or CANCELLED when the caller went away."""
+    """Wraps a unary servicer method: an exception it raises aborts the call with the
+    status api.status maps it to, and each call is counted and timed by its code (OK,
+    the code it aborted with, or CANCELLED when the caller went away)."""
 
     def decorate(method: Handler) -> Handler:
         @functools.wraps(method)
@@ -232,7 +234,12 @@ def instrumented(rpc: str) -> Callable[[Handler], Handler]:
             t0 = time.perf_counter()
             code = "OK"
             try:
-                return await method(self, request, context)
+                try:
+                    return await method(self, request, context)
+                except grpc.aio.AbortError:
+                    raise  # the method aborted the call itself
+                except Exception as exc:
+                    await abort(context, exc, rpc)
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise

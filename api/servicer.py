@@ -6,7 +6,6 @@ import grpc
 
 from api.core import DataPlane
 from api.metrics import instrumented
-from api.status import abort
 from inferpool.v1 import inference_pb2, inference_pb2_grpc
 
 
@@ -18,7 +17,4 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Classify(
         self, request: inference_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ClassifyResponse:
-        try:
-            return await self.plane.classify(request, context.time_remaining())
-        except Exception as exc:
-            await abort(context, exc, "Classify")
+        return await self.plane.classify(request, context.time_remaining())
