@@ -1,4 +1,4 @@
-"""The API's hand-off to kombu's wire format: the message it LPUSHes must be the one
+"""How we talk kombu's Redis wire format: the message the API LPUSHes must be the one
 `send_task` would have written, so a stock Celery worker (and Flower) see no difference."""
 
 from __future__ import annotations
@@ -72,3 +72,18 @@ def test_payload_matches_what_send_task_writes(fresh_redis: RedisServer) -> None
         accept=[mine["content-type"]],
     )
     assert decoded[0] == (body,)
+
+
+def test_broker_channels_reuse_one_client_on_plain_redis(fresh_redis: RedisServer) -> None:
+    app = make_celery(Settings.from_env({"INFERPOOL_REDIS_URL": fresh_redis.url}))
+    assert app.conf.broker_transport == "inferpool.broker:RedisTransport"
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second
+        # The same client still serves the transport's own commands, e.g. a publish.
+        channel._put("via.cached", {"body": "x", "properties": {}})
+    assert redis.Redis.from_url(fresh_redis.url).llen("via.cached") == 1
+    # rediss:// keeps kombu's stock transport, which derives TLS defaults from the scheme.
+    tls = make_celery(Settings.from_env({"INFERPOOL_REDIS_URL": "rediss://127.0.0.1:6380/0"}))
+    assert not tls.conf.broker_transport
