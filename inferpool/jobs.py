@@ -49,11 +49,13 @@ end
 """
 
 # KEYS: job, results. ARGV: now_ms, then (index, kind, payload) triples.
-# Returns the number of new results, or -1 when the job no longer exists.
+# Returns {new results, the job's state after them}, or {-1, ''} when the job no longer
+# exists: the state tells a worker, at no extra round trip, to stop computing a job
+# that was cancelled or ended.
 RECORD = (
     _SETTLE
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, ''} end
 local done, failed, cached = 0, 0, 0
 for i = 2, #ARGV, 3 do
   if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 2]) == 1 then
@@ -65,7 +67,7 @@ for i = 2, #ARGV, 3 do
     end
   end
 end
-if done + failed == 0 then return 0 end
+if done + failed == 0 then return {0, redis.call('HGET', KEYS[1], 'state')} end
 redis.call('HINCRBY', KEYS[1], 'done', done)
 redis.call('HINCRBY', KEYS[1], 'failed', failed)
 redis.call('HINCRBY', KEYS[1], 'cached', cached)
@@ -74,8 +76,7 @@ redis.call('PEXPIRE', KEYS[2], math.max(1, redis.call('PTTL', KEYS[1])))
 if redis.call('HGET', KEYS[1], 'state') == 'QUEUED' then
   redis.call('HSET', KEYS[1], 'state', 'RUNNING', 'started_ms', ARGV[1])
 end
-settle(KEYS[1], ARGV[1])
-return done + failed
+return {done + failed, settle(KEYS[1], ARGV[1])}
 """
 )
 

@@ -36,12 +36,14 @@ class JobSink:
         self._record = client.register_script(jobs.RECORD)
         self._end = client.register_script(jobs.END)
 
-    def record(self, job_id: str, entries: Iterable[tuple[int, str, bytes]]) -> int:
-        """Returns how many results were new (-1: the job is gone)."""
+    def record(self, job_id: str, entries: Iterable[tuple[int, str, bytes]]) -> tuple[int, str | None]:
+        """How many results were new (-1: the job is gone), and the job's state after
+        them ("" when gone, None when there was nothing to write)."""
         args = jobs.record_args(int(time.time() * 1000), entries)
         if len(args) == 1:
-            return 0
-        return int(self._record(keys=[job_key(job_id), job_results_key(job_id)], args=args))
+            return 0, None
+        new, state = self._record(keys=[job_key(job_id), job_results_key(job_id)], args=args)
+        return int(new), state.decode() if isinstance(state, bytes) else str(state or "")
 
     def live(self, job_ids: Iterable[str]) -> set[str]:
         """The jobs among these that are neither ended nor expired from Redis."""

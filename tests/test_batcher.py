@@ -1,0 +1,147 @@
+"""The batcher in-process, on the real digits model, Redis and Memcached: bulk results
+are written by its results thread, a cancelled job is learnt from the state its result
+write returns, and stopping writes everything computed."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from inferpool import jobs, tensor
+from inferpool.cache import Cache, input_key
+from inferpool.names import job_key, job_results_key
+from inferpool.repository import Repository
+from inferpool.v1 import envelope_pb2
+from tests.servers import MemcachedServer
+from workers.batcher import Batcher, Pending, Ticket
+from workers.runtime import ModelRunner, pick_device
+from workers.sinks import JobSink, ReplySink
+from workers.stats import WorkerStats
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def parts(redis_client: redis.Redis, memcached_server: MemcachedServer) -> Iterator[tuple[Batcher, JobSink]]:
+    cfg = Repository.load(ROOT / "models").resolve("digits", 0)
+    sinks = JobSink(redis_client)
+    cache = Cache(memcached_server.address, timeout_ms=500, ttl_s=60)
+    batcher = Batcher(
+        cfg, ModelRunner(cfg, pick_device("cpu")), ReplySink(redis_client, 60), sinks, cache, WorkerStats()
+    )
+    batcher.start()
+    yield batcher, sinks
+    batcher.stop()
+    batcher.join(timeout=10)
+    cache.close()
+
+
+def _job(client: redis.Redis) -> str:
+    job_id = jobs.new_job_id()
+    client.hset(job_key(job_id), mapping=jobs.new_record("digits", 1, 1, 0, 0, "test"))
+    client.expire(job_key(job_id), 60)
+    return job_id
+
+
+def _items(batcher: Batcher, job_id: str, n: int, seed: int) -> tuple[Ticket, list[Pending]]:
+    # Its own seed space: inputs other tests send must not be in the shared cache already.
+    rng = np.random.default_rng((0xBA7C4E5, seed))
+    ticket = Ticket(n, time.time_ns())
+    pending = []
+    for i in range(n):
+        t = tensor.to_proto(rng.random((1, 1, 28, 28), dtype=np.float32))
+        item = envelope_pb2.EnvelopeItem(request_id=uuid.uuid4().hex, input=t, job_index=seed * 1000 + i)
+        pending.append(Pending(item, batcher.cfg.validate(t), ticket, job_id))
+    return ticket, pending
+
+
+def test_record_returns_the_job_state(redis_client: redis.Redis, parts: tuple[Batcher, JobSink]) -> None:
+    _, sinks = parts
+    job_id = _job(redis_client)
+    assert sinks.record(job_id, [(0, jobs.OK, b"r")]) == (1, "RUNNING")
+    assert sinks.record(job_id, [(0, jobs.OK, b"r")]) == (0, "RUNNING")  # idempotent
+    sinks.expire(job_id)
+    assert sinks.record(job_id, [(1, jobs.OK, b"r")]) == (1, "EXPIRED")
+    assert sinks.record("0" * 32, [(0, jobs.OK, b"r")]) == (-1, "")
+    assert sinks.record(job_id, []) == (0, None)
+
+
+def test_bulk_results_and_cache_are_written_before_the_ticket_settles(
+    redis_client: redis.Redis, memcached_server: MemcachedServer, parts: tuple[Batcher, JobSink]
+) -> None:
+    batcher, _ = parts
+    job_id = _job(redis_client)
+    # Several batches: the model runs ahead of the results thread.
+    ticket, pending = _items(batcher, job_id, 300, seed=1)
+    batcher.submit(pending, bulk=True)
+    assert ticket.done.wait(30)
+    assert ticket.computed == 300 and ticket.unrecorded == 0
+    results = redis_client.hgetall(job_results_key(job_id))
+    assert len(results) == 300
+    reply = envelope_pb2.Reply.FromString(results[str(pending[0].item.job_index).encode()])
+    assert reply.status == envelope_pb2.Reply.STATUS_OK and len(reply.scores.values) == 10
+    cache = Cache(memcached_server.address, timeout_ms=500, ttl_s=60)
+    try:
+        cached = cache.get(input_key("digits", batcher.cfg.version, pending[-1].item.input))
+    finally:
+        cache.close()
+    assert (
+        cached
+        == envelope_pb2.Reply.FromString(
+            results[str(pending[-1].item.job_index).encode()]
+        ).scores.SerializeToString()
+    )
+
+
+def test_items_of_a_job_seen_cancelled_are_not_computed(
+    redis_client: redis.Redis, parts: tuple[Batcher, JobSink]
+) -> None:
+    batcher, _ = parts
+    job_id = _job(redis_client)
+    first, pending = _items(batcher, job_id, 1, seed=2)
+    redis_client.hset(job_key(job_id), "state", "CANCELLED")
+    batcher.submit(pending, bulk=True)
+    assert first.done.wait(30)
+    # Computed (its chunk was taken before the cancel), and its write reported the state.
+    assert first.computed == 1
+    later, pending = _items(batcher, job_id, 64, seed=3)
+    batcher.submit(pending, bulk=True)
+    assert later.done.wait(30)
+    assert later.cancelled == 64 and later.computed == 0
+    assert redis_client.hlen(job_results_key(job_id)) == 1
+
+
+def test_stopping_writes_what_was_computed(
+    redis_client: redis.Redis, memcached_server: MemcachedServer
+) -> None:
+    cfg = Repository.load(ROOT / "models").resolve("digits", 0)
+    cache = Cache(memcached_server.address, timeout_ms=500, ttl_s=60)
+    batcher = Batcher(
+        cfg,
+        ModelRunner(cfg, pick_device("cpu")),
+        ReplySink(redis_client, 60),
+        JobSink(redis_client),
+        cache,
+        WorkerStats(),
+    )
+    batcher.start()
+    try:
+        job_id = _job(redis_client)
+        ticket, pending = _items(batcher, job_id, 256, seed=4)
+        batcher.submit(pending, bulk=True)
+        batcher.stop()
+        batcher.join(timeout=30)
+        assert not batcher.is_alive()
+        # Everything queued was computed, and written before the batcher ended.
+        assert ticket.done.is_set() and ticket.computed == 256
+        assert redis_client.hlen(job_results_key(job_id)) == 256
+    finally:
+        cache.close()
