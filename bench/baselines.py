@@ -58,10 +58,10 @@ class ThreadPoolServicer(inference_pb2_grpc.InferenceServiceServicer):
     """Classify = validate, run the model on this one input, answer: in the handler thread."""
 
     def __init__(self, repository: Path) -> None:
-        from workers.runtime import ModelRunner, configure_threads, pick_device
+        from workers.runtime import ModelRunner, configure_threads, pick_device, usable_cores
 
-        # The same intra-op setting as the worker, so both designs get the same cores.
-        configure_threads(0)
+        # Every core: the baseline at its best (the worker leaves one to its own threads).
+        configure_threads(usable_cores())
         self.repository = Repository.load(repository)
         self.runners: dict[str, ModelRunner] = {}
         for name in self.repository.names:
@@ -131,9 +131,9 @@ def serve_fixed(port: int) -> None:
 def raw_throughput(repository: Path, model: str, seconds: float, repeats: int = 3) -> dict[str, float]:
     """Items/s of `model` alone in this process by batch size (all cores), up to its
     max_batch_size: the median of `repeats` timings of `seconds` each."""
-    from workers.runtime import ModelRunner, configure_threads, pick_device
+    from workers.runtime import ModelRunner, configure_threads, pick_device, usable_cores
 
-    configure_threads(0)
+    configure_threads(usable_cores())
     cfg = Repository.load(repository).resolve(model, 0)
     runner = ModelRunner(cfg, pick_device("cpu"))
     runner.warm_up()

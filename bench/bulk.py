@@ -41,9 +41,9 @@ RESULTS = ROOT / "bench" / "results"
 def model_alone(seconds: float = 1.0) -> dict[str, float]:
     """Images/s of the digits model by batch size, in this process, on all cores."""
     from inferpool.repository import Repository
-    from workers.runtime import ModelRunner, configure_threads, pick_device
+    from workers.runtime import ModelRunner, configure_threads, pick_device, usable_cores
 
-    configure_threads(0)
+    configure_threads(usable_cores())
     cfg = Repository.load(ROOT / "models").resolve("digits", 0)
     runner = ModelRunner(cfg, pick_device("auto"))
     runner.warm_up()

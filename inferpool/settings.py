@@ -136,7 +136,9 @@ class Settings:
     worker_prefetch: int = _setting(4, _positive_int, "messages reserved per concurrency slot")
     bulk_prefetch_chunks: int = _setting(4, _positive_int, "bulk chunks a worker holds at once")
     device: str = _setting("auto", _device, "torch device: auto picks CUDA when present")
-    torch_threads: int = _setting(0, _non_negative_int, "intra-op CPU threads; 0 = all cores")
+    torch_threads: int = _setting(
+        0, _non_negative_int, "intra-op CPU threads; 0 = the usable cores minus one (at least 1)"
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

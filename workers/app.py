@@ -52,8 +52,9 @@ class Runtime:
     ) -> None:
         from workers.runtime import ModelRunner, configure_threads, pick_device
 
-        configure_threads(settings.torch_threads)
+        threads = configure_threads(settings.torch_threads)
         device = pick_device(settings.device)
+        log.info("torch on %s with %d intra-op threads", device, threads)
         self.cache = Cache.from_settings(settings)
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
         self.sink = ReplySink(client, settings.reply_ttl_s)

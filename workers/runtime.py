@@ -21,10 +21,24 @@ def pick_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def configure_threads(torch_threads: int) -> None:
-    # One intra-op pool sized to the cores; inter-op parallelism buys nothing for
-    # one batch at a time and oversubscribes small machines.
-    torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads(torch_threads: int) -> int:
+    """Sizes torch's intra-op pool and returns the size. 0 = one fewer than the usable
+    cores (at least 1): a worker's own threads (Celery's consumer, the bulk consumer, the
+    results writers) need a core, and when they preempt one of the model's threads
+    mid-batch the others wait for it. Measured on 2 cores with the whole stack: bulk jobs
+    1.1-1.4x faster with 1 thread than with 2, Classify unchanged. Inter-op parallelism
+    buys nothing for one batch at a time and oversubscribes small machines."""
+    n = torch_threads or max(1, usable_cores() - 1)
+    torch.set_num_threads(n)
+    return n
 
 
 class ModelRunner:
