@@ -254,13 +254,12 @@ class _Upload:
             raise InvalidInput(f"a job holds at most {self.p.max_job_items} items")
         answered: list[tuple[int, str, bytes]] = []
         candidates: list[tuple[int, tensor_pb2.Tensor, str]] = []
-        for t in request.inputs:
+        inputs = list(request.inputs)
+        for t, checked in zip(inputs, self.cfg.validate_many(inputs), strict=True):
             index = self.count
             self.count += 1
-            try:
-                self.cfg.validate(t)
-            except InvalidInput as exc:
-                reply = Reply(status=Reply.STATUS_INVALID_INPUT, error=str(exc))
+            if isinstance(checked, InvalidInput):
+                reply = Reply(status=Reply.STATUS_INVALID_INPUT, error=str(checked))
                 answered.append((index, jobs.FAILED, reply.SerializeToString()))
                 continue
             candidates.append((index, t, input_key(self.cfg.name, self.cfg.version, t)))

@@ -108,6 +108,37 @@ def test_repository_loads_digits_and_resolves_versions() -> None:
         repo.resolve("missing")
 
 
+def test_validate_many_answers_as_validate_does_for_each_input() -> None:
+    cfg = Repository.load(ROOT / "models").resolve("digits")
+    rng = np.random.default_rng(3)
+    good = [rng.random((1, 1, 28, 28), dtype=np.float32) for _ in range(5)]
+    nan = good[0].copy()
+    nan[0, 0, 5, 5] = np.nan
+    short = tensor.to_proto(good[1])
+    short.data = short.data[:-4]
+    inputs = [
+        tensor.to_proto(good[0]),
+        tensor.to_proto(nan),
+        tensor.to_proto(good[2].astype(np.float64)),  # wrong dtype
+        short,  # wrong byte length
+        tensor.to_proto(np.zeros((1, 1, 28, 27), np.float32)),  # wrong shape
+        tensor.to_proto(good[3]),
+        tensor.to_proto(np.full((1, 1, 28, 28), np.inf, np.float32)),
+    ]
+    checked = cfg.validate_many(inputs)
+    assert len(checked) == len(inputs)
+    for t, result in zip(inputs, checked, strict=True):
+        try:
+            expected = cfg.validate(t)
+        except errors.InvalidInput as exc:
+            assert isinstance(result, errors.InvalidInput) and str(result) == str(exc)
+        else:
+            assert isinstance(result, np.ndarray) and result.shape == cfg.request_shape
+            np.testing.assert_array_equal(result, expected)
+    assert [isinstance(r, np.ndarray) for r in checked] == [True, False, False, False, False, True, False]
+    assert cfg.validate_many([]) == []
+
+
 def test_repository_rejects_bad_config(tmp_path: Path) -> None:
     version = tmp_path / "m" / "1"
     version.mkdir(parents=True)

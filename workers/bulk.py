@@ -237,15 +237,17 @@ class BulkConsumer(threading.Thread):
         batcher = self.batchers.get((envelope.model, envelope.model_version))
         failures: list[tuple[int, str, bytes]] = []
         valid: list[tuple[envelope_pb2.EnvelopeItem, Any]] = []
-        for item in envelope.items:
-            if batcher is None:
-                error = f"this worker does not serve {envelope.model} v{envelope.model_version}"
-                failures.append(_failure(item, error, Reply.STATUS_INTERNAL))
-                continue
-            try:
-                valid.append((item, batcher.cfg.validate(item.input)))
-            except InvalidInput as exc:
-                failures.append(_failure(item, str(exc), Reply.STATUS_INVALID_INPUT))
+        items = list(envelope.items)
+        if batcher is None:
+            error = f"this worker does not serve {envelope.model} v{envelope.model_version}"
+            failures = [_failure(item, error, Reply.STATUS_INTERNAL) for item in items]
+        else:
+            checked = batcher.cfg.validate_many([item.input for item in items])
+            for item, array in zip(items, checked, strict=True):
+                if isinstance(array, InvalidInput):
+                    failures.append(_failure(item, str(array), Reply.STATUS_INVALID_INPUT))
+                else:
+                    valid.append((item, array))
         if failures:
             self.jobs.record(job_id, failures)
             self.stats.add("items_failed", len(failures))
