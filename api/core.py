@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from api import metrics
 from api.flights import FlightLocks
+from api.local_cache import LocalCache
 from api.publisher import Publisher
 from api.replies import ReplyListener
 from inferpool.cache import Cache, input_key
@@ -84,8 +85,11 @@ class DataPlane:
         replies: ReplyListener,
         default_deadline_ms: float,
         flight_locks: FlightLocks | None = None,
+        local_cache: LocalCache | None = None,
     ) -> None:
         self.repository = repository
+        # Consulted before Memcached, and filled from both Memcached and worker replies.
+        self.local_cache = local_cache if local_cache is not None else LocalCache(0, 0)
         # Where identical misses across API replicas agree on one leader (None: only
         # within this process).
         self.flight_locks = flight_locks
@@ -114,10 +118,14 @@ class DataPlane:
         cfg.validate(tensor)
         self.counters.requests += 1
         key = input_key(cfg.name, cfg.version, tensor)
-        cached = self.cache.get(key)
-        if cached is not None:
+        scores = self.local_cache.get(key)
+        if scores is not None:
+            metrics.LOCAL_CACHE_HITS.labels(cfg.name).inc()
+        elif (cached := self.cache.get(key)) is not None:
             scores = envelope_pb2.Scores()
             scores.ParseFromString(cached)
+            self.local_cache.put(key, scores)
+        if scores is not None:
             self.counters.hits += 1
             metrics.CACHE_HITS.labels(cfg.name).inc()
             return Inferred(scores, True, None)
@@ -132,6 +140,7 @@ class DataPlane:
             raise InvalidInput(reply.error)
         if reply.status != Reply.STATUS_OK:
             raise ModelFailed(reply.error or "the model could not compute this input")
+        self.local_cache.put(key, reply.scores)
         return Inferred(reply.scores, reply.cached, None if reply.cached else reply)
 
     async def classify(

@@ -58,6 +58,12 @@ CACHE_HITS = Counter(
     ["model"],
     registry=REGISTRY,
 )
+LOCAL_CACHE_HITS = Counter(
+    "inferpool_local_cache_hits",
+    "Of inferpool_cache_hits, those answered from the API process's own LRU (no Memcached round trip).",
+    ["model"],
+    registry=REGISTRY,
+)
 CACHE_MISSES = Counter(
     "inferpool_cache_misses",
     "Requests not found in Memcached (a cache error or timeout counts as a miss); each went to a worker.",

@@ -21,6 +21,7 @@ from api.core import DataPlane
 from api.flights import FlightLocks
 from api.job_servicer import JobServicer
 from api.jobs import JobPlane
+from api.local_cache import LocalCache
 from api.publisher import Publisher
 from api.replies import ReplyListener
 from api.servicer import InferenceServicer
@@ -67,6 +68,10 @@ class ApiServer:
             self.replies,
             settings.default_deadline_ms,
             flight_locks=FlightLocks(self.redis, self.replies.key),
+            # Only where results may be cached at all: no Memcached configured, no caching.
+            local_cache=LocalCache(
+                settings.local_cache_items if self.cache.enabled else 0, settings.cache_ttl_s
+            ),
         )
         self.jobs = JobPlane(
             self.plane,

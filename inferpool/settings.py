@@ -96,6 +96,9 @@ class Settings:
     memcached: str = _setting("127.0.0.1:11211", _host_port, "cache host:port; empty disables it")
     model_repository: Path = _setting(Path("models"), Path, "models/<name>/<version>/ tree")
     cache_ttl_s: int = _setting(3600, _positive_int, "lifetime of a cached result")
+    local_cache_items: int = _setting(
+        4096, _non_negative_int, "results each API process keeps in its own LRU before Memcached; 0 = off"
+    )
     cache_timeout_ms: float = _setting(20.0, _positive_float, "bound on one cache call")
     reply_ttl_s: int = _setting(60, _positive_int, "lifetime of an unread reply list")
     job_ttl_s: int = _setting(86400, _positive_int, "lifetime of a bulk job's record and results")

@@ -11,6 +11,8 @@ import pytest
 from kombu.exceptions import EncodeError
 from kombu.serialization import dumps, loads
 
+from api import local_cache
+from api.local_cache import LocalCache
 from api.status import code_for
 from inferpool import codec, errors, tensor
 from inferpool.cache import input_key
@@ -206,3 +208,20 @@ def test_top_classes_orders_by_score_then_index_on_both_paths() -> None:
     assert [c.index for c in top_classes(cfg, big[:SMALL_OUTPUT].tolist(), 6)] == sorted(
         range(SMALL_OUTPUT), key=lambda i: (-big[i], i)
     )[:6]
+
+
+def test_local_cache_evicts_least_recently_used_and_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(local_cache.time, "monotonic", lambda: now[0])
+    cache = LocalCache(max_items=2, ttl_s=10)
+    a, b, c = (envelope_pb2.Scores(values=[v]) for v in (0.1, 0.2, 0.3))
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is a  # now the most recently used
+    cache.put("c", c)
+    assert cache.get("b") is None and cache.get("a") is a and cache.get("c") is c
+    now[0] += 10
+    assert cache.get("a") is None and len(cache) == 1
+    off = LocalCache(max_items=0, ttl_s=10)
+    off.put("a", a)
+    assert off.get("a") is None and len(off) == 0
