@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -31,6 +31,11 @@ from inferpool.v1 import envelope_pb2, inference_pb2, tensor_pb2
 log = logging.getLogger(__name__)
 
 Reply = envelope_pb2.Reply
+
+
+def new_id() -> str:
+    """128 random bits as 32 hex digits, like uuid4().hex at a fifth of its cost."""
+    return os.urandom(16).hex()
 
 
 # Up to this many classes a plain sort beats numpy, whose per-call cost dominates on
@@ -120,17 +125,17 @@ class DataPlane:
         key = input_key(cfg.name, cfg.version, tensor)
         scores = self.local_cache.get(key)
         if scores is not None:
-            metrics.LOCAL_CACHE_HITS.labels(cfg.name).inc()
+            metrics.for_model(cfg.name).local_cache_hits.inc()
         elif (cached := self.cache.get(key)) is not None:
             scores = envelope_pb2.Scores()
             scores.ParseFromString(cached)
             self.local_cache.put(key, scores)
         if scores is not None:
             self.counters.hits += 1
-            metrics.CACHE_HITS.labels(cfg.name).inc()
+            metrics.for_model(cfg.name).cache_hits.inc()
             return Inferred(scores, True, None)
         self.counters.misses += 1
-        metrics.CACHE_MISSES.labels(cfg.name).inc()
+        metrics.for_model(cfg.name).cache_misses.inc()
 
         budget_s = self.default_timeout_s if timeout_s is None else timeout_s
         if budget_s <= 0:
@@ -151,7 +156,7 @@ class DataPlane:
         if not request.HasField("input"):
             raise InvalidInput("input is required")
         top_k = max(1, request.top_k)  # capped at the number of classes when answering
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request.request_id or new_id()
         result = await self.infer(cfg, request.input, request_id, timeout_s)
         return self._response(cfg, request_id, result.scores, top_k, result.cached, t0, result.reply)
 
@@ -229,7 +234,7 @@ class DataPlane:
         self, cfg: ModelConfig, tensor: tensor_pb2.Tensor, request_id: str, budget_s: float
     ) -> envelope_pb2.Reply:
         # Correlate on our own id: callers' request ids need not be unique.
-        correlation = uuid.uuid4().hex
+        correlation = new_id()
         item = envelope_pb2.EnvelopeItem(
             request_id=correlation,
             input=tensor,
@@ -240,7 +245,8 @@ class DataPlane:
         published = self.publisher.enqueue(cfg, item, budget_s)
         waiter = self.replies.expect(correlation)
         answered = False
-        inflight = metrics.INFLIGHT.labels(cfg.name)
+        model_metrics = metrics.for_model(cfg.name)
+        inflight = model_metrics.inflight
         inflight.inc()
         t0 = time.perf_counter()
         try:
@@ -248,7 +254,7 @@ class DataPlane:
                 # Shielded: on timeout we withdraw it below instead of cancelling blindly.
                 await asyncio.shield(published)
                 reply = await waiter
-            metrics.WORKER_ROUNDTRIP.labels(cfg.name).observe(time.perf_counter() - t0)
+            model_metrics.worker_roundtrip.observe(time.perf_counter() - t0)
             answered = True
             return reply
         except TimeoutError:
@@ -264,7 +270,7 @@ class DataPlane:
 
     def _deadline_exceeded(self, cfg: ModelConfig) -> NoReturn:
         self.counters.deadline_exceeded += 1
-        metrics.DEADLINE_EXCEEDED.labels(cfg.name).inc()
+        metrics.for_model(cfg.name).deadline_exceeded.inc()
         raise DeadlineExceeded("no result before the deadline")
 
     @staticmethod

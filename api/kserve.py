@@ -18,7 +18,6 @@ import math
 import re
 import struct
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2
 
 import inferpool
-from api.core import DataPlane, Inferred
+from api.core import DataPlane, Inferred, new_id
 from api.metrics import instrumented
 from inferpool import tensor
 from inferpool.errors import InvalidInput, ModelNotFound
@@ -378,7 +377,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             stats = self.stats[cfg.name, cfg.version]
             rows = split_rows(cfg, request)
             outputs = requested_outputs(cfg, request)
-            request_id = request.id or uuid.uuid4().hex
+            request_id = request.id or new_id()
             timeout_s = context.time_remaining()
             # One task per row, so each is cached, coalesced and batched on its own; the
             # first failure fails the request and cancels the rows still waiting.

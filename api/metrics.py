@@ -229,12 +229,38 @@ def serve(port: int, host: str = "127.0.0.1") -> tuple[WSGIServer, threading.Thr
     return shared.serve(REGISTRY, port, host)
 
 
+class ModelMetrics:
+    """One model's labelled children of the per-model series, bound once (labels() takes
+    a lock and builds a key on every call: a few per request add up on the hot path)."""
+
+    def __init__(self, model: str) -> None:
+        self.cache_hits = CACHE_HITS.labels(model)
+        self.local_cache_hits = LOCAL_CACHE_HITS.labels(model)
+        self.cache_misses = CACHE_MISSES.labels(model)
+        self.inflight = INFLIGHT.labels(model)
+        self.worker_roundtrip = WORKER_ROUNDTRIP.labels(model)
+        self.deadline_exceeded = DEADLINE_EXCEEDED.labels(model)
+
+
+_MODEL_METRICS: dict[str, ModelMetrics] = {}
+
+
+def for_model(model: str) -> ModelMetrics:
+    found = _MODEL_METRICS.get(model)
+    if found is None:
+        found = _MODEL_METRICS[model] = ModelMetrics(model)
+    return found
+
+
 def instrumented(rpc: str) -> Callable[[Handler], Handler]:
     """Wraps a unary servicer method: an exception it raises aborts the call with the
     status api.status maps it to, and each call is counted and timed by its code (OK,
     the code it aborted with, or CANCELLED when the caller went away)."""
 
     def decorate(method: Handler) -> Handler:
+        # The labelled children by code, looked up once: labels() costs as much as the rest.
+        children: dict[str, tuple[Any, Any]] = {}
+
         @functools.wraps(method)
         async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             t0 = time.perf_counter()
@@ -254,8 +280,11 @@ def instrumented(rpc: str) -> Callable[[Handler], Handler]:
                 code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
                 raise
             finally:
-                REQUESTS.labels(rpc, code).inc()
-                REQUEST_DURATION.labels(rpc, code).observe(time.perf_counter() - t0)
+                pair = children.get(code)
+                if pair is None:
+                    pair = children[code] = (REQUESTS.labels(rpc, code), REQUEST_DURATION.labels(rpc, code))
+                pair[0].inc()
+                pair[1].observe(time.perf_counter() - t0)
 
         return wrapper  # type: ignore[return-value]
 
