@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import redis
 
 from inferpool import jobs
 from inferpool.cache import Cache, input_key
@@ -249,8 +250,13 @@ class Batcher(threading.Thread):
             self.stats.add("items_cancelled", cancelled)
             self._m_cancelled.inc(cancelled)
         for job_id in expired_jobs:
-            self.jobs.expire(job_id)
             self._job_ended(job_id)
+            try:
+                self.jobs.expire(job_id)
+            except redis.RedisError as exc:
+                # Best effort: reading the job ends it by its deadline too (jobs.OBSERVE),
+                # and its items here are settled already.
+                log.warning("could not mark job %s expired: %r", job_id, exc)
         return live
 
     def _job_ended(self, job_id: str) -> None:
