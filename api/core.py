@@ -18,6 +18,7 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from api import metrics
+from api.cache_reads import CacheReader
 from api.flights import FlightLocks
 from api.local_cache import LocalCache
 from api.publisher import Publisher
@@ -91,8 +92,11 @@ class DataPlane:
         default_deadline_ms: float,
         flight_locks: FlightLocks | None = None,
         local_cache: LocalCache | None = None,
+        cache_reads: CacheReader | None = None,
     ) -> None:
         self.repository = repository
+        # Memcached lookups that leave the loop free (None: the blocking client's).
+        self.cache_reads = cache_reads
         # Consulted before Memcached, and filled from both Memcached and worker replies.
         self.local_cache = local_cache if local_cache is not None else LocalCache(0, 0)
         # Where identical misses across API replicas agree on one leader (None: only
@@ -104,6 +108,11 @@ class DataPlane:
         self.default_timeout_s = default_deadline_ms / 1000
         self.counters = Counters()
         self._flights: dict[str, asyncio.Future[envelope_pb2.Reply]] = {}
+
+    async def _cached(self, key: str) -> bytes | None:
+        if self.cache_reads is not None:
+            return await self.cache_reads.get(key)
+        return self.cache.get(key)
 
     def resolve(self, model: str, version: int) -> ModelConfig:
         """The model config a request names (ModelNotFound / InvalidInput otherwise)."""
@@ -126,7 +135,7 @@ class DataPlane:
         scores = self.local_cache.get(key)
         if scores is not None:
             metrics.for_model(cfg.name).local_cache_hits.inc()
-        elif (cached := self.cache.get(key)) is not None:
+        elif (cached := await self._cached(key)) is not None:
             scores = envelope_pb2.Scores()
             scores.ParseFromString(cached)
             self.local_cache.put(key, scores)
@@ -218,7 +227,7 @@ class DataPlane:
         while (left := deadline - loop.time()) > 0:
             await asyncio.sleep(min(delay_s, left))
             delay_s = min(delay_s * 2, 0.02)
-            cached = self.cache.get(key)
+            cached = await self._cached(key)
             if cached is not None:
                 reply = envelope_pb2.Reply(status=Reply.STATUS_OK, cached=True)
                 reply.scores.ParseFromString(cached)

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from api import auth, kserve, metrics
+from api.cache_reads import CacheReader
 from api.core import DataPlane
 from api.flights import FlightLocks
 from api.job_servicer import JobServicer
@@ -26,7 +27,7 @@ from api.publisher import Publisher
 from api.replies import ReplyListener
 from api.servicer import InferenceServicer
 from inferpool.broker import make_celery
-from inferpool.cache import Cache
+from inferpool.cache import Cache, tls_context
 from inferpool.names import bulk_queue_name, queue_name, reply_key
 from inferpool.repository import Repository, RepositoryError
 from inferpool.settings import Settings, SettingsError
@@ -53,6 +54,16 @@ class ApiServer:
             settings.redis_url, socket_connect_timeout=1.0, health_check_interval=10
         )
         self.cache = Cache.from_settings(settings)
+        self.cache_reads = CacheReader(
+            self.cache,
+            settings.memcached,
+            settings.cache_timeout_ms,
+            tls_context(
+                settings.memcached_tls_ca_file,
+                settings.memcached_tls_cert_file,
+                settings.memcached_tls_key_file,
+            ),
+        )
         self.publisher = Publisher(
             make_celery(settings, main="inferpool-api"),
             self.redis,
@@ -72,6 +83,7 @@ class ApiServer:
             local_cache=LocalCache(
                 settings.local_cache_items if self.cache.enabled else 0, settings.cache_ttl_s
             ),
+            cache_reads=self.cache_reads,
         )
         self.jobs = JobPlane(
             self.plane,
@@ -165,6 +177,7 @@ class ApiServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.cache_reads.close()
         self.cache.close()
         await self.redis.aclose()
 

@@ -92,7 +92,8 @@ class Cache:
         """False while the cache is disabled or backing off after a failure."""
         return self._client is not None and time.monotonic() >= self._down_until
 
-    def _failed(self, op: str, exc: Exception) -> None:
+    def record_failure(self, op: str, exc: Exception) -> None:
+        """Counts a failed call and skips the cache for `retry_after_s`."""
         with self._lock:
             self.errors += 1
             first = time.monotonic() >= self._down_until
@@ -108,7 +109,7 @@ class Cache:
             value: bytes | None = self._client.get(key)
             return value
         except Exception as exc:  # any client or socket failure is a miss
-            self._failed("get", exc)
+            self.record_failure("get", exc)
             return None
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
@@ -120,7 +121,7 @@ class Cache:
             found: dict[str, bytes] = self._client.get_many(keys)
             return found
         except Exception as exc:
-            self._failed("get_many", exc)
+            self.record_failure("get_many", exc)
             return {}
 
     def set_many(self, values: Mapping[str, bytes]) -> None:
@@ -132,7 +133,7 @@ class Cache:
             # set, and a caller repeating a request it just got answered would miss.
             self._client.set_many(dict(values), expire=self.ttl_s, noreply=False)
         except Exception as exc:
-            self._failed("set", exc)
+            self.record_failure("set", exc)
 
     def close(self) -> None:
         if self._client is not None:
