@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 
 import aiomcache
 
@@ -27,15 +26,15 @@ POOL_SIZE = 2
 
 
 class CacheReader:
-    def __init__(
-        self, cache: Cache, address: str, timeout_ms: float, tls_context: ssl.SSLContext | None = None
-    ) -> None:
+    """Reads the Memcached that `cache` (the blocking client) is configured for."""
+
+    def __init__(self, cache: Cache) -> None:
         self.cache = cache  # availability and the failure count, shared with the blocking client
-        self.timeout_s = timeout_ms / 1000
+        self.timeout_s = cache.timeout_ms / 1000
         self._client: aiomcache.Client | None = None
-        if cache.enabled and address:
-            host, _, port = address.rpartition(":")
-            conn_args = {"ssl": tls_context} if tls_context is not None else None
+        if cache.enabled:
+            host, _, port = cache.address.rpartition(":")
+            conn_args = {"ssl": cache.tls_context} if cache.tls_context is not None else None
             self._client = aiomcache.Client(host, int(port), pool_size=POOL_SIZE, conn_args=conn_args)
         # Keys asked for in this loop iteration, and who waits for each.
         self._asked: dict[str, list[asyncio.Future[bytes | None]]] = {}

@@ -87,15 +87,15 @@ class DataPlane:
         self,
         repository: Repository,
         cache: Cache,
+        cache_reads: CacheReader,
         publisher: Publisher,
         replies: ReplyListener,
         default_deadline_ms: float,
         flight_locks: FlightLocks | None = None,
         local_cache: LocalCache | None = None,
-        cache_reads: CacheReader | None = None,
     ) -> None:
         self.repository = repository
-        # Memcached lookups that leave the loop free (None: the blocking client's).
+        # Memcached lookups that leave the loop free.
         self.cache_reads = cache_reads
         # Consulted before Memcached, and filled from both Memcached and worker replies.
         self.local_cache = local_cache if local_cache is not None else LocalCache(0, 0)
@@ -108,11 +108,6 @@ class DataPlane:
         self.default_timeout_s = default_deadline_ms / 1000
         self.counters = Counters()
         self._flights: dict[str, asyncio.Future[envelope_pb2.Reply]] = {}
-
-    async def _cached(self, key: str) -> bytes | None:
-        if self.cache_reads is not None:
-            return await self.cache_reads.get(key)
-        return self.cache.get(key)
 
     def resolve(self, model: str, version: int) -> ModelConfig:
         """The model config a request names (ModelNotFound / InvalidInput otherwise)."""
@@ -135,7 +130,7 @@ class DataPlane:
         scores = self.local_cache.get(key)
         if scores is not None:
             metrics.for_model(cfg.name).local_cache_hits.inc()
-        elif (cached := await self._cached(key)) is not None:
+        elif (cached := await self.cache_reads.get(key)) is not None:
             scores = envelope_pb2.Scores()
             scores.ParseFromString(cached)
             self.local_cache.put(key, scores)
@@ -227,7 +222,7 @@ class DataPlane:
         while (left := deadline - loop.time()) > 0:
             await asyncio.sleep(min(delay_s, left))
             delay_s = min(delay_s * 2, 0.02)
-            cached = await self._cached(key)
+            cached = await self.cache_reads.get(key)
             if cached is not None:
                 reply = envelope_pb2.Reply(status=Reply.STATUS_OK, cached=True)
                 reply.scores.ParseFromString(cached)

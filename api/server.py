@@ -27,7 +27,7 @@ from api.publisher import Publisher
 from api.replies import ReplyListener
 from api.servicer import InferenceServicer
 from inferpool.broker import make_celery
-from inferpool.cache import Cache, tls_context
+from inferpool.cache import Cache
 from inferpool.names import bulk_queue_name, queue_name, reply_key
 from inferpool.repository import Repository, RepositoryError
 from inferpool.settings import Settings, SettingsError
@@ -54,16 +54,7 @@ class ApiServer:
             settings.redis_url, socket_connect_timeout=1.0, health_check_interval=10
         )
         self.cache = Cache.from_settings(settings)
-        self.cache_reads = CacheReader(
-            self.cache,
-            settings.memcached,
-            settings.cache_timeout_ms,
-            tls_context(
-                settings.memcached_tls_ca_file,
-                settings.memcached_tls_cert_file,
-                settings.memcached_tls_key_file,
-            ),
-        )
+        self.cache_reads = CacheReader(self.cache)
         self.publisher = Publisher(
             make_celery(settings, main="inferpool-api"),
             self.redis,
@@ -75,6 +66,7 @@ class ApiServer:
         self.plane = DataPlane(
             self.repository,
             self.cache,
+            self.cache_reads,
             self.publisher,
             self.replies,
             settings.default_deadline_ms,
@@ -83,7 +75,6 @@ class ApiServer:
             local_cache=LocalCache(
                 settings.local_cache_items if self.cache.enabled else 0, settings.cache_ttl_s
             ),
-            cache_reads=self.cache_reads,
         )
         self.jobs = JobPlane(
             self.plane,

@@ -55,6 +55,10 @@ class Cache:
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.enabled = bool(address)
+        # Where and how to reach it, for a non-blocking reader of the same cache.
+        self.address = address
+        self.timeout_ms = timeout_ms
+        self.tls_context = tls_context
         self.ttl_s = ttl_s
         self.retry_after_s = retry_after_s
         self.errors = 0

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(30)
 
 def _pair(address: str, timeout_ms: float = 500) -> tuple[Cache, CacheReader]:
     cache = Cache(address, timeout_ms=timeout_ms, ttl_s=60, retry_after_s=30)
-    return cache, CacheReader(cache, address, timeout_ms)
+    return cache, CacheReader(cache)
 
 
 def test_concurrent_reads_see_what_was_written(memcached_server: MemcachedServer) -> None:
