@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # Connections: a batch in flight and the next one's.
 POOL_SIZE = 2
+# Bound on one read when the loop keeps stalling: this many timeouts.
+MAX_WINDOWS = 5
 
 
 class CacheReader:
@@ -60,9 +62,13 @@ class CacheReader:
         keys = list(asked)
         assert self._client is not None
         values: tuple[bytes | None, ...]
+        read = asyncio.ensure_future(self._client.multi_get(*(key.encode() for key in keys)))
+        await self._wait(read)
         try:
-            async with asyncio.timeout(self.timeout_s):
-                values = await self._client.multi_get(*(key.encode() for key in keys))
+            if not read.done():
+                read.cancel()
+                raise TimeoutError(f"no answer in {self.timeout_s * 1000:.0f} ms")
+            values = read.result()
         except Exception as exc:  # any client or socket failure, or the timeout, is a miss
             self.cache.record_failure("get", exc)
             values = (None,) * len(keys)
@@ -71,6 +77,23 @@ class CacheReader:
             for found in asked[key]:
                 if not found.done():  # its caller may have gone
                     found.set_result(value)
+
+    async def _wait(self, read: asyncio.Future[tuple[bytes | None, ...]]) -> None:
+        """Waits for `read` until Memcached had `timeout_s` of the loop's time to answer.
+
+        A wait that ends late means the loop was busy elsewhere (a long callback, the GIL
+        held by another thread) while the answer may have come in: that stall is the
+        API's, not Memcached's, and counting it as a failure would make every reader skip
+        the cache for the retry period. So a late wait gives the read another window, up
+        to MAX_WINDOWS in all. (Not asyncio.timeout either: its timer cancels a read
+        whose answer is already in, when both become ready in one loop iteration.)
+        """
+        loop = asyncio.get_running_loop()
+        for _ in range(MAX_WINDOWS):
+            due = loop.time() + self.timeout_s
+            await asyncio.wait((read,), timeout=self.timeout_s)
+            if read.done() or loop.time() - due < self.timeout_s / 4:
+                return
 
     async def _reset(self) -> None:
         # A connection given up on mid-answer would hand that answer to the next read.
