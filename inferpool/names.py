@@ -22,6 +22,12 @@ def bulk_queue_name(model: str) -> str:
     return f"{PREFIX}.{model}.bulk"
 
 
+def is_interactive_queue(name: str) -> bool:
+    """Whether a queue is a model's interactive queue (queue_name), not its bulk queue
+    or one of Celery's own. (A model named like "x.bulk" reads as bulk: the safe side.)"""
+    return name.startswith(f"{PREFIX}.") and not name.endswith(".bulk")
+
+
 def bulk_task_name(model: str) -> str:
     return f"{PREFIX}.bulk.{model}"
 

@@ -17,10 +17,11 @@ from typing import Any
 import redis
 from celery import signals
 from celery.exceptions import Reject
+from celery.worker import state as worker_state
 from celery.worker.control import inspect_command
 
 from inferpool import codec
-from inferpool.broker import make_celery
+from inferpool.broker import defer_unacked_while, make_celery
 from inferpool.cache import Cache
 from inferpool.errors import InvalidInput
 from inferpool.names import DEAD_LETTER_MAX, dead_letter_key, queue_name, task_name
@@ -102,6 +103,10 @@ def _start_runtime(sender: Any = None, **_: Any) -> None:
     # batcher); with the default 5 ms GIL switch interval each handoff can wait behind a
     # thread decoding a bulk chunk. 0.5 ms keeps interactive latency low under bulk load.
     sys.setswitchinterval(0.0005)
+    # A message delivered while a pool thread is free starts at once: kombu's unacked
+    # bookkeeping for it (two Redis round trips) is deferred, and skipped if it did.
+    concurrency = settings.worker_concurrency
+    defer_unacked_while(lambda: len(worker_state.reserved_requests) < concurrency)
     # The sender is the WorkController: whether it sends task events (-E), and the
     # hostname that ties the bulk consumer's events to this worker.
     _runtime = Runtime(
