@@ -35,8 +35,8 @@ class _QoS(kombu_redis.QoS):
 
     Stock kombu writes each delivery to the `unacked` hash (a MULTI/EXEC with the whole
     message as JSON) before handing it on, and removes it on acknowledgement (another):
-    two round trips on the consumer thread per message, 0.7 ms of a lone Classify's
-    3.9 ms (measured). An interactive message is acknowledged when its task starts
+    two round trips on the consumer thread per message, 0.65 ms of a lone Classify's
+    3.8 ms (measured). An interactive message is acknowledged when its task starts
     (acks_late=False). So one delivered while a pool thread is free (`defer_while`,
     set by the worker) gets its entry only if it is still unacknowledged
     DEFER_UNACKED_S later (write_deferred, on a timer of the worker's event loop); one
