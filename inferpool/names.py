@@ -9,6 +9,7 @@ import re
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 PREFIX = "inferpool"
+BULK_SUFFIX = ".bulk"
 
 
 def queue_name(model: str) -> str:
@@ -19,13 +20,13 @@ def queue_name(model: str) -> str:
 def bulk_queue_name(model: str) -> str:
     """The queue that carries bulk-job chunks for a model; workers serve it only when
     the interactive queue leaves room."""
-    return f"{PREFIX}.{model}.bulk"
+    return f"{PREFIX}.{model}{BULK_SUFFIX}"
 
 
 def is_interactive_queue(name: str) -> bool:
     """Whether a queue is a model's interactive queue (queue_name), not its bulk queue
     or one of Celery's own. (A model named like "x.bulk" reads as bulk: the safe side.)"""
-    return name.startswith(f"{PREFIX}.") and not name.endswith(".bulk")
+    return name.startswith(f"{PREFIX}.") and not name.endswith(BULK_SUFFIX)
 
 
 def bulk_task_name(model: str) -> str:

@@ -39,6 +39,12 @@ def _publish(conn: Connection, queue: str, body: str = "payload") -> Queue:
     return q
 
 
+def _deliver(conn: Connection, queue: str = INTERACTIVE) -> tuple[Queue, Any]:
+    """Publishes one message on `queue` and takes it (unacknowledged) on the default channel."""
+    q = _publish(conn, queue)
+    return q, q.bind(conn.default_channel).get()
+
+
 def _entries(client: redis.Redis) -> tuple[int, int]:
     return client.hlen("unacked"), client.zcard("unacked_index")
 
@@ -48,8 +54,7 @@ def test_a_message_that_starts_at_once_never_touches_the_unacked_hash(
 ) -> None:
     conn, client = broker
     defer_unacked_while(lambda: True)
-    q = _publish(conn, INTERACTIVE)
-    message = q.bind(conn.default_channel).get()
+    _, message = _deliver(conn)
     assert message is not None and message.decode() == "payload"
     assert _entries(client) == (0, 0)
     message.ack()
@@ -61,8 +66,7 @@ def test_one_still_unacknowledged_is_written_then_removed_on_ack(
 ) -> None:
     conn, client = broker
     defer_unacked_while(lambda: True)
-    q = _publish(conn, INTERACTIVE)
-    message = q.bind(conn.default_channel).get()
+    _, message = _deliver(conn)
     qos: Any = conn.default_channel.qos
     qos.write_deferred(older_than_s=10)  # not due yet
     assert _entries(client) == (0, 0)
@@ -77,8 +81,8 @@ def test_one_not_yet_written_is_restored_from_memory_at_shutdown(
 ) -> None:
     conn, client = broker
     defer_unacked_while(lambda: True)
-    q = _publish(conn, INTERACTIVE)
-    assert q.bind(conn.default_channel).get() is not None
+    q, message = _deliver(conn)
+    assert message is not None
     assert client.llen(INTERACTIVE) == 0
     conn.default_channel.close()  # kombu restores what was delivered and not acknowledged
     assert client.llen(INTERACTIVE) == 1 and _entries(client) == (0, 0)
@@ -93,8 +97,7 @@ def test_busy_threads_bulk_chunks_and_ungated_processes_keep_the_stock_bookkeepi
     cases = [(None, INTERACTIVE), (lambda: False, INTERACTIVE), (lambda: True, BULK)]
     for n, (gate, queue) in enumerate(cases, start=1):
         defer_unacked_while(gate)
-        q = _publish(conn, queue)
-        assert q.bind(conn.default_channel).get() is not None
+        assert _deliver(conn, queue)[1] is not None
         assert _entries(client) == (n, n), (gate, queue)
 
 
