@@ -1,5 +1,9 @@
 """The worker's Celery app: one task per model, feeding that model's batchers.
 
+A message is submitted to its batcher from Celery's consumer thread when it can be
+(`_admit`, through workers/strategy.py), else on a pool thread (`handle`); either way
+at most `worker_concurrency` envelopes are in the batchers at once (`_slots`).
+
 Importing this module reads the model repository's configs (cheap, no torch).
 Weights are loaded and warmed up once the worker starts (`worker_init`), so
 `celery -A workers.app inspect ...` stays light.
@@ -7,11 +11,14 @@ Weights are loaded and warmed up once the worker starts (`worker_init`), so
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import sys
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -33,6 +40,7 @@ from workers.batcher import Batcher, Pending, Ticket
 from workers.bulk import BulkConsumer
 from workers.sinks import JobSink, ReplySink
 from workers.stats import STATS
+from workers.strategy import inline_or_stock
 
 log = logging.getLogger("inferpool.worker")
 
@@ -99,9 +107,10 @@ _runtime_ready = threading.Event()
 @signals.worker_init.connect
 def _start_runtime(sender: Any = None, **_: Any) -> None:
     global _runtime
-    # The worker's threads hand each request on several times (consumer, task thread,
-    # batcher); with the default 5 ms GIL switch interval each handoff can wait behind a
-    # thread decoding a bulk chunk. 0.5 ms keeps interactive latency low under bulk load.
+    # The worker's threads hand each request on several times (consumer, task thread when
+    # the consumer declines it, batcher); with the default 5 ms GIL switch interval each
+    # handoff can wait behind a thread decoding a bulk chunk. 0.5 ms keeps interactive
+    # latency low under bulk load.
     sys.setswitchinterval(0.0005)
     # A message delivered while a pool thread is free starts at once: kombu's unacked
     # bookkeeping for it (two Redis round trips) is deferred, and skipped if it did.
@@ -151,8 +160,106 @@ def _reject(
     return item.reply_key, reply.SerializeToString()
 
 
+def _submit(
+    batcher: Batcher, envelope: envelope_pb2.Envelope, on_done: Callable[[Ticket], None] | None = None
+) -> tuple[Ticket, list[Pending]]:
+    """Validates an envelope's items, answers those that fail, and hands the rest to the
+    batcher; on_done(ticket) runs once every item is answered or dropped."""
+    assert _runtime is not None
+    cfg: ModelConfig = batcher.cfg
+    batcher.arriving(+1)
+    try:
+        accepted: list[tuple[envelope_pb2.EnvelopeItem, Any]] = []
+        rejected: dict[str, list[bytes]] = {}
+        for item in envelope.items:
+            try:
+                accepted.append((item, cfg.validate(item.input)))
+            except InvalidInput as exc:
+                key, value = _reject(item, str(exc))
+                rejected.setdefault(key, []).append(value)
+        ticket = Ticket(len(accepted), envelope.enqueued_unix_ns)
+        pending = [Pending(item, array, ticket) for item, array in accepted]
+        if rejected:
+            _runtime.sink.push(rejected)
+            invalid = sum(len(v) for v in rejected.values())
+            STATS.add("items_failed", invalid)
+            metrics.DROPPED.labels(cfg.name, "invalid").inc(invalid)
+        if on_done is not None:
+            # Set before the items reach the batcher, which may finish them at once.
+            ticket.on_done = lambda: on_done(ticket)
+            if not pending:
+                on_done(ticket)
+        batcher.submit(pending)
+    finally:
+        batcher.arriving(-1)
+    return ticket, pending
+
+
+def _settled(ticket: Ticket) -> bool:
+    """Whether a message counts as a success: the model failed on none, or not on all, of its items."""
+    return ticket.count == 0 or ticket.failed < ticket.count
+
+
+# Envelopes a worker holds in its batchers at once, whichever path they took: the consumer
+# thread (workers/strategy.py) takes a slot without waiting, a pool thread waits for one.
+_slots = threading.BoundedSemaphore(settings.worker_concurrency)
+_inline_lock = threading.Lock()
+_inline_held: Counter[str] = Counter()  # per queue, for inferpool_worker_active_messages
+
+
+def _admit(model: str, message: Any, ack: Callable[[], None]) -> bool:
+    """Runs on Celery's consumer thread (workers/strategy.py): takes a message whose
+    envelope this worker can batch now and submits it, or declines it to Celery's pool."""
+    runtime = _runtime
+    # Requests reserved for the pool (waiting for a thread or a slot) go first: a message
+    # taken here ahead of them would jump the queue.
+    if runtime is None or worker_state.reserved_requests or not _slots.acquire(blocking=False):
+        return False
+    try:
+        envelope = codec.decode(message.decode()[0][0])
+        batcher = runtime.batchers.get((model, envelope.model_version))
+    except Exception:
+        batcher = None  # poison, or another serializer: the pool path dead-letters it
+    if batcher is None or envelope.model != model:
+        _slots.release()
+        return False
+    queue = queue_name(model)
+    name = task_name(model)
+    once = threading.Lock()
+
+    def done(ticket: Ticket | None) -> None:
+        if not once.acquire(blocking=False):
+            return  # the batcher finished a ticket whose submit then raised
+        with _inline_lock:
+            _inline_held[queue] -= 1
+        _slots.release()
+        ok = ticket is not None and _settled(ticket)
+        metrics.TASKS.labels(name, "succeeded" if ok else "failed").inc()
+
+    with _inline_lock:
+        _inline_held[queue] += 1
+    # What Celery's task_accepted counts (`celery inspect stats`: total).
+    worker_state.total_count[name] += 1
+    worker_state.all_total_count[0] += 1
+    STATS.add("messages_inline")
+    ack()
+    try:
+        _submit(batcher, envelope, on_done=done)
+    except Exception:
+        # Acknowledged already, as Celery would have before running the task: its callers
+        # time out at their deadlines.
+        log.exception("submitting a message for %s failed", model)
+        done(None)
+    return True
+
+
+def inline_held(queue: str) -> int:
+    with _inline_lock:
+        return _inline_held[queue]
+
+
 def handle(model: str, body: bytes) -> dict[str, int]:
-    """Runs one queue message: decode, hand the items to the batcher, wait for them."""
+    """Runs one queue message on a pool thread: decode, hand the items to the batcher, wait."""
     if not _runtime_ready.wait(timeout=60):
         raise RuntimeError("worker runtime did not start")
     assert _runtime is not None
@@ -186,34 +293,21 @@ def handle(model: str, body: bytes) -> dict[str, int]:
         _runtime.sink.push(replies)
         STATS.add("items_failed", len(envelope.items))
         return {"items": len(envelope.items), "failed": len(envelope.items)}
-    cfg: ModelConfig = batcher.cfg
-    batcher.arriving(+1)
-    try:
-        accepted: list[tuple[envelope_pb2.EnvelopeItem, Any]] = []
-        rejected: dict[str, list[bytes]] = {}
-        for item in envelope.items:
-            try:
-                accepted.append((item, cfg.validate(item.input)))
-            except InvalidInput as exc:
-                key, value = _reject(item, str(exc))
-                rejected.setdefault(key, []).append(value)
-        ticket = Ticket(len(accepted), envelope.enqueued_unix_ns)
-        pending = [Pending(item, array, ticket) for item, array in accepted]
-        if rejected:
-            _runtime.sink.push(rejected)
-            invalid = sum(len(v) for v in rejected.values())
-            STATS.add("items_failed", invalid)
-            metrics.DROPPED.labels(model, "invalid").inc(invalid)
-        batcher.submit(pending)
-    finally:
-        batcher.arriving(-1)
     # Bounded: every item's deadline is at most this far away, plus one batch.
-    latest_ns = max((p.item.deadline_unix_ns for p in pending), default=0)
+    latest_ns = max((item.deadline_unix_ns for item in envelope.items), default=0)
     wait_s = max(0.0, (latest_ns - time.time_ns()) / 1e9) + 5.0
-    if not ticket.done.wait(timeout=wait_s):
-        # A task shown as SUCCESS must have succeeded: this one did not finish.
-        raise TimeoutError(f"batch for {model} did not settle within {wait_s:.1f}s")
-    if pending and ticket.failed == len(pending):
+    # A slot frees when a held envelope is answered. Not getting one within the callers'
+    # deadlines means they have passed: the batcher drops the items as expired.
+    slot = _slots.acquire(timeout=max(0.0, (latest_ns - time.time_ns()) / 1e9))
+    try:
+        ticket, pending = _submit(batcher, envelope)
+        if not ticket.done.wait(timeout=wait_s):
+            # A task shown as SUCCESS must have succeeded: this one did not finish.
+            raise TimeoutError(f"batch for {model} did not settle within {wait_s:.1f}s")
+    finally:
+        if slot:
+            _slots.release()
+    if not _settled(ticket):
         raise RuntimeError(f"the model failed on all {len(pending)} items of this message")
     return {
         "items": len(envelope.items),
@@ -228,7 +322,16 @@ def _register(model: str) -> None:
         return handle(model, body)
 
     classify.__name__ = classify.__qualname__ = f"classify_{model}"
-    app.task(name=task_name(model), ignore_result=True, acks_late=False)(classify)
+    app.task(
+        name=task_name(model),
+        ignore_result=True,
+        acks_late=False,
+        # A partial, not a function: Celery reads it off the task class, where a function
+        # would become a bound method.
+        Strategy=functools.partial(inline_or_stock, admit=functools.partial(_admit, model)),
+    )(classify)
+    queue = queue_name(model)
+    metrics.HELD.add_source(queue, reserved=lambda: 0, active=lambda: inline_held(queue))
 
 
 for _name in repository.names:

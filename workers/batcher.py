@@ -1,7 +1,8 @@
 """Per-model micro-batching: merges the items of many envelopes into one model call.
 
-Interactive envelopes arrive on Celery's task threads, which hand their items to
-the model's batcher and wait; bulk chunks arrive from the bulk consumer. The
+Interactive envelopes arrive from Celery's consumer thread (workers/strategy.py)
+or, when it declines them, from its task threads, which hand their items to the
+model's batcher and wait; bulk chunks arrive from the bulk consumer. The
 batcher thread fills each batch with interactive items first and tops it up with
 bulk items, so a waiting Classify is delayed by at most the batch in progress.
 It waits up to `max_delay_ms` for more only while other interactive messages for
@@ -146,7 +147,7 @@ class Batcher(threading.Thread):
         self._m_expired = metrics.DROPPED.labels(name, "expired")
         self._m_cancelled = metrics.DROPPED.labels(name, "cancelled")
 
-    # -- called from task threads and the bulk consumer
+    # -- called from Celery's consumer and task threads and from the bulk consumer
     def arriving(self, delta: int) -> None:
         """A task announces it is decoding a message for this model (+1) or has submitted it (-1)."""
         with self._cond:

@@ -20,6 +20,7 @@ class WorkerStats:
         self.messages_expired = 0
         self.items_failed = 0
         self.messages_poison = 0
+        self.messages_inline = 0  # taken on the consumer thread (workers/strategy.py)
         self.items_cancelled = 0
         self.batches_split = 0  # batches the model failed on, rerun item by item
         self.chunks_done = 0
@@ -46,6 +47,7 @@ class WorkerStats:
                 "messages_expired": self.messages_expired,
                 "items_failed": self.items_failed,
                 "messages_poison": self.messages_poison,
+                "messages_inline": self.messages_inline,
                 "items_cancelled": self.items_cancelled,
                 "batches_split": self.batches_split,
                 "chunks_done": self.chunks_done,
