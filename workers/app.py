@@ -177,18 +177,13 @@ def _submit(
             except InvalidInput as exc:
                 key, value = _reject(item, str(exc))
                 rejected.setdefault(key, []).append(value)
-        ticket = Ticket(len(accepted), envelope.enqueued_unix_ns)
-        pending = [Pending(item, array, ticket) for item, array in accepted]
         if rejected:
             _runtime.sink.push(rejected)
             invalid = sum(len(v) for v in rejected.values())
             STATS.add("items_failed", invalid)
             metrics.DROPPED.labels(cfg.name, "invalid").inc(invalid)
-        if on_done is not None:
-            # Set before the items reach the batcher, which may finish them at once.
-            ticket.on_done = lambda: on_done(ticket)
-            if not pending:
-                on_done(ticket)
+        ticket = Ticket(len(accepted), envelope.enqueued_unix_ns, on_done=on_done)
+        pending = [Pending(item, array, ticket) for item, array in accepted]
         batcher.submit(pending)
     finally:
         batcher.arriving(-1)
@@ -293,12 +288,13 @@ def handle(model: str, body: bytes) -> dict[str, int]:
         _runtime.sink.push(replies)
         STATS.add("items_failed", len(envelope.items))
         return {"items": len(envelope.items), "failed": len(envelope.items)}
-    # Bounded: every item's deadline is at most this far away, plus one batch.
     latest_ns = max((item.deadline_unix_ns for item in envelope.items), default=0)
-    wait_s = max(0.0, (latest_ns - time.time_ns()) / 1e9) + 5.0
+    left_s = max(0.0, (latest_ns - time.time_ns()) / 1e9)
     # A slot frees when a held envelope is answered. Not getting one within the callers'
     # deadlines means they have passed: the batcher drops the items as expired.
-    slot = _slots.acquire(timeout=max(0.0, (latest_ns - time.time_ns()) / 1e9))
+    slot = _slots.acquire(timeout=left_s)
+    # Bounded: every item's deadline is at most this far away, plus one batch.
+    wait_s = left_s + 5.0
     try:
         ticket, pending = _submit(batcher, envelope)
         if not ticket.done.wait(timeout=wait_s):

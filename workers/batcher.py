@@ -54,12 +54,12 @@ ENDED_REMEMBERED = 4096
 
 @dataclass
 class Ticket:
-    """The items of one queue message; `done` is set (and `on_done` called) once every
-    item is answered or dropped."""
+    """The items of one queue message; `done` is set (and `on_done(ticket)` called) once
+    every item is answered or dropped: at construction when there are none."""
 
     count: int
     enqueued_unix_ns: int
-    on_done: Callable[[], None] | None = None
+    on_done: Callable[[Ticket], None] | None = None
     done: threading.Event = field(default_factory=threading.Event)
     computed: int = 0
     expired: int = 0
@@ -85,7 +85,7 @@ class Ticket:
     def _finish(self) -> None:
         self.done.set()
         if self.on_done is not None:
-            self.on_done()
+            self.on_done(self)
 
 
 @dataclass

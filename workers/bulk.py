@@ -256,8 +256,9 @@ class BulkConsumer(threading.Thread):
             self.queues.ack(queue_name, body)
             self._event("task-succeeded", chunk, result=repr({"failed": len(failures)}), runtime=0.0)
             return
-        ticket = Ticket(len(valid), envelope.enqueued_unix_ns)
-        ticket.on_done = lambda: self._finished.put((chunk, ticket))
+        ticket = Ticket(
+            len(valid), envelope.enqueued_unix_ns, on_done=lambda t: self._finished.put((chunk, t))
+        )
         self._inflight += 1
         self._held[queue_name] += 1
         self._event("task-started", chunk)
