@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 import numpy as np
-from redis.exceptions import RedisError
 
 from api import metrics
 from api.cache_reads import CacheReader
-from api.flights import FlightLocks
+from api.flights import FlightLocks, FlightTaken
 from api.local_cache import LocalCache
 from api.publisher import Publisher
 from api.replies import ReplyListener
@@ -198,22 +197,22 @@ class DataPlane:
     async def _across_replicas(
         self, key: str, cfg: ModelConfig, tensor: tensor_pb2.Tensor, request_id: str, budget_s: float
     ) -> envelope_pb2.Reply:
-        """Single-flight across API replicas: a short Redis lock per cache key names the
-        replica that computes; the others wait for the cache entry its worker writes
-        before replying, and compute for themselves only if the lock goes away without
-        one (leader failed) while their own deadline allows."""
+        """Single-flight across API replicas: a short Redis lock per cache key, taken as
+        the miss is published, names the replica that computes; the others wait for the
+        cache entry its worker writes before replying, and compute for themselves only
+        if the lock goes away without one (leader failed) while their own deadline allows."""
         if self.flight_locks is None or not self.cache.available:
             return await self._compute(cfg, tensor, request_id, budget_s)
         lock = flight_key(key)
+        leader = True
         try:
-            # Held no longer than the leader can wait: a crashed leader frees it by itself.
-            leader = await self.flight_locks.acquire(lock, int(budget_s * 1000))
-        except (OSError, RedisError):
-            leader = True  # no lock store: compute (publishing reports a broker outage)
-        if leader:
-            try:
-                return await self._compute(cfg, tensor, request_id, budget_s)
-            finally:
+            return await self._compute(cfg, tensor, request_id, budget_s, flight=lock)
+        except FlightTaken:
+            leader = False
+        finally:
+            if leader:
+                # Frees it only if this replica holds it: the caller may have left before
+                # its publish, or the publish failed with the lock taken or not.
                 self.flight_locks.release(lock)
         self.counters.coalesced_remote += 1
         loop = asyncio.get_running_loop()
@@ -235,8 +234,15 @@ class DataPlane:
         return await self._compute(cfg, tensor, request_id, left)
 
     async def _compute(
-        self, cfg: ModelConfig, tensor: tensor_pb2.Tensor, request_id: str, budget_s: float
+        self,
+        cfg: ModelConfig,
+        tensor: tensor_pb2.Tensor,
+        request_id: str,
+        budget_s: float,
+        flight: str = "",
     ) -> envelope_pb2.Reply:
+        """Publishes one miss and waits for its reply (FlightTaken: `flight` is another
+        replica's, and nothing was published)."""
         # Correlate on our own id: callers' request ids need not be unique.
         correlation = new_id()
         item = envelope_pb2.EnvelopeItem(
@@ -246,7 +252,7 @@ class DataPlane:
             reply_key=self.replies.key,
             trace_id=request_id,
         )
-        published = self.publisher.enqueue(cfg, item, budget_s)
+        published = self.publisher.enqueue(cfg, item, budget_s, flight)
         waiter = self.replies.expect(correlation)
         answered = False
         model_metrics = metrics.for_model(cfg.name)

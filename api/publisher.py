@@ -7,8 +7,11 @@ that queued up meanwhile, in one envelope (one broker message) of up to
 `max_batch_size` items. A full envelope never waits. So an idle system adds no
 delay, and a busy one pays the per-message broker cost once per batch instead of
 once per request: the backlog accumulates here as batches, not in Redis as single
-messages. Envelopes ready together leave in one pipelined LPUSH from the event loop,
-as Celery task messages (inferpool.taskwire) that workers consume unchanged.
+messages. Envelopes ready together leave in one pipelined round trip from the event
+loop, as Celery task messages (inferpool.taskwire) that workers consume unchanged. A
+miss that carries a cross-replica flight lock (api.flights) takes it in that same round
+trip; one whose lock another replica holds is left out and its envelope pushed again
+without it.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 from celery import Celery
 
 from api import metrics
+from api.flights import FlightLocks, FlightTaken
 from inferpool import codec
 from inferpool.codec import ENVELOPE_VERSION
 from inferpool.errors import BackendUnavailable, Overloaded
@@ -60,8 +65,9 @@ class Published:
             self._publisher._kick(self._group)
 
 
-# One queued miss: its item, and the future its caller awaits the publish on.
-_Entry = tuple[envelope_pb2.EnvelopeItem, asyncio.Future[Published]]
+# One queued miss: its item, the future its caller awaits the publish on, and the flight
+# lock to take for it ("": none).
+_Entry = tuple[envelope_pb2.EnvelopeItem, asyncio.Future[Published], str]
 
 
 @dataclass
@@ -90,9 +96,11 @@ class Publisher:
         max_inflight: int = 1,
         coalesce_window_ms: float = 0.0,
         max_envelope_items: int = 0,
+        flights: FlightLocks | None = None,
     ) -> None:
         self.celery = celery  # builds the task messages (no I/O)
         self.broker = broker
+        self.flights = flights
         # 0: up to the model's max_batch_size. 1 turns coalescing off (one message per
         # miss), the naive queue path the benchmarks compare against.
         self.max_envelope_items = max_envelope_items
@@ -105,10 +113,16 @@ class Publisher:
         self.rejected = 0
 
     def enqueue(
-        self, cfg: ModelConfig, item: envelope_pb2.EnvelopeItem, budget_s: float | None = None
+        self,
+        cfg: ModelConfig,
+        item: envelope_pb2.EnvelopeItem,
+        budget_s: float | None = None,
+        flight: str = "",
     ) -> asyncio.Future[Published]:
-        """Resolves once the item is on the broker (BackendUnavailable if it cannot be).
-        Cancel it to withdraw an item that has not left yet; call settle() once the
+        """Resolves once the item is on the broker (BackendUnavailable if it cannot be;
+        FlightTaken if `flight`, a lock key taken until the item's deadline, is held by
+        another replica: the item is then not published). Cancel it to withdraw an item
+        that has not left yet; call settle() once the
         caller stops waiting. Raises Overloaded, before anything is queued, when the
         model's backlog from this process is at its max_queue_size, or when at the
         recent answer rate the requests ahead, plus the batch this one is computed in,
@@ -136,7 +150,7 @@ class Publisher:
                 )
         group.waiting += 1
         done: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
-        group.pending.append((item, done))
+        group.pending.append((item, done, flight))
         self._kick(group)
         return done
 
@@ -204,43 +218,91 @@ class Publisher:
         return batches
 
     async def _publish(self, group: _Group, batches: list[list[_Entry]]) -> None:
+        # A second pass only for envelopes that lost an item's flight lock.
+        while batches:
+            results = await self._push(group, batches)
+            if results is None:
+                return
+            batches = self._published(group, batches, results)
+
+    async def _push(self, group: _Group, batches: list[list[_Entry]]) -> list[Any] | None:
+        """One round trip: each envelope's message, and its items' flight locks. None when
+        it failed (its callers were told)."""
         model = group.cfg.name
         try:
             if self.celery is None or self.broker is None:
                 raise RuntimeError("this publisher has no broker")
             pipe = self.broker.pipeline(transaction=False)
+            queue = queue_name(model)
+            now_ns = time.time_ns()
             for take in batches:
                 envelope = envelope_pb2.Envelope(
                     envelope_version=ENVELOPE_VERSION,
                     model=model,
                     model_version=group.cfg.version,
-                    items=[item for item, _ in take],
-                    enqueued_unix_ns=time.time_ns(),
+                    items=[item for item, _, _ in take],
+                    enqueued_unix_ns=now_ns,
                 )
                 # Workers discard the message unseen once no caller in it is still waiting.
-                latest_ns = max(item.deadline_unix_ns for item, _ in take)
-                queue = queue_name(model)
+                latest_ns = max(item.deadline_unix_ns for item, _, _ in take)
                 body = codec.encode(envelope)
-                pipe.lpush(queue, task_payload(self.celery, task_name(model), queue, body, latest_ns))
+                message = task_payload(self.celery, task_name(model), queue, body, latest_ns)
+                # Held no longer than its caller waits: a crashed leader frees it by itself.
+                locks = [
+                    (flight, (item.deadline_unix_ns - now_ns) // 1_000_000)
+                    for item, _, flight in take
+                    if flight
+                ]
+                if locks and self.flights is not None:
+                    self.flights.claim_and_push(pipe, queue, message, locks)
+                else:
+                    pipe.lpush(queue, message)
             async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-                await pipe.execute()
+                results: list[Any] = await pipe.execute()
+            return results
         except Exception as exc:  # Redis down or slow, mostly: callers see UNAVAILABLE
             group.inflight -= len(batches)
             metrics.PUBLISH_FAILURES.labels(model).inc(len(batches))
             log.warning("publish to %s failed: %r", queue_name(model), exc)
             error = BackendUnavailable("the request queue is unavailable")
             for take in batches:
-                for _, done in take:
+                for _, done, _ in take:
                     if not done.done():
                         done.set_exception(error)
-            return
-        for take in batches:
+            return None
+
+    def _published(
+        self, group: _Group, batches: list[list[_Entry]], results: list[Any]
+    ) -> list[list[_Entry]]:
+        """Tells the callers of pushed envelopes, and those whose flight lock another
+        replica holds; returns the envelopes to push again without the latter (their
+        other items hold their locks now)."""
+        again: list[list[_Entry]] = []
+        pushed: list[list[_Entry]] = []
+        for take, result in zip(batches, results, strict=True):
+            if not isinstance(result, list) or all(result):
+                pushed.append(take)
+                continue
+            taken = iter(result)
+            kept: list[_Entry] = []
+            for item, done, flight in take:
+                if not flight or next(taken):
+                    kept.append((item, done, ""))
+                elif not done.done():
+                    done.set_exception(FlightTaken(flight))
+            if kept:
+                again.append(kept)
+            else:
+                group.inflight -= 1  # nothing left to send: _flush sends what waits next
+        model = group.cfg.name
+        for take in pushed:
             self.messages += 1
             self.items += len(take)
             metrics.ENVELOPE_ITEMS.labels(model).observe(len(take))
             published = Published(group, len(take), self)
-            for _, done in take:
+            for _, done, _ in take:
                 if done.done():
                     published.release()  # its caller gave up while we were publishing
                 else:
                     done.set_result(published)
+        return again

@@ -55,14 +55,16 @@ class ApiServer:
         )
         self.cache = Cache.from_settings(settings)
         self.cache_reads = CacheReader(self.cache)
+        self.replies = ReplyListener(self.redis, reply_key(self.instance))
+        flight_locks = FlightLocks(self.redis, self.replies.key)
         self.publisher = Publisher(
             make_celery(settings, main="inferpool-api"),
             self.redis,
             settings.max_inflight_envelopes,
             settings.coalesce_window_ms,
             settings.max_envelope_items,
+            flight_locks,
         )
-        self.replies = ReplyListener(self.redis, reply_key(self.instance))
         self.plane = DataPlane(
             self.repository,
             self.cache,
@@ -70,7 +72,7 @@ class ApiServer:
             self.publisher,
             self.replies,
             settings.default_deadline_ms,
-            flight_locks=FlightLocks(self.redis, self.replies.key),
+            flight_locks=flight_locks,
             # Only where results may be cached at all: no Memcached configured, no caching.
             local_cache=LocalCache(
                 settings.local_cache_items if self.cache.enabled else 0, settings.cache_ttl_s

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import dataclasses
 import json
 import shutil
@@ -11,8 +13,17 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import redis.asyncio as aioredis
+from kombu.serialization import loads
 
+from api.flights import FlightLocks, FlightTaken
+from api.publisher import Publisher
+from inferpool import codec
+from inferpool.broker import make_celery
 from inferpool.client import Client
+from inferpool.names import queue_name
+from inferpool.repository import Repository
+from inferpool.v1 import envelope_pb2
 from tests.servers import ROOT, ApiThread, MemcachedServer, RedisServer, Worker, stack_settings, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -74,6 +85,60 @@ def test_identical_misses_on_two_api_replicas_are_computed_once(
             api.stop()
         if worker is not None:
             worker.stop()
+
+
+def test_a_miss_whose_flight_lock_another_replica_holds_is_left_out_of_its_envelope(
+    fresh_redis: RedisServer,
+) -> None:
+    # The publisher takes each miss's cross-replica lock in the round trip that pushes
+    # its envelope: a miss whose lock is held elsewhere must not be published (its caller
+    # waits for the other replica), and the misses it shared an envelope with must be.
+    cfg = Repository.load(ROOT / "models").resolve("digits", 0)
+    settings = stack_settings(fresh_redis, None)
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(fresh_redis.url)
+        try:
+            ours, theirs = FlightLocks(client, "ours"), FlightLocks(client, "theirs")
+            await client.set("lock-b", theirs.owner, px=60_000)
+            publisher = Publisher(make_celery(settings), client, max_inflight=1, flights=ours)
+            deadline_ns = time.time_ns() + 30 * 10**9
+            names = "abc"
+            # Enqueued in one loop iteration: one envelope of three.
+            futures = [
+                publisher.enqueue(
+                    cfg,
+                    envelope_pb2.EnvelopeItem(request_id=n, deadline_unix_ns=deadline_ns),
+                    flight=f"lock-{n}",
+                )
+                for n in names
+            ]
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+            assert isinstance(outcomes[1], FlightTaken)
+            assert not isinstance(outcomes[0], BaseException) and outcomes[0] is outcomes[2]
+            messages = await client.lrange(queue_name(cfg.name), 0, -1)
+            assert [[i.request_id for i in _envelope(m).items] for m in messages] == [["a", "c"]]
+            assert publisher.messages == 1 and publisher.items == 2
+            assert await client.mget("lock-a", "lock-b", "lock-c") == [b"ours", b"theirs", b"ours"]
+            ttl_ms = await client.pttl("lock-a")
+            assert 25_000 < ttl_ms <= 30_000  # held no longer than the caller waits
+            # Releasing frees only what this replica holds.
+            for n in names:
+                ours.release(f"lock-{n}")
+            await asyncio.gather(*ours._tasks)
+            assert await client.mget("lock-a", "lock-b", "lock-c") == [None, b"theirs", None]
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def _envelope(message: bytes) -> envelope_pb2.Envelope:
+    wrapper = json.loads(message)
+    args, _, _ = loads(
+        base64.b64decode(wrapper["body"]), wrapper["content-type"], wrapper["content-encoding"]
+    )
+    return codec.decode(args[0])
 
 
 def test_backlog_past_max_queue_size_is_refused_at_once(fresh_redis: RedisServer, tmp_path: Path) -> None:
