@@ -28,6 +28,7 @@ from api.replies import ReplyListener
 from api.servicer import InferenceServicer
 from inferpool.broker import make_celery
 from inferpool.cache import Cache
+from inferpool.heap import freeze_startup_heap
 from inferpool.names import bulk_queue_name, queue_name, reply_key
 from inferpool.repository import Repository, RepositoryError
 from inferpool.settings import Settings, SettingsError
@@ -184,6 +185,7 @@ async def serve(settings: Settings) -> None:
         metrics.CACHE_AVAILABLE.set_function(lambda: float(server.cache.available))
         metrics.serve(settings.metrics_port, settings.metrics_host)
     await server.start()
+    freeze_startup_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

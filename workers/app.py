@@ -31,6 +31,7 @@ from inferpool import codec
 from inferpool.broker import defer_unacked_while, make_celery
 from inferpool.cache import Cache
 from inferpool.errors import InvalidInput
+from inferpool.heap import freeze_startup_heap
 from inferpool.names import DEAD_LETTER_MAX, dead_letter_key, queue_name, task_name
 from inferpool.repository import ModelConfig, Repository
 from inferpool.settings import Settings
@@ -131,6 +132,12 @@ def _follow_task_events(sender: Any = None, **_: Any) -> None:
     dispatcher = getattr(sender, "event_dispatcher", None)
     if _runtime is not None and dispatcher is not None:
         _runtime.bulk.follow_events(dispatcher)
+
+
+@signals.worker_ready.connect
+def _freeze_heap(**_: Any) -> None:
+    # Models loaded, consumer connected: what exists now lives as long as the worker.
+    freeze_startup_heap()
 
 
 @signals.worker_shutdown.connect
