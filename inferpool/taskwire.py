@@ -56,12 +56,15 @@ def task_payload(app: Celery, task: str, queue: str, body: bytes, expires_unix_n
         body_encoding="base64",
         delivery_tag=str(uuid.uuid4()),
     )
-    return json_dumps(
+    rest = json_dumps(
         {
-            "body": base64.b64encode(data).decode("ascii"),
             "content-encoding": content_encoding,
             "content-type": content_type,
             "headers": message.headers,
             "properties": properties,
         }
     ).encode()
+    # Base64 needs no JSON escaping, so the body is spliced in, not run through the JSON
+    # encoder: for an envelope of 30 digits images (96 KB) the encoder's scan of it took
+    # 300 of the payload's 450 µs, on the API's event loop.
+    return b'{"body": "' + base64.b64encode(data) + b'", ' + rest[1:]
