@@ -28,7 +28,7 @@ from api.replies import ReplyListener
 from api.servicer import InferenceServicer
 from inferpool.broker import make_celery
 from inferpool.cache import Cache
-from inferpool.heap import freeze_startup_heap
+from inferpool.heap import freeze_startup_heap, keep_large_buffers
 from inferpool.names import bulk_queue_name, queue_name, reply_key
 from inferpool.repository import Repository, RepositoryError
 from inferpool.settings import Settings, SettingsError
@@ -197,6 +197,7 @@ async def serve(settings: Settings) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_large_buffers()
     try:
         settings = Settings.from_env()
     except SettingsError as exc:

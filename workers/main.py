@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from inferpool.heap import keep_large_buffers
 from inferpool.names import bulk_queue_name, queue_name
 from inferpool.repository import RepositoryError
 from inferpool.settings import SettingsError
@@ -47,6 +48,7 @@ def _log_level(args: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    keep_large_buffers()  # before the model's and the chunks' buffers exist
     # Settings and the repository are validated when workers.app is imported.
     try:
         from workers.app import app, repository, settings
