@@ -31,16 +31,6 @@ def lease_key(consumer: str) -> str:
     return f"{PREFIX}:bulk:lease:{consumer}"
 
 
-# KEYS: queue1, processing1, queue2, processing2, ... Takes the oldest chunk of the
-# first non-empty queue into its processing list; returns {queue, chunk} or false.
-TAKE = """
-for i = 1, #KEYS, 2 do
-  local v = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'RIGHT', 'LEFT')
-  if v then return {KEYS[i], v} end
-end
-return false
-"""
-
 # KEYS: lease (or '' to force), queue1, processing1, ... Puts every chunk of a consumer
 # whose lease lapsed back at the head of its queue; returns how many.
 REAP = """
@@ -72,7 +62,6 @@ class BulkQueues:
         self.consumer = consumer
         self.queues = queues
         self.lease_ms = max(1, int(lease_s * 1000))
-        self._take = client.register_script(TAKE)
         self._reap = client.register_script(REAP)
         self._requeue = client.register_script(REQUEUE)
 
@@ -92,10 +81,13 @@ class BulkQueues:
         """The oldest chunk of the first non-empty queue, moved into this consumer's
         processing list. With block_s, waits that long for the first queue (the others
         are looked at again on the next call)."""
-        found = self._take(keys=self._pairs(self.consumer, self.queues))
-        if found:
-            queue, chunk = found
-            return _text(queue), chunk
+        # One LMOVE per queue, not a Lua loop over them: a script copies the chunk into a
+        # Lua string and back, which cost Redis ~1 ms of CPU per 256-item chunk.
+        for queue in self.queues:
+            processing = processing_key(self.consumer, queue)
+            chunk: bytes | None = self.client.execute_command("LMOVE", queue, processing, "RIGHT", "LEFT")
+            if chunk is not None:
+                return queue, chunk
         if block_s <= 0:
             return None
         first = self.queues[0]
