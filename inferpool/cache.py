@@ -9,6 +9,7 @@ is skipped for `retry_after_s` so a dead server costs one timeout, not one per c
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 import threading
@@ -37,12 +38,23 @@ def tls_context(ca_file: str, cert_file: str = "", key_file: str = "") -> ssl.SS
     return context
 
 
+@functools.lru_cache(maxsize=256)
+def _key_parts(model: str, version: int, dtype: int, shape: tuple[int, ...]) -> tuple[bytes, str]:
+    header = f"{model}\0{version}\0{dtype}\0{','.join(map(str, shape))}\0".encode()
+    return header, cache_key(model, version, "")
+
+
+def data_key(model: str, version: int, dtype: int, shape: tuple[int, ...], data: bytes | memoryview) -> str:
+    """The cache key of an input given as its dtype, shape and bytes."""
+    # Formatting the header took 1.5 of the 1.7 us a key cost; a model sees few shapes.
+    header, prefix = _key_parts(model, version, dtype, shape)
+    h = xxhash.xxh3_128(header)
+    h.update(data)
+    return prefix + h.hexdigest()
+
+
 def input_key(model: str, version: int, t: tensor_pb2.Tensor) -> str:
-    h = xxhash.xxh3_128()
-    header = f"{model}\0{version}\0{t.dtype}\0{','.join(map(str, t.shape))}\0"
-    h.update(header.encode())
-    h.update(t.data)
-    return cache_key(model, version, h.hexdigest())
+    return data_key(model, version, t.dtype, tuple(t.shape), t.data)
 
 
 class Cache:
@@ -128,14 +140,16 @@ class Cache:
             self.record_failure("get_many", exc)
             return {}
 
-    def set_many(self, values: Mapping[str, bytes]) -> None:
+    def set_many(self, values: Mapping[str, bytes], wait: bool = True) -> None:
+        """Stores the values. With `wait` (the default) it returns once Memcached stored
+        them: with noreply a get on another connection can overtake the set, and a caller
+        repeating a request it just got answered would miss. Without, it returns once they
+        are sent (a third of the cost per key, measured on bulk results)."""
         if not values or not self.available:
             return
         assert self._client is not None
         try:
-            # Wait for STORED: with noreply a get on another connection can overtake the
-            # set, and a caller repeating a request it just got answered would miss.
-            self._client.set_many(dict(values), expire=self.ttl_s, noreply=False)
+            self._client.set_many(dict(values), expire=self.ttl_s, noreply=not wait)
         except Exception as exc:
             self.record_failure("set", exc)
 

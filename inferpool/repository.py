@@ -26,8 +26,19 @@ MODEL_FILE = "model.pt"
 OUTPUT_KINDS = ("logits", "probabilities")
 
 
+NONFINITE = "input contains NaN or infinite values"
+
+
 class RepositoryError(ValueError):
     """A model folder or its config is malformed."""
+
+
+def _nonfinite_rows(arrays: np.ndarray) -> list[int]:
+    """The rows (first dimension) of a float array holding NaN or infinite values."""
+    if arrays.dtype.kind != "f" or not len(arrays):
+        return []
+    finite = np.isfinite(arrays).reshape(len(arrays), -1).all(axis=1)
+    return np.flatnonzero(~finite).tolist()
 
 
 @dataclass(frozen=True)
@@ -121,7 +132,7 @@ class ModelConfig:
             )
         array = tensor.from_proto(t)
         if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise InvalidInput("input contains NaN or infinite values")
+            raise InvalidInput(NONFINITE)
         return array
 
     def validate_many(self, tensors: Sequence[tensor_pb2.Tensor]) -> list[np.ndarray | InvalidInput]:
@@ -147,15 +158,27 @@ class ModelConfig:
         if not good:
             return results
         arrays = np.frombuffer(b"".join(chunks), dtype=tensor.numpy_dtype(dtype)).reshape(len(good), *shape)
-        finite = None
-        if arrays.dtype.kind == "f":
-            finite = np.isfinite(arrays).reshape(len(good), -1).all(axis=1).tolist()
+        nonfinite = set(_nonfinite_rows(arrays))
         for row, i in enumerate(good):
-            if finite is not None and not finite[row]:
-                results[i] = InvalidInput("input contains NaN or infinite values")
-            else:
-                results[i] = arrays[row]
+            results[i] = InvalidInput(NONFINITE) if row in nonfinite else arrays[row]
         return results
+
+    def validate_batch(self, t: tensor_pb2.Tensor) -> tuple[np.ndarray, list[int]]:
+        """A tensor of n inputs, [n, *input_shape], as a read-only array, and the rows
+        holding NaN or infinite values; InvalidInput when the tensor as a whole does not
+        fit the signature."""
+        if t.dtype != self.input_dtype:
+            raise InvalidInput(
+                f"model {self.name!r} takes {tensor.dtype_name(self.input_dtype)}, "
+                f"got {tensor.dtype_name(t.dtype)}"
+            )
+        if len(t.shape) != 1 + len(self.input_shape) or tuple(t.shape[1:]) != self.input_shape:
+            raise InvalidInput(
+                f"model {self.name!r} takes batches shaped [n, {', '.join(map(str, self.input_shape))}], "
+                f"got {tensor.shape_text(t.shape)}"
+            )
+        array = tensor.from_proto(t)  # InvalidInput when the bytes do not fill the shape
+        return array, _nonfinite_rows(array)
 
     def label(self, index: int) -> str:
         return self.labels[index] if index < len(self.labels) else str(index)

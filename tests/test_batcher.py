@@ -19,7 +19,7 @@ from inferpool.names import job_key, job_results_key
 from inferpool.repository import Repository
 from inferpool.v1 import envelope_pb2
 from tests.servers import MemcachedServer
-from workers.batcher import Batcher, Pending, Ticket
+from workers.batcher import Batcher, BulkWork, Ticket
 from workers.runtime import ModelRunner, pick_device
 from workers.sinks import JobSink, ReplySink
 from workers.stats import WorkerStats
@@ -51,16 +51,20 @@ def _job(client: redis.Redis) -> str:
     return job_id
 
 
-def _items(batcher: Batcher, job_id: str, n: int, seed: int) -> tuple[Ticket, list[Pending]]:
+def _items(
+    batcher: Batcher, job_id: str, n: int, seed: int
+) -> tuple[Ticket, list[envelope_pb2.EnvelopeItem], BulkWork]:
     # Its own seed space: inputs other tests send must not be in the shared cache already.
     rng = np.random.default_rng((0xBA7C4E5, seed))
     ticket = Ticket(n, time.time_ns())
-    pending = []
+    items, arrays = [], []
     for i in range(n):
         t = tensor.to_proto(rng.random((1, 1, 28, 28), dtype=np.float32))
-        item = envelope_pb2.EnvelopeItem(request_id=uuid.uuid4().hex, input=t, job_index=seed * 1000 + i)
-        pending.append(Pending(item, batcher.cfg.validate(t), ticket, job_id))
-    return ticket, pending
+        items.append(
+            envelope_pb2.EnvelopeItem(request_id=uuid.uuid4().hex, input=t, job_index=seed * 1000 + i)
+        )
+        arrays.append(batcher.cfg.validate(t))
+    return ticket, items, BulkWork([item.job_index for item in items], np.concatenate(arrays), ticket, job_id)
 
 
 def test_record_returns_the_job_state(redis_client: redis.Redis, parts: tuple[Batcher, JobSink]) -> None:
@@ -80,23 +84,23 @@ def test_bulk_results_and_cache_are_written_before_the_ticket_settles(
     batcher, _ = parts
     job_id = _job(redis_client)
     # Several batches: the model runs ahead of the results thread.
-    ticket, pending = _items(batcher, job_id, 300, seed=1)
-    batcher.submit(pending, bulk=True)
+    ticket, items, work = _items(batcher, job_id, 300, seed=1)
+    batcher.submit_bulk(work)
     assert ticket.done.wait(30)
     assert ticket.computed == 300 and ticket.unrecorded == 0
     results = redis_client.hgetall(job_results_key(job_id))
     assert len(results) == 300
-    reply = envelope_pb2.Reply.FromString(results[str(pending[0].item.job_index).encode()])
+    reply = envelope_pb2.Reply.FromString(results[str(items[0].job_index).encode()])
     assert reply.status == envelope_pb2.Reply.STATUS_OK and len(reply.scores.values) == 10
     cache = Cache(memcached_server.address, timeout_ms=500, ttl_s=60)
     try:
-        cached = cache.get(input_key("digits", batcher.cfg.version, pending[-1].item.input))
+        cached = cache.get(input_key("digits", batcher.cfg.version, items[-1].input))
     finally:
         cache.close()
     assert (
         cached
         == envelope_pb2.Reply.FromString(
-            results[str(pending[-1].item.job_index).encode()]
+            results[str(items[-1].job_index).encode()]
         ).scores.SerializeToString()
     )
 
@@ -106,14 +110,14 @@ def test_items_of_a_job_seen_cancelled_are_not_computed(
 ) -> None:
     batcher, _ = parts
     job_id = _job(redis_client)
-    first, pending = _items(batcher, job_id, 1, seed=2)
+    first, _, work = _items(batcher, job_id, 1, seed=2)
     redis_client.hset(job_key(job_id), "state", "CANCELLED")
-    batcher.submit(pending, bulk=True)
+    batcher.submit_bulk(work)
     assert first.done.wait(30)
     # Computed (its chunk was taken before the cancel), and its write reported the state.
     assert first.computed == 1
-    later, pending = _items(batcher, job_id, 64, seed=3)
-    batcher.submit(pending, bulk=True)
+    later, _, work = _items(batcher, job_id, 64, seed=3)
+    batcher.submit_bulk(work)
     assert later.done.wait(30)
     assert later.cancelled == 64 and later.computed == 0
     assert redis_client.hlen(job_results_key(job_id)) == 1
@@ -135,8 +139,8 @@ def test_stopping_writes_what_was_computed(
     batcher.start()
     try:
         job_id = _job(redis_client)
-        ticket, pending = _items(batcher, job_id, 256, seed=4)
-        batcher.submit(pending, bulk=True)
+        ticket, _, work = _items(batcher, job_id, 256, seed=4)
+        batcher.submit_bulk(work)
         batcher.stop()
         batcher.join(timeout=30)
         assert not batcher.is_alive()

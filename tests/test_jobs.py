@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import redis
 
+from inferpool import jobs, tensor
 from inferpool.client import Client
 from inferpool.jobs import state_name
 from inferpool.names import bulk_queue_name, job_key, job_results_key
-from inferpool.v1 import jobs_pb2, tensor_pb2
+from inferpool.v1 import envelope_pb2, jobs_pb2, tensor_pb2
 from tests.servers import ApiThread, Worker, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -189,3 +190,49 @@ def test_poison_bulk_chunk_is_dead_lettered_and_jobs_go_on(
     assert worker.stats()["messages_poison"] == before + 1
     x, _ = unique_digits(heldout, 100, seed=7)
     assert state_name(client.submit(x, "digits").wait(timeout_s=30).state) == "SUCCEEDED"
+
+
+def test_a_chunk_fails_only_its_bad_rows_and_chunks_written_as_items_still_run(
+    worker: Worker, redis_client: redis.Redis, heldout: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Written straight onto the bulk queue, as the API writes them: a chunk with a row
+    the API would have refused, a chunk in the item-per-input form of earlier APIs, and
+    a chunk whose indexes do not match its rows (dead-lettered)."""
+    job_id = jobs.new_job_id()
+    now_ms = int(time.time() * 1000)
+    redis_client.hset(job_key(job_id), mapping=jobs.new_record("digits", 1, 1, now_ms, 0, ""))
+    redis_client.pexpire(job_key(job_id), 60_000)
+    x, y = unique_digits(heldout, 6, seed=21)
+    x[1, 0, 3, 3] = np.nan
+
+    def envelope(**fields: object) -> bytes:
+        return envelope_pb2.Envelope(
+            envelope_version=1, model="digits", model_version=1, job_id=job_id, **fields
+        ).SerializeToString()
+
+    chunk = envelope_pb2.BulkChunk(inputs=tensor.to_proto(x[:3]), job_indexes=[0, 1, 2])
+    items = [envelope_pb2.EnvelopeItem(input=tensor.to_proto(x[i : i + 1]), job_index=i) for i in (3, 4, 5)]
+    mismatched = envelope_pb2.BulkChunk(inputs=tensor.to_proto(x[:2]), job_indexes=[9])
+    queue = bulk_queue_name("digits")
+    dead = redis_client.llen(f"{queue}.dead")
+    redis_client.lpush(queue, envelope(chunk=chunk), envelope(items=items), envelope(chunk=mismatched))
+    redis_client.eval(jobs.SEAL, 1, job_key(job_id), now_ms, 6)
+
+    def state() -> str:
+        raw = redis_client.hget(job_key(job_id), "state")
+        return raw.decode() if raw else ""
+
+    wait_until(lambda: state() not in jobs.LIVE, 30, "the job to end")
+    assert state() == "SUCCEEDED"
+    results = {
+        int(k): envelope_pb2.Reply.FromString(v)
+        for k, v in redis_client.hgetall(job_results_key(job_id)).items()
+    }
+    assert sorted(results) == list(range(6))
+    assert results[1].status == envelope_pb2.Reply.STATUS_INVALID_INPUT and "NaN" in results[1].error
+    for i in (0, 2, 3, 4, 5):
+        assert results[i].status == envelope_pb2.Reply.STATUS_OK
+        assert int(np.argmax(results[i].scores.values)) == y[i]
+    wait_until(
+        lambda: redis_client.llen(f"{queue}.dead") == dead + 1, 10, "the mismatched chunk to be dead-lettered"
+    )

@@ -12,10 +12,11 @@ from kombu.exceptions import EncodeError
 from kombu.serialization import dumps, loads
 
 from api import local_cache
+from api.jobs import WATCH_MIN_INTERVAL_S, next_look_s
 from api.local_cache import LocalCache
 from api.status import code_for
-from inferpool import codec, errors, tensor
-from inferpool.cache import input_key
+from inferpool import codec, errors, heap, tensor
+from inferpool.cache import data_key, input_key
 from inferpool.repository import ModelConfig, Repository, RepositoryError
 from inferpool.settings import Settings, SettingsError
 from inferpool.v1 import envelope_pb2
@@ -139,6 +140,50 @@ def test_validate_many_answers_as_validate_does_for_each_input() -> None:
             np.testing.assert_array_equal(result, expected)
     assert [isinstance(r, np.ndarray) for r in checked] == [True, False, False, False, False, True, False]
     assert cfg.validate_many([]) == []
+
+
+def test_validate_batch_takes_a_chunk_whole_and_names_its_nonfinite_rows() -> None:
+    cfg = Repository.load(ROOT / "models").resolve("digits")
+    x = np.random.default_rng(4).random((6, 1, 28, 28), dtype=np.float32)
+    x[2, 0, 1, 1] = np.nan
+    x[5, 0, 0, 0] = -np.inf
+    rows, nonfinite = cfg.validate_batch(tensor.to_proto(x))
+    np.testing.assert_array_equal(rows, x)
+    assert nonfinite == [2, 5]
+    empty, nonfinite = cfg.validate_batch(tensor.to_proto(x[:0]))
+    assert empty.shape == (0, 1, 28, 28) and nonfinite == []
+    short = tensor.to_proto(x)
+    short.data = short.data[:-4]
+    for bad in (tensor.to_proto(x.astype(np.float64)), tensor.to_proto(x[:, 0]), short):
+        with pytest.raises(errors.InvalidInput):
+            cfg.validate_batch(bad)
+
+
+def test_a_rows_data_key_is_the_key_of_the_same_input_sent_alone() -> None:
+    x = np.random.default_rng(5).random((3, 1, 28, 28), dtype=np.float32)
+    keys = [data_key("digits", 1, tensor.to_proto(x[:1]).dtype, (1, 1, 28, 28), x[i].data) for i in range(3)]
+    assert keys == [input_key("digits", 1, tensor.to_proto(x[i : i + 1])) for i in range(3)]
+    assert len(set(keys)) == 3
+
+
+def test_large_buffers_stay_in_the_heap_on_glibc() -> None:
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert heap.keep_large_buffers()
+
+
+def test_a_watch_looks_again_sooner_only_when_the_pace_says_the_job_ends_sooner() -> None:
+    def look(total: int, finished: int, now: float, previous: tuple[float, int] | None) -> float:
+        return next_look_s(0.2, total, finished, now, previous)
+
+    assert look(1000, 100, 1.0, None) == 0.2  # no pace yet
+    assert look(0, 100, 1.0, (0.9, 50)) == 0.2  # still uploading: total unknown
+    assert look(1000, 100, 1.0, (0.9, 100)) == 0.2  # no progress since the last look
+    assert look(1000, 500, 1.0, (0.9, 400)) == 0.2  # 500 left at 1000/s: 0.5 s
+    assert look(1000, 950, 1.0, (0.9, 850)) == pytest.approx(0.05)  # 50 left at 1000/s
+    assert look(1000, 999, 1.0, (0.9, 899)) == WATCH_MIN_INTERVAL_S  # never busier than this
 
 
 def test_repository_rejects_bad_config(tmp_path: Path) -> None:

@@ -11,6 +11,11 @@ drops items whose deadline passed and items of jobs that were cancelled, runs on
 batch, then writes the cache, every reply and every job result in bulk. Bulk batches
 are written by a second thread (`results-<model>-<version>`) while the model runs the
 next one: Redis and Memcached round trips no longer stall the model.
+
+Interactive items travel one by one (`Pending`); a bulk chunk travels whole
+(`BulkWork`: its inputs as one array) and is cut into row ranges (`BulkSlice`) as
+batches take it, so nothing on the bulk path costs Python work per item except
+building each result and its cache entry.
 """
 
 from __future__ import annotations
@@ -20,14 +25,14 @@ import queue
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import redis
 
 from inferpool import jobs
-from inferpool.cache import Cache, input_key
+from inferpool.cache import Cache, data_key, input_key
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2
 from workers import metrics
@@ -74,10 +79,10 @@ class Ticket:
         if self.count == 0:
             self._finish()
 
-    def settle(self, outcome: str) -> None:
+    def settle(self, outcome: str, n: int = 1) -> None:
         with self._lock:
-            setattr(self, outcome, getattr(self, outcome) + 1)
-            self._left -= 1
+            setattr(self, outcome, getattr(self, outcome) + n)
+            self._left -= n
             finished = self._left == 0
         if finished:
             self._finish()
@@ -90,21 +95,51 @@ class Ticket:
 
 @dataclass
 class Pending:
+    """One interactive item."""
+
     item: envelope_pb2.EnvelopeItem
     array: np.ndarray  # shape (1, *input_shape)
     ticket: Ticket
-    job_id: str = ""  # set on bulk items
+
+
+@dataclass
+class BulkWork:
+    """The valid items of one bulk chunk: row i of `rows` is the input of the job's
+    item `job_indexes[i]`. `deadline_unix_ns` is their deadline (every item of a job
+    has the job's), 0 for none."""
+
+    job_indexes: list[int]
+    rows: np.ndarray  # shape (len(job_indexes), *input_shape), the model's input dtype
+    ticket: Ticket
+    job_id: str
+    deadline_unix_ns: int = 0
+
+
+@dataclass
+class BulkSlice:
+    """Rows start..stop of a chunk, as one batch takes them."""
+
+    work: BulkWork
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
 
 
 @dataclass
 class Computed:
-    """One batch through the model: its items, their rows (None: the model failed on
-    it), how long the model took, and when the batch started (wall clock, for queue_ms)."""
+    """One bulk batch through the model: its slices, their output rows in order (None:
+    the model failed on it), how long the model took, and when the batch started."""
 
-    live: list[Pending]
+    live: list[BulkSlice]
     rows: list[np.ndarray | None]
     compute_s: float
     started_unix_ns: int
+
+
+Batch = list[Pending] | list[BulkSlice]
 
 
 class Batcher(threading.Thread):
@@ -126,7 +161,8 @@ class Batcher(threading.Thread):
         self.stats = stats
         self._cond = threading.Condition()
         self._interactive: deque[Pending] = deque()
-        self._bulk: deque[Pending] = deque()
+        self._bulk: deque[BulkSlice] = deque()
+        self._bulk_items = 0
         self._stopping = False
         self._arriving = 0
         self._last_interactive = -INTERACTIVE_RECENT_S
@@ -146,6 +182,8 @@ class Batcher(threading.Thread):
         self._m_failed = metrics.COMPUTED.labels(name, "failed")
         self._m_expired = metrics.DROPPED.labels(name, "expired")
         self._m_cancelled = metrics.DROPPED.labels(name, "cancelled")
+        # Every valid bulk row has the model's request dtype and shape: one header for all keys.
+        self._key_args = (name, cfg.version, cfg.input_dtype, cfg.request_shape)
 
     # -- called from Celery's consumer and task threads and from the bulk consumer
     def arriving(self, delta: int) -> None:
@@ -156,17 +194,22 @@ class Batcher(threading.Thread):
                 # A batch held open for this message closes now, not at max_delay_ms.
                 self._cond.notify()
 
-    def submit(self, items: list[Pending], bulk: bool = False) -> None:
+    def submit(self, items: list[Pending]) -> None:
         with self._cond:
-            if bulk:
-                self._bulk.extend(items)
-            else:
-                self._interactive.extend(items)
-                self._last_interactive = time.monotonic()
+            self._interactive.extend(items)
+            self._last_interactive = time.monotonic()
+            self._cond.notify()
+
+    def submit_bulk(self, work: BulkWork) -> None:
+        if not work.job_indexes:
+            return
+        with self._cond:
+            self._bulk.append(BulkSlice(work, 0, len(work.job_indexes)))
+            self._bulk_items += len(work.job_indexes)
             self._cond.notify()
 
     def bulk_backlog(self) -> int:
-        return len(self._bulk)
+        return self._bulk_items
 
     def stop(self) -> None:
         with self._cond:
@@ -174,7 +217,7 @@ class Batcher(threading.Thread):
             self._cond.notify()
 
     # -- the batcher thread
-    def _take(self) -> list[Pending] | None:
+    def _take(self) -> Batch | None:
         max_n = self.cfg.max_batch_size
         max_delay_s = self.cfg.max_delay_ms / 1000
         with self._cond:
@@ -193,8 +236,7 @@ class Batcher(threading.Thread):
             if not self._interactive:
                 # Bulk only: never waits, and never shares a batch with interactive items
                 # (which would make the interactive batch slower to compute and answer).
-                bulk_max = max(1, max_n // 8) if interactive_recent else max_n
-                return [self._bulk.popleft() for _ in range(min(bulk_max, len(self._bulk)))]
+                return self._take_bulk(max(1, max_n // 8) if interactive_recent else max_n)
             batch: list[Pending] = []
             flush_at = now + max_delay_s
             while True:
@@ -205,6 +247,22 @@ class Batcher(threading.Thread):
                     return batch
                 self._cond.wait(remaining)
 
+    def _take_bulk(self, max_n: int) -> list[BulkSlice]:
+        """Up to max_n rows from the chunks in arrival order (the caller holds _cond)."""
+        batch: list[BulkSlice] = []
+        need = max_n
+        while need and self._bulk:
+            head = self._bulk[0]
+            if head.size <= need:
+                batch.append(self._bulk.popleft())
+                need -= head.size
+            else:
+                batch.append(BulkSlice(head.work, head.start, head.start + need))
+                head.start += need
+                need = 0
+        self._bulk_items -= max_n - need
+        return batch
+
     def run(self) -> None:
         self._writer.start()
         try:
@@ -213,38 +271,25 @@ class Batcher(threading.Thread):
                 if batch is None:
                     return
                 try:
-                    self._process(batch)
+                    if isinstance(batch[0], BulkSlice):
+                        self._process_bulk(batch)
+                    else:
+                        self._process(batch)
                 except Exception:
-                    log.exception("batch of %d for %s failed outside the model", len(batch), self.cfg.name)
-                    for p in batch:
-                        if not p.ticket.done.is_set():
-                            p.ticket.settle("failed")
+                    log.exception("batch for %s failed outside the model", self.cfg.name)
+                    for part in batch:
+                        if isinstance(part, BulkSlice):
+                            if not part.work.ticket.done.is_set():
+                                part.work.ticket.settle("failed", part.size)
+                        elif not part.ticket.done.is_set():
+                            part.ticket.settle("failed")
         finally:
             # Stopping: the results thread writes what was computed, then ends.
             self._computed.put(None)
             self._writer.join()
 
-    def _drop_dead(self, batch: list[Pending]) -> list[Pending]:
-        """Items past their deadline, and bulk items of jobs known to have ended, are not
-        computed. A job is known ended from the state its last result write returned
-        (JobSink.record), so checking costs no round trip; chunks of jobs that ended
-        before this worker took them were dropped by the bulk consumer."""
-        now_ns = time.time_ns()
-        live: list[Pending] = []
-        expired_jobs: set[str] = set()
-        ended = self._ended
-        cancelled = 0
-        for p in batch:
-            if p.job_id and p.job_id in ended:
-                p.ticket.settle("cancelled")
-                cancelled += 1
-            elif p.item.deadline_unix_ns and p.item.deadline_unix_ns <= now_ns:
-                if p.job_id:
-                    expired_jobs.add(p.job_id)
-                p.ticket.settle("expired")
-            else:
-                live.append(p)
-        if expired := len(batch) - len(live) - cancelled:
+    def _dropped(self, expired: int, cancelled: int, expired_jobs: set[str]) -> None:
+        if expired:
             self.stats.add("items_expired", expired)
             self._m_expired.inc(expired)
         if cancelled:
@@ -258,6 +303,40 @@ class Batcher(threading.Thread):
                 # Best effort: reading the job ends it by its deadline too (jobs.OBSERVE),
                 # and its items here are settled already.
                 log.warning("could not mark job %s expired: %r", job_id, exc)
+
+    def _drop_dead(self, batch: list[Pending]) -> list[Pending]:
+        """Interactive items past their deadline are not computed."""
+        now_ns = time.time_ns()
+        live: list[Pending] = []
+        for p in batch:
+            if p.item.deadline_unix_ns and p.item.deadline_unix_ns <= now_ns:
+                p.ticket.settle("expired")
+            else:
+                live.append(p)
+        self._dropped(len(batch) - len(live), 0, set())
+        return live
+
+    def _drop_dead_bulk(self, batch: list[BulkSlice]) -> list[BulkSlice]:
+        """Rows past their deadline, and rows of jobs known to have ended, are not
+        computed. A job is known ended from the state its last result write returned
+        (JobSink.record), so checking costs no round trip; chunks of jobs that ended
+        before this worker took them were dropped by the bulk consumer."""
+        now_ns = time.time_ns()
+        live: list[BulkSlice] = []
+        expired_jobs: set[str] = set()
+        expired = cancelled = 0
+        for part in batch:
+            work = part.work
+            if work.job_id in self._ended:
+                work.ticket.settle("cancelled", part.size)
+                cancelled += part.size
+            elif work.deadline_unix_ns and work.deadline_unix_ns <= now_ns:
+                expired_jobs.add(work.job_id)
+                work.ticket.settle("expired", part.size)
+                expired += part.size
+            else:
+                live.append(part)
+        self._dropped(expired, cancelled, expired_jobs)
         return live
 
     def _job_ended(self, job_id: str) -> None:
@@ -265,55 +344,105 @@ class Batcher(threading.Thread):
         if len(self._ended) > ENDED_REMEMBERED:
             del self._ended[next(iter(self._ended))]  # the oldest: its chunks are long gone
 
-    def _run(self, live: list[Pending]) -> list[np.ndarray | None]:
-        """Class probabilities per item; None for an item the model failed on. When the
-        batch fails, each item is run alone, so one bad input fails only itself."""
+    def _run(self, x: np.ndarray) -> list[np.ndarray | None]:
+        """Class probabilities per input row; None for a row the model failed on. When the
+        batch fails, each row is run alone, so one bad input fails only itself."""
         try:
-            return list(self.runner.run(np.concatenate([p.array for p in live])))
+            return list(self.runner.run(x))
         except Exception:
-            log.exception("model %s v%d failed on a batch of %d", self.cfg.name, self.cfg.version, len(live))
-        if len(live) == 1:
+            log.exception("model %s v%d failed on a batch of %d", self.cfg.name, self.cfg.version, len(x))
+        if len(x) == 1:
             return [None]
         self.stats.add("batches_split")
         rows: list[np.ndarray | None] = []
-        for p in live:
+        for i in range(len(x)):
             try:
-                rows.append(self.runner.run(p.array)[0])
+                rows.append(self.runner.run(x[i : i + 1])[0])
             except Exception as exc:
                 log.warning("model %s v%d failed on one input: %r", self.cfg.name, self.cfg.version, exc)
                 rows.append(None)
         return rows
 
     def _process(self, batch: list[Pending]) -> None:
+        """An interactive batch: computed and answered from this thread (a hand-off to
+        the results thread would add to every Classify's latency)."""
         started_unix_ns = time.time_ns()
         live = self._drop_dead(batch)
         if not live:
             return
         t0 = time.perf_counter()
-        rows = self._run(live)
-        done = Computed(live, rows, time.perf_counter() - t0, started_unix_ns)
-        self._observe(done)
-        # A batch is all bulk or all interactive (_take).
-        if live[0].job_id:
-            # The results thread writes them while the model runs the next batch.
-            self._computed.put(done)
-        else:
-            # Answered from here: a thread hand-off would add to every Classify's latency.
-            self._write([done])
+        rows = self._run(np.concatenate([p.array for p in live]))
+        compute_s = time.perf_counter() - t0
+        self._observe(rows, compute_s, ((started_unix_ns - p.ticket.enqueued_unix_ns, 1) for p in live))
+        self._answer(live, rows, compute_s, started_unix_ns)
 
-    def _observe(self, done: Computed) -> None:
-        size = len(done.live)
-        for p in done.live:
-            self._m_queue.observe(max(0.0, (done.started_unix_ns - p.ticket.enqueued_unix_ns) / 1e9))
+    def _process_bulk(self, batch: list[BulkSlice]) -> None:
+        """A bulk batch: computed here, written by the results thread while the model
+        runs the next one."""
+        started_unix_ns = time.time_ns()
+        live = self._drop_dead_bulk(batch)
+        if not live:
+            return
+        t0 = time.perf_counter()
+        # A fresh array even for one slice: a chunk's rows are a read-only view of its message.
+        rows = self._run(np.concatenate([part.work.rows[part.start : part.stop] for part in live]))
+        compute_s = time.perf_counter() - t0
+        waits = ((started_unix_ns - part.work.ticket.enqueued_unix_ns, part.size) for part in live)
+        self._observe(rows, compute_s, waits)
+        self._computed.put(Computed(live, rows, compute_s, started_unix_ns))
+
+    def _observe(
+        self, rows: list[np.ndarray | None], compute_s: float, waits_ns: Iterable[tuple[int, int]]
+    ) -> None:
+        """Metrics of one batch; `waits_ns` gives (queue wait, items) per group of items
+        that waited as long."""
+        for wait_ns, n in waits_ns:
+            wait_s = max(0.0, wait_ns / 1e9)
+            for _ in range(n):
+                self._m_queue.observe(wait_s)
+        size = len(rows)
         self._m_batch.observe(size)
-        self._m_compute.observe(done.compute_s)
-        failed = sum(row is None for row in done.rows)
+        self._m_compute.observe(compute_s)
+        failed = sum(row is None for row in rows)
         if failed < size:
-            self.stats.batch(size - failed, done.compute_s)
+            self.stats.batch(size - failed, compute_s)
             self._m_ok.inc(size - failed)
         if failed:
             self.stats.add("items_failed", failed)
             self._m_failed.inc(failed)
+
+    def _answer(
+        self, live: list[Pending], rows: list[np.ndarray | None], compute_s: float, started_unix_ns: int
+    ) -> None:
+        """The cache entries and replies of an interactive batch, then their tickets."""
+        try:
+            replies: dict[str, list[bytes]] = defaultdict(list)
+            cache_values: dict[str, bytes] = {}
+            compute_ms = compute_s * 1000
+            for p, row in zip(live, rows, strict=True):
+                reply = Reply(
+                    request_id=p.item.request_id,
+                    queue_ms=max(0.0, (started_unix_ns - p.ticket.enqueued_unix_ns) / 1e6),
+                    compute_ms=compute_ms,
+                    batch_size=len(live),
+                )
+                if row is None:
+                    reply.status = Reply.STATUS_INTERNAL
+                    reply.error = "the model failed on this input"
+                else:
+                    reply.status = Reply.STATUS_OK
+                    reply.scores.values.extend(row.tolist())
+                    # The key is recomputed here from what was actually computed, never
+                    # taken from the message: clients cannot steer what lands in the cache.
+                    key = input_key(self.cfg.name, self.cfg.version, p.item.input)
+                    cache_values[key] = reply.scores.SerializeToString()
+                replies[p.item.reply_key].append(reply.SerializeToString())
+            # Cache first, and acknowledged: a caller who got its reply and asks again must hit.
+            self.cache.set_many(cache_values)
+            self.sink.push(replies)
+        finally:
+            for p, row in zip(live, rows, strict=True):
+                p.ticket.settle("computed" if row is not None else "failed")
 
     def _write_results(self) -> None:
         """The results thread: writes computed bulk batches, several per round trip when
@@ -329,59 +458,62 @@ class Batcher(threading.Thread):
             batches = [done for done in group if done is not None]
             try:
                 if batches:
-                    self._write(batches)
+                    self._record(batches)
             except Exception:
                 log.exception("writing the results of %d batches of %s failed", len(batches), self.cfg.name)
             if last:
                 return
 
-    def _write(self, group: list[Computed]) -> None:
-        """The cache entries, replies and job results of computed batches, then their tickets."""
+    def _record(self, group: list[Computed]) -> None:
+        """The cache entries and job results of computed bulk batches, then their tickets.
+        A result holds what GetJob reads: status, scores (or error)."""
         recorded: set[str] = set()
+        # Per slice: (its rows that computed, its rows that failed).
+        outcomes: list[tuple[BulkSlice, int, int]] = []
         try:
-            replies: dict[str, list[bytes]] = defaultdict(list)
             results: dict[str, list[tuple[int, str, bytes]]] = defaultdict(list)
             cache_values: dict[str, bytes] = {}
             for done in group:
-                compute_ms = done.compute_s * 1000
-                size = len(done.live)
-                for p, row in zip(done.live, done.rows, strict=True):
-                    reply = Reply(
-                        request_id=p.item.request_id,
-                        queue_ms=max(0.0, (done.started_unix_ns - p.ticket.enqueued_unix_ns) / 1e6),
-                        compute_ms=compute_ms,
-                        batch_size=size,
-                    )
-                    if row is None:
-                        reply.status = Reply.STATUS_INTERNAL
-                        reply.error = "the model failed on this input"
-                    else:
-                        reply.status = Reply.STATUS_OK
-                        reply.scores.values.extend(row.tolist())
-                        # The key is recomputed here from what was actually computed, never
-                        # taken from the message: clients cannot steer what lands in the cache.
-                        key = input_key(self.cfg.name, self.cfg.version, p.item.input)
-                        cache_values[key] = reply.scores.SerializeToString()
-                    if p.job_id:
-                        kind = jobs.OK if row is not None else jobs.FAILED
-                        results[p.job_id].append((p.item.job_index, kind, reply.SerializeToString()))
-                    else:
-                        replies[p.item.reply_key].append(reply.SerializeToString())
-            # Cache first: a caller who got its reply and asks again must hit.
-            self.cache.set_many(cache_values)
-            # A bulk item counts only once its result is in Redis; its chunk is acknowledged
-            # after that (Ticket.on_done), so a crash before this point redelivers it.
+                rows = iter(done.rows)
+                for part in done.live:
+                    indexes, inputs = part.work.job_indexes, part.work.rows
+                    entries = results[part.work.job_id]
+                    failed = 0
+                    for i in range(part.start, part.stop):
+                        row = next(rows)
+                        if row is None:
+                            entries.append((indexes[i], jobs.FAILED, _MODEL_FAILED))
+                            failed += 1
+                            continue
+                        scores = Scores(values=row.tolist())
+                        # Keyed by the bytes the model computed, as input_key keys the request.
+                        cache_values[data_key(*self._key_args, inputs[i].data)] = scores.SerializeToString()
+                        result = Reply(status=Reply.STATUS_OK, scores=scores).SerializeToString()
+                        entries.append((indexes[i], jobs.OK, result))
+                    outcomes.append((part, part.size - failed, failed))
+            # Not acknowledged: nobody waits on these entries, and the job's results are the
+            # answer. A bulk item counts only once its result is in Redis; its chunk is
+            # acknowledged after that (Ticket.on_done), so a crash before this point
+            # redelivers it.
+            self.cache.set_many(cache_values, wait=False)
             for job_id, entries in results.items():
                 _, state = self.jobs.record(job_id, entries)
                 recorded.add(job_id)
                 if state is not None and state not in jobs.LIVE:
                     self._job_ended(job_id)  # cancelled, ended or gone: drop what is queued
-            if replies:
-                self.sink.push(replies)
         finally:
-            for done in group:
-                for p, row in zip(done.live, done.rows, strict=True):
-                    if p.job_id and p.job_id not in recorded:
-                        p.ticket.settle("unrecorded")
-                    else:
-                        p.ticket.settle("computed" if row is not None else "failed")
+            for part, computed, failed in outcomes or [(p, p.size, 0) for d in group for p in d.live]:
+                ticket = part.work.ticket
+                if part.work.job_id not in recorded:
+                    ticket.settle("unrecorded", part.size)
+                    continue
+                if computed:
+                    ticket.settle("computed", computed)
+                if failed:
+                    ticket.settle("failed", failed)
+
+
+Scores = envelope_pb2.Scores
+_MODEL_FAILED = Reply(
+    status=Reply.STATUS_INTERNAL, error="the model failed on this input"
+).SerializeToString()

@@ -30,6 +30,7 @@ import time
 import uuid
 from typing import Any
 
+import numpy as np
 import redis
 from celery import Celery
 
@@ -37,9 +38,10 @@ from inferpool import codec, jobs
 from inferpool.bulkqueue import BulkQueues
 from inferpool.errors import InvalidInput
 from inferpool.names import bulk_queue_name, bulk_task_name
+from inferpool.repository import NONFINITE, ModelConfig
 from inferpool.v1 import envelope_pb2
 from workers import metrics
-from workers.batcher import Batcher, Pending, Ticket
+from workers.batcher import Batcher, BulkWork, Ticket
 from workers.sinks import JobSink
 from workers.stats import WorkerStats
 
@@ -217,6 +219,7 @@ class BulkConsumer(threading.Thread):
             envelope = codec.decode(body)
             if not envelope.job_id or envelope.model != model:
                 raise codec.PoisonMessage(f"not a bulk envelope for {model!r}")
+            indexes = _job_indexes(envelope)
         except codec.PoisonMessage as exc:
             self.stats.add("messages_poison")
             log.error("dead-lettering poison bulk chunk from %s: %s", queue_name, exc)
@@ -224,47 +227,83 @@ class BulkConsumer(threading.Thread):
             metrics.TASKS.labels(bulk_task_name(model), "rejected").inc()
             return
         job_id = envelope.job_id
-        first = envelope.items[0].job_index if envelope.items else 0
         # Stable across redeliveries: a chunk is one task however often it runs.
-        chunk = _Chunk(queue_name, body, f"{job_id}-{first}", bulk_task_name(model))
+        chunk = _Chunk(queue_name, body, f"{job_id}-{indexes[0] if indexes else 0}", bulk_task_name(model))
         self._event("task-received", chunk)
         if not self.jobs.live([job_id]):
             # Cancelled, ended or expired: nobody wants these items computed.
-            self.stats.add("items_cancelled", len(envelope.items))
+            self.stats.add("items_cancelled", len(indexes))
             self.queues.ack(queue_name, body)
             self._event("task-revoked", chunk, terminated=False, signum=None, expired=False)
             return
         batcher = self.batchers.get((envelope.model, envelope.model_version))
-        failures: list[tuple[int, str, bytes]] = []
-        valid: list[tuple[envelope_pb2.EnvelopeItem, Any]] = []
-        items = list(envelope.items)
+        rows: np.ndarray | None = None
         if batcher is None:
             error = f"this worker does not serve {envelope.model} v{envelope.model_version}"
-            failures = [_failure(item, error, Reply.STATUS_INTERNAL) for item in items]
+            failures = [_failure(i, error, Reply.STATUS_INTERNAL) for i in indexes]
+            indexes = []
         else:
-            checked = batcher.cfg.validate_many([item.input for item in items])
-            for item, array in zip(items, checked, strict=True):
-                if isinstance(array, InvalidInput):
-                    failures.append(_failure(item, str(array), Reply.STATUS_INVALID_INPUT))
-                else:
-                    valid.append((item, array))
+            indexes, rows, failures = _validate(batcher.cfg, envelope, indexes)
         if failures:
             self.jobs.record(job_id, failures)
             self.stats.add("items_failed", len(failures))
             metrics.DROPPED.labels(model, "invalid").inc(len(failures))
-        if batcher is None or not valid:
+        if batcher is None or rows is None:
             self.queues.ack(queue_name, body)
             self._event("task-succeeded", chunk, result=repr({"failed": len(failures)}), runtime=0.0)
             return
         ticket = Ticket(
-            len(valid), envelope.enqueued_unix_ns, on_done=lambda t: self._finished.put((chunk, t))
+            len(indexes), envelope.enqueued_unix_ns, on_done=lambda t: self._finished.put((chunk, t))
         )
         self._inflight += 1
         self._held[queue_name] += 1
         self._event("task-started", chunk)
-        batcher.submit([Pending(item, array, ticket, job_id) for item, array in valid], bulk=True)
+        batcher.submit_bulk(BulkWork(indexes, rows, ticket, job_id, _deadline(envelope)))
 
 
-def _failure(item: envelope_pb2.EnvelopeItem, error: str, status: int) -> tuple[int, str, bytes]:
-    reply = Reply(request_id=item.request_id, status=status, error=error)  # type: ignore[arg-type]
-    return item.job_index, jobs.FAILED, reply.SerializeToString()
+def _job_indexes(envelope: envelope_pb2.Envelope) -> list[int]:
+    if not envelope.HasField("chunk"):
+        return [item.job_index for item in envelope.items]
+    indexes = list(envelope.chunk.job_indexes)
+    shape = envelope.chunk.inputs.shape
+    if envelope.items or not shape or shape[0] != len(indexes):
+        raise codec.PoisonMessage(f"a chunk of {len(indexes)} job indexes holds inputs shaped {list(shape)}")
+    return indexes
+
+
+def _deadline(envelope: envelope_pb2.Envelope) -> int:
+    if envelope.HasField("chunk"):
+        return envelope.chunk.deadline_unix_ns
+    return min((item.deadline_unix_ns for item in envelope.items if item.deadline_unix_ns), default=0)
+
+
+def _validate(
+    cfg: ModelConfig, envelope: envelope_pb2.Envelope, indexes: list[int]
+) -> tuple[list[int], np.ndarray | None, list[tuple[int, str, bytes]]]:
+    """The job indexes of the chunk's valid inputs and those inputs as one array (None
+    when there are none), and a failed result for each of the others."""
+    invalid = Reply.STATUS_INVALID_INPUT
+    if not envelope.HasField("chunk"):
+        # Written by an API that predates BulkChunk: an input per item.
+        checked = list(zip(indexes, cfg.validate_many([item.input for item in envelope.items]), strict=True))
+        failures = [_failure(i, str(c), invalid) for i, c in checked if isinstance(c, InvalidInput)]
+        kept = [(i, c) for i, c in checked if not isinstance(c, InvalidInput)]
+        if not kept:
+            return [], None, failures
+        return [i for i, _ in kept], np.concatenate([c for _, c in kept]), failures
+    try:
+        rows, nonfinite = cfg.validate_batch(envelope.chunk.inputs)
+    except InvalidInput as exc:
+        return [], None, [_failure(i, str(exc), invalid) for i in indexes]
+    if not nonfinite:
+        return indexes, rows, []
+    failures = [_failure(indexes[row], NONFINITE, invalid) for row in nonfinite]
+    keep = np.ones(len(indexes), dtype=bool)
+    keep[nonfinite] = False
+    if not keep.any():
+        return [], None, failures
+    return [i for i, k in zip(indexes, keep.tolist(), strict=True) if k], rows[keep], failures
+
+
+def _failure(index: int, error: str, status: int) -> tuple[int, str, bytes]:
+    return index, jobs.FAILED, Reply(status=status, error=error).SerializeToString()  # type: ignore[arg-type]

@@ -9,20 +9,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Envelope(_message.Message):
-    __slots__ = ("envelope_version", "model", "model_version", "items", "enqueued_unix_ns", "job_id")
+    __slots__ = ("envelope_version", "model", "model_version", "items", "enqueued_unix_ns", "job_id", "chunk")
     ENVELOPE_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     ENQUEUED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
     envelope_version: int
     model: str
     model_version: int
     items: _containers.RepeatedCompositeFieldContainer[EnvelopeItem]
     enqueued_unix_ns: int
     job_id: str
-    def __init__(self, envelope_version: _Optional[int] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., items: _Optional[_Iterable[_Union[EnvelopeItem, _Mapping]]] = ..., enqueued_unix_ns: _Optional[int] = ..., job_id: _Optional[str] = ...) -> None: ...
+    chunk: BulkChunk
+    def __init__(self, envelope_version: _Optional[int] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., items: _Optional[_Iterable[_Union[EnvelopeItem, _Mapping]]] = ..., enqueued_unix_ns: _Optional[int] = ..., job_id: _Optional[str] = ..., chunk: _Optional[_Union[BulkChunk, _Mapping]] = ...) -> None: ...
+
+class BulkChunk(_message.Message):
+    __slots__ = ("inputs", "job_indexes", "deadline_unix_ns")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    JOB_INDEXES_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    inputs: _tensor_pb2.Tensor
+    job_indexes: _containers.RepeatedScalarFieldContainer[int]
+    deadline_unix_ns: int
+    def __init__(self, inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., job_indexes: _Optional[_Iterable[int]] = ..., deadline_unix_ns: _Optional[int] = ...) -> None: ...
 
 class EnvelopeItem(_message.Message):
     __slots__ = ("request_id", "input", "deadline_unix_ns", "reply_key", "trace_id", "job_index")
