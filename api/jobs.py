@@ -279,14 +279,15 @@ class _Upload:
         self._rows: list[np.ndarray] = []
 
     async def add(self, request: jobs_pb2.SubmitJobRequest) -> None:
-        if self.count + len(request.inputs) > self.p.max_job_items:
-            raise InvalidInput(f"a job holds at most {self.p.max_job_items} items")
         cfg = self.cfg
+        inputs = list(request.inputs)
+        if self.count + sum(cfg.items_in(t) for t in inputs) > self.p.max_job_items:
+            raise InvalidInput(f"a job holds at most {self.p.max_job_items} items")
         answered: list[tuple[int, str, bytes]] = []
         candidates: list[tuple[int, np.ndarray, str]] = []
         # A valid input has the model's dtype and request shape: its key from its row.
         key_args = (cfg.name, cfg.version, cfg.input_dtype, cfg.request_shape)
-        for checked in cfg.validate_many(list(request.inputs)):
+        for checked in cfg.validate_items(inputs):
             index = self.count
             self.count += 1
             if isinstance(checked, InvalidInput):

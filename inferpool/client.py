@@ -138,30 +138,28 @@ def submit_requests(
     on_sent: Callable[[int], None] | None = None,
 ) -> Iterator[jobs_pb2.SubmitJobRequest]:
     """The messages of a streamed submission: `inputs` is [N, *input shape]; item i is
-    inputs[i:i+1]. Built lazily, so a large job never exists twice in memory."""
+    inputs[i:i+1]. Each message carries its items as one multi-row input (a bytes
+    slice of the array: no work per item). Built lazily, so a large job never exists
+    twice in memory."""
     if inputs.ndim < 1:
         raise ValueError("inputs must have a leading item dimension")
-    # One conversion for the whole array; each item is then a bytes slice of it.
     dtype = tensor.to_proto(inputs[:0]).dtype  # ValueError for dtypes the API does not speak
-    shape = [1, *inputs.shape[1:]]
     array = np.ascontiguousarray(inputs, dtype=tensor.numpy_dtype(dtype))
     request = jobs_pb2.SubmitJobRequest(
         model=model, version=version, top_k=top_k, idempotency_key=idempotency_key, timeout_s=timeout_s
     )
-    size = 0
     per_message = max(1, message_bytes // max(1, array[:1].nbytes))
-    for i in range(len(array)):
-        request.inputs.add(dtype=dtype, shape=shape, data=array[i].tobytes())
-        size += 1
-        if size >= per_message:
-            yield request
-            if on_sent is not None:
-                on_sent(size)
-            request, size = jobs_pb2.SubmitJobRequest(), 0
-    if size or request.model:  # the first message always goes, even for an empty job
+    for start in range(0, len(array), per_message):
+        rows = array[start : start + per_message]
+        request.inputs.add(dtype=dtype, shape=rows.shape, data=rows.tobytes())
         yield request
         if on_sent is not None:
-            on_sent(size)
+            on_sent(len(rows))
+        request = jobs_pb2.SubmitJobRequest()
+    if request.model:  # the first message always goes, even for an empty job
+        yield request
+        if on_sent is not None:
+            on_sent(0)
 
 
 class JobTimeout(TimeoutError):
@@ -272,6 +270,12 @@ class Client:
             on_sent=on_sent,
         )
         response: jobs_pb2.SubmitJobResponse = self.jobs.SubmitJobStream(requests, timeout=timeout_s)
+        if response.created and response.job.counts.total != len(inputs):
+            # A server from before multi-row inputs failed each message's input as one item.
+            raise RuntimeError(
+                f"job {response.job_id}: the server counted {response.job.counts.total} items for "
+                f"{len(inputs)} inputs; it predates multi-row job inputs and needs an upgrade"
+            )
         return Job(self, response.job_id)
 
     def job(self, job_id: str) -> Job:

@@ -163,6 +163,33 @@ class ModelConfig:
             results[i] = InvalidInput(NONFINITE) if row in nonfinite else arrays[row]
         return results
 
+    def items_in(self, t: tensor_pb2.Tensor) -> int:
+        """How many items a bulk input holds: the rows of [k, *input_shape] (1 when its
+        rank is not the model's, or k < 1)."""
+        shape = t.shape
+        return max(1, shape[0]) if len(shape) == len(self.request_shape) else 1
+
+    def validate_items(self, tensors: Sequence[tensor_pb2.Tensor]) -> list[np.ndarray | InvalidInput]:
+        """validate_many() for inputs holding items_in() items each, row by row: one
+        result per item, its array ([1, *input_shape]) or its InvalidInput. An input that
+        does not fit fails each of its items with the same reason."""
+        if all(self.items_in(t) == 1 for t in tensors):
+            return self.validate_many(tensors)
+        results: list[np.ndarray | InvalidInput] = []
+        for t in tensors:
+            k = self.items_in(t)
+            if k == 1:
+                results += self.validate_many([t])
+                continue
+            try:
+                rows, nonfinite = self.validate_batch(t)
+            except InvalidInput as exc:
+                results += [exc] * k
+                continue
+            bad = set(nonfinite)
+            results += [InvalidInput(NONFINITE) if i in bad else rows[i : i + 1] for i in range(k)]
+        return results
+
     def validate_batch(self, t: tensor_pb2.Tensor) -> tuple[np.ndarray, list[int]]:
         """A tensor of n inputs, [n, *input_shape], as a read-only array, and the rows
         holding NaN or infinite values; InvalidInput when the tensor as a whole does not

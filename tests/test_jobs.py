@@ -85,6 +85,21 @@ def test_bad_item_fails_alone_with_its_reason(client: Client, heldout: tuple[np.
     assert all(len(r.scores) == 10 and abs(sum(r.scores) - 1) < 1e-4 for r in results if r.ok)
 
 
+def test_a_multi_row_input_is_an_item_per_row(client: Client, heldout: tuple[np.ndarray, np.ndarray]) -> None:
+    x, y = unique_digits(heldout, 5, seed=22)
+    x[2, 0, 7, 7] = np.inf
+    wrong = np.zeros((2, 1, 28, 27), np.float32)  # two items, neither fits
+    inputs = [tensor.to_proto(x[:1]), tensor.to_proto(x[1:4]), tensor.to_proto(wrong), tensor.to_proto(x[4:])]
+    response = client.jobs.SubmitJob(jobs_pb2.SubmitJobRequest(model="digits", inputs=inputs), timeout=10)
+    final = client.job(response.job_id).wait(timeout_s=30)
+    assert (final.counts.total, final.counts.done, final.counts.failed) == (7, 4, 3)
+    results = list(client.job(response.job_id).results())
+    assert [r.ok for r in results] == [True, True, False, True, False, False, True]
+    assert "NaN or infinite" in results[2].error
+    assert "batches shaped" in results[4].error and results[4].error == results[5].error
+    assert [r.classes[0].index for r in results if r.ok] == [y[0], y[1], y[3], y[4]]
+
+
 def test_unknown_job_and_bad_requests(client: Client) -> None:
     for call in (
         lambda: client.job("0" * 32).status(),

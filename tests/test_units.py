@@ -159,6 +159,27 @@ def test_validate_batch_takes_a_chunk_whole_and_names_its_nonfinite_rows() -> No
             cfg.validate_batch(bad)
 
 
+def test_validate_items_gives_one_result_per_row_in_order() -> None:
+    cfg = Repository.load(ROOT / "models").resolve("digits")
+    x = np.random.default_rng(6).random((4, 1, 28, 28), dtype=np.float32)
+    x[2, 0, 0, 0] = np.nan
+    inputs = [
+        tensor.to_proto(x[:1]),
+        tensor.to_proto(x[1:]),  # three items, the second not finite
+        tensor.to_proto(np.zeros((2, 1, 28, 27), np.float32)),  # two items that do not fit
+        tensor.to_proto(np.zeros((28, 28), np.float32)),  # the wrong rank: one item
+    ]
+    assert [cfg.items_in(t) for t in inputs] == [1, 3, 2, 1]
+    checked = cfg.validate_items(inputs)
+    assert [isinstance(c, np.ndarray) for c in checked] == [True, True, False, True, False, False, False]
+    for i, row in ((0, 0), (1, 1), (3, 3)):
+        c = checked[i]
+        assert isinstance(c, np.ndarray) and c.shape == cfg.request_shape
+        np.testing.assert_array_equal(c[0], x[row])
+    assert str(checked[2]) == "input contains NaN or infinite values"
+    assert "batches shaped" in str(checked[4]) and str(checked[4]) == str(checked[5])
+
+
 def test_a_rows_data_key_is_the_key_of_the_same_input_sent_alone() -> None:
     x = np.random.default_rng(5).random((3, 1, 28, 28), dtype=np.float32)
     keys = [data_key("digits", 1, tensor.to_proto(x[:1]).dtype, (1, 1, 28, 28), x[i].data) for i in range(3)]
