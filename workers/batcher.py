@@ -387,8 +387,7 @@ class Batcher(threading.Thread):
         # A fresh array even for one slice: a chunk's rows are a read-only view of its message.
         rows = self._run(np.concatenate([part.work.rows[part.start : part.stop] for part in live]))
         compute_s = time.perf_counter() - t0
-        waits = ((started_unix_ns - part.work.ticket.enqueued_unix_ns, part.size) for part in live)
-        self._observe(rows, compute_s, waits)
+        # Its metrics too are the results thread's: this thread's time is the model's.
         self._computed.put(Computed(live, rows, compute_s, started_unix_ns))
 
     def _observe(
@@ -474,6 +473,8 @@ class Batcher(threading.Thread):
             results: dict[str, list[tuple[int, str, bytes]]] = defaultdict(list)
             cache_values: dict[str, bytes] = {}
             for done in group:
+                waits = ((done.started_unix_ns - p.work.ticket.enqueued_unix_ns, p.size) for p in done.live)
+                self._observe(done.rows, done.compute_s, waits)
                 rows = iter(done.rows)
                 for part in done.live:
                     indexes, inputs = part.work.job_indexes, part.work.rows
