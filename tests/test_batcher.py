@@ -149,3 +149,18 @@ def test_stopping_writes_what_was_computed(
         assert redis_client.hlen(job_results_key(job_id)) == 256
     finally:
         cache.close()
+
+
+def test_the_runners_compiled_variants_agree_and_each_batch_size_gets_one() -> None:
+    cfg = Repository.load(ROOT / "models").resolve("digits", 0)
+    runner = ModelRunner(cfg, pick_device("cpu"))
+    assert [v.name for v in runner.variants] == ["frozen", "optimized"]
+    runner.warm_up(repeats=1)
+    names = {v.name for v in runner.variants}
+    assert all(runner.variant_for(n) in names for n in range(1, cfg.max_batch_size + 1))
+    x = np.random.default_rng(9).random((cfg.max_batch_size, *cfg.input_shape), dtype=np.float32)
+    outputs = [runner._run(v, x) for v in runner.variants]
+    for out in outputs:
+        assert out.shape == (len(x), len(cfg.labels))
+        np.testing.assert_allclose(out, outputs[0], atol=1e-5)
+    np.testing.assert_allclose(runner.run(x[:3]), outputs[0][:3], atol=1e-5)

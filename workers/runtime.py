@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import time
@@ -41,20 +42,45 @@ def configure_threads(torch_threads: int) -> int:
     return n
 
 
+class _Variant:
+    """One compiled form of the model, and whether it takes channels_last inputs."""
+
+    def __init__(self, name: str, module: torch.jit.ScriptModule, channels_last: bool) -> None:
+        self.name = name
+        self.module = module
+        self.channels_last = channels_last
+
+
 class ModelRunner:
-    """One model version on one device. Not thread-safe: its batcher thread owns it."""
+    """One model version on one device. Not thread-safe: its batcher thread owns it.
+
+    The model is compiled two ways: frozen (weights inlined as constants, so the JIT
+    folds and fuses them; channels_last for image models), and that plus
+    torch.jit.optimize_for_inference (oneDNN layouts, conv-bn folding). Neither wins
+    everywhere: on this CPU the second ran the digits CNN 1.6-2x faster at batches of
+    32-64 and 2x slower at batch 1. So warm_up() times both at each batch size the
+    batcher can use and run() takes, per size, the one that measured faster."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.device = device
         module = torch.jit.load(str(cfg.model_file), map_location=device).eval()
-        self._channels_last = cfg.channels_last and len(cfg.input_shape) == 3
-        if self._channels_last:
-            # Weights and inputs both NHWC, so convolutions need no layout conversion.
-            module = module.to(memory_format=torch.channels_last)
-        # Freezing inlines weights as constants so the JIT can fold and fuse them.
-        # (optimize_for_inference was measured 2x slower at batch 1 on CPU: not used.)
-        self.module = torch.jit.freeze(module)
+        image = len(cfg.input_shape) == 3
+        channels_last = cfg.channels_last and image
+        # Weights and inputs both NHWC, so convolutions need no layout conversion.
+        shaped = module.to(memory_format=torch.channels_last) if channels_last else module
+        self.variants = [_Variant("frozen", torch.jit.freeze(shaped), channels_last)]
+        try:
+            optimized = torch.jit.optimize_for_inference(
+                torch.jit.freeze(torch.jit.load(str(cfg.model_file), map_location=device).eval())
+            )
+            self.variants.append(_Variant("optimized", optimized, False))
+        except Exception as exc:  # a model it cannot take runs frozen only
+            log.warning("optimize_for_inference failed for %s v%d: %r", cfg.name, cfg.version, exc)
+        # Batch sizes (ascending) and the variant for batches up to each; until warm_up
+        # has measured, the frozen one.
+        self._sizes = [cfg.max_batch_size]
+        self._chosen = [self.variants[0]]
         self._dtype = getattr(torch, dtype_name(cfg.input_dtype))
         self._staging: torch.Tensor | None = None
         if device.type == "cuda":
@@ -63,30 +89,60 @@ class ModelRunner:
                 (cfg.max_batch_size, *cfg.input_shape), dtype=self._dtype, pin_memory=True
             )
 
-    def warm_up(self) -> float:
-        """Runs the sizes the batcher will use so the JIT's profiling runs happen before
-        traffic does. Returns the seconds it took."""
+    def warm_up(self, repeats: int = 5) -> float:
+        """Runs every variant at batch sizes 1, 2, 4, ... up to max_batch_size, so the
+        JIT's profiling runs happen before traffic does, and chooses per size the
+        variant with the lowest median time. Returns the seconds it took."""
         t0 = time.perf_counter()
-        sizes = sorted({1, max(1, self.cfg.max_batch_size // 2), self.cfg.max_batch_size})
-        for _ in range(3):
-            for n in sizes:
-                self.run(np.zeros((n, *self.cfg.input_shape), dtype=self._np_dtype()))
+        top = self.cfg.max_batch_size
+        sizes = sorted({*(1 << i for i in range(top.bit_length()) if 1 << i <= top), top})
+        chosen: list[_Variant] = []
+        for n in sizes:
+            x = np.zeros((n, *self.cfg.input_shape), dtype=self._np_dtype())
+            times: dict[str, float] = {}
+            for variant in self.variants:
+                for _ in range(3):
+                    self._run(variant, x)
+                runs = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    self._run(variant, x)
+                    runs.append(time.perf_counter() - t)
+                times[variant.name] = float(np.median(runs))
+            chosen.append(min(self.variants, key=lambda v: times[v.name]))
+        self._sizes, self._chosen = sizes, chosen
+        log.info(
+            "%s v%d: %s",
+            self.cfg.name,
+            self.cfg.version,
+            ", ".join(f"batch {n} {v.name}" for n, v in zip(sizes, chosen, strict=True)),
+        )
         return time.perf_counter() - t0
+
+    def variant_for(self, n: int) -> str:
+        return self._pick(n).name
+
+    def _pick(self, n: int) -> _Variant:
+        # The variant measured at the smallest size >= n (the largest beyond them).
+        return self._chosen[min(bisect.bisect_left(self._sizes, n), len(self._sizes) - 1)]
 
     def _np_dtype(self) -> np.dtype:
         return np.dtype(dtype_name(self.cfg.input_dtype))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """[N, *input_shape] -> [N, classes] float32 probabilities."""
+        return self._run(self._pick(len(batch)), batch)
+
+    def _run(self, variant: _Variant, batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             x = torch.from_numpy(batch)
             if self._staging is not None:
                 staged = self._staging[: len(batch)]
                 staged.copy_(x)
                 x = staged.to(self.device, non_blocking=True)
-            if self._channels_last:
+            if variant.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            out = self.module(x)
+            out = variant.module(x)
             if self.cfg.output_kind == "logits":
                 out = torch.softmax(out.float(), dim=1)
             result: np.ndarray = out.float().cpu().numpy()
