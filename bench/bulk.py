@@ -58,10 +58,13 @@ def model_alone(seconds: float = 1.0) -> dict[str, float]:
     return rates
 
 
-def run_job(client: Client, items: int, seed: int) -> dict[str, float]:
-    x = np.random.default_rng(seed).random((items, *SHAPE[1:]), dtype=np.float32)
+def run_job(
+    client: Client, items: int, seed: int, model: str = "digits", shape: tuple[int, ...] = SHAPE[1:]
+) -> dict[str, float]:
+    """One job of `items` fresh random inputs of `shape`, from upload to its end."""
+    x = np.random.default_rng(seed).random((items, *shape), dtype=np.float32)
     t0 = time.perf_counter()
-    job = client.submit(x, "digits")
+    job = client.submit(x, model)
     uploaded = time.perf_counter()
     final = job.wait(timeout_s=600)
     total_s = time.perf_counter() - t0

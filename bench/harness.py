@@ -13,7 +13,7 @@ own grpc.aio loop; concurrency and rate are split across them):
   it starts cold), and open loop at fixed rates (25/50/75% of the system's own miss
   throughput at 64 in flight; latency counted from the scheduled send time, so a slow
   server cannot hide queueing);
-- a bulk job (bench/bulk.py's run_job) against baseline 1.
+- bulk jobs (bench/bulk.py's run_job) against baseline 1: digits, and the heavier model.
 
 Systems (same model files, same machine, same run):
   inferpool    the real stack (bench/stack.py LocalStack, Flower off)
@@ -437,23 +437,31 @@ def stack_phase(bench: Bench, system: str, target: str, metrics_url: str | None,
         bench.sweep(system, target, HEAVY_MODEL, "miss", args.heavy_concurrency)
 
 
-def bulk_phase(bench: Bench, target: str) -> None:
+def bulk_phase(bench: Bench, target: str, heavy: bool = False) -> None:
+    """Bulk jobs of digits, and with `heavy` of the heavier model too (a tenth as many
+    items): there the model, not the per-item cost of the path, sets the pace."""
     from bench.bulk import run_job
     from inferpool.client import Client
 
+    runs = [("bulk", "digits", bench.args.bulk_items, (1, 28, 28))]
+    if heavy:
+        runs.append(("bulk_heavy", HEAVY_MODEL, max(500, bench.args.bulk_items // 10), HEAVY_SHAPE))
     with Client(target) as client:
-        run_job(client, 2000, 1)  # warm-up: the bulk path's first chunks
-        jobs = [run_job(client, bench.args.bulk_items, 100 + r) for r in range(bench.args.repeats)]
-    bench.extra["bulk"] = {
-        "jobs": jobs,
-        "items_per_s": statistics.median(j["items_per_s"] for j in jobs),
-        "compute_items_per_s": statistics.median(j["compute_items_per_s"] for j in jobs),
-    }
-    b = bench.extra["bulk"]
-    bench.log(
-        f"  bulk job of {bench.args.bulk_items}: {b['items_per_s']:,.0f} items/s upload to SUCCEEDED, "
-        f"{b['compute_items_per_s']:,.0f} over its compute phase"
-    )
+        for key, model, items, shape in runs:
+            run_job(client, min(items, 2000), 1, model, shape)  # warm-up: the bulk path's first chunks
+            jobs = [run_job(client, items, 100 + r, model, shape) for r in range(bench.args.repeats)]
+            bench.extra[key] = {
+                "model": model,
+                "items": items,
+                "jobs": jobs,
+                "items_per_s": statistics.median(j["items_per_s"] for j in jobs),
+                "compute_items_per_s": statistics.median(j["compute_items_per_s"] for j in jobs),
+            }
+            b = bench.extra[key]
+            bench.log(
+                f"  {model} bulk job of {items}: {b['items_per_s']:,.0f} items/s upload to SUCCEEDED, "
+                f"{b['compute_items_per_s']:,.0f} over its compute phase"
+            )
 
 
 # --------------------------------------------------------------------------- reporting
@@ -502,6 +510,14 @@ def targets(bench: Bench) -> list[dict[str, Any]]:
     if heavy and heavy_b2:
         row(
             f"{HEAVY_MODEL} miss @64: throughput vs b2 (no target; context)", ratio(heavy, heavy_b2), 1.5, "x"
+        )
+    bulk, raw = bench.extra.get("bulk_heavy"), bench.extra.get("raw", {}).get(HEAVY_MODEL)
+    if bulk and raw:
+        row(
+            f"{HEAVY_MODEL} bulk job: items/s vs b1 raw (no target; context)",
+            bulk["items_per_s"] / raw["best_items_per_s"],
+            0.4,
+            "x",
         )
     return rows
 
@@ -556,9 +572,13 @@ def print_report(bench: Bench, target_rows: list[dict[str, Any]]) -> None:
             + ", ".join(f"{k}: {v:,.0f}" for k, v in r["by_batch"].items())
             + ")"
         )
-    if "bulk" in bench.extra:
-        b = bench.extra["bulk"]
-        print(f"bulk job: {b['items_per_s']:,.0f} items/s (compute phase {b['compute_items_per_s']:,.0f})")
+    for key in ("bulk", "bulk_heavy"):
+        if key in bench.extra:
+            b = bench.extra[key]
+            print(
+                f"bulk job, {b['model']} x {b['items']}: {b['items_per_s']:,.0f} items/s "
+                f"(compute phase {b['compute_items_per_s']:,.0f})"
+            )
     for system, mean in bench.extra.get("envelope_items_mean", {}).items():
         print(
             f"{system}: {mean:.2f} misses per queue message (API inferpool_envelope_items mean, miss sweep)"
@@ -677,7 +697,7 @@ def main() -> None:
                 bench.log("inferpool: the stack on loopback")
                 with LocalStack(flower=False, model_repository=repo) as stack:
                     stack_phase(bench, "inferpool", stack.target, stack.metrics_urls["api"], heavy)
-                    bulk_phase(bench, stack.target)
+                    bulk_phase(bench, stack.target, heavy)
                 bench.log(
                     "b4 naive: the same stack, one Celery message per miss (INFERPOOL_MAX_ENVELOPE_ITEMS=1)"
                 )
