@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+import torch
 
 from inferpool import jobs, tensor
 from inferpool.cache import Cache, input_key
@@ -164,3 +165,12 @@ def test_the_runners_compiled_variants_agree_and_each_batch_size_gets_one() -> N
         assert out.shape == (len(x), len(cfg.labels))
         np.testing.assert_allclose(out, outputs[0], atol=1e-5)
     np.testing.assert_allclose(runner.run(x[:3]), outputs[0][:3], atol=1e-5)
+
+
+def test_a_compiled_variant_that_answers_differently_is_not_used() -> None:
+    cfg = Repository.load(ROOT / "models").resolve("digits", 0)
+    runner = ModelRunner(cfg, pick_device("cpu"))
+    runner.variants[1].module = lambda x: torch.zeros((len(x), len(cfg.labels)))  # type: ignore[assignment]
+    runner.warm_up(repeats=1)
+    assert [v.name for v in runner.variants] == ["frozen"]
+    assert {runner.variant_for(n) for n in range(1, cfg.max_batch_size + 1)} == {"frozen"}
