@@ -42,6 +42,10 @@ def configure_threads(torch_threads: int) -> int:
     return n
 
 
+# About how long warm_up times one variant at one batch size.
+TUNE_S_PER_SIZE = 0.05
+
+
 class _Variant:
     """One compiled form of the model, and whether it takes channels_last inputs."""
 
@@ -92,7 +96,9 @@ class ModelRunner:
     def warm_up(self, repeats: int = 5) -> float:
         """Runs every variant at batch sizes 1, 2, 4, ... up to max_batch_size, so the
         JIT's profiling runs happen before traffic does, and chooses per size the
-        variant with the lowest median time. Returns the seconds it took."""
+        variant with the lowest median time. Each is timed over up to `repeats` runs
+        after two untimed ones, fewer when a run takes long (a model whose batch takes
+        a second is timed once per size and variant). Returns the seconds it took."""
         t0 = time.perf_counter()
         self._drop_disagreeing()
         top = self.cfg.max_batch_size
@@ -102,10 +108,12 @@ class ModelRunner:
             x = np.zeros((n, *self.cfg.input_shape), dtype=self._np_dtype())
             times: dict[str, float] = {}
             for variant in self.variants:
-                for _ in range(3):
-                    self._run(variant, x)
+                self._run(variant, x)
+                t = time.perf_counter()
+                self._run(variant, x)
+                runs_wanted = max(1, min(repeats, int(TUNE_S_PER_SIZE / (time.perf_counter() - t + 1e-9))))
                 runs = []
-                for _ in range(repeats):
+                for _ in range(runs_wanted):
                     t = time.perf_counter()
                     self._run(variant, x)
                     runs.append(time.perf_counter() - t)
