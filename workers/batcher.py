@@ -467,8 +467,7 @@ class Batcher(threading.Thread):
         """The cache entries and job results of computed bulk batches, then their tickets.
         A result holds what GetJob reads: status, scores (or error)."""
         recorded: set[str] = set()
-        # Per slice: (its rows that computed, its rows that failed).
-        outcomes: list[tuple[BulkSlice, int, int]] = []
+        failed_rows: dict[int, int] = {}  # id(slice) -> its rows the model failed on
         try:
             results: dict[str, list[tuple[int, str, bytes]]] = defaultdict(list)
             cache_values: dict[str, bytes] = {}
@@ -491,7 +490,7 @@ class Batcher(threading.Thread):
                         cache_values[data_key(*self._key_args, inputs[i].data)] = scores.SerializeToString()
                         result = Reply(status=Reply.STATUS_OK, scores=scores).SerializeToString()
                         entries.append((indexes[i], jobs.OK, result))
-                    outcomes.append((part, part.size - failed, failed))
+                    failed_rows[id(part)] = failed
             # Not acknowledged: nobody waits on these entries, and the job's results are the
             # answer. A bulk item counts only once its result is in Redis; its chunk is
             # acknowledged after that (Ticket.on_done), so a crash before this point
@@ -503,13 +502,16 @@ class Batcher(threading.Thread):
                 if state is not None and state not in jobs.LIVE:
                     self._job_ended(job_id)  # cancelled, ended or gone: drop what is queued
         finally:
-            for part, computed, failed in outcomes or [(p, p.size, 0) for d in group for p in d.live]:
+            # Every slice settles, whatever failed above: its chunk is acknowledged, or put
+            # back on its queue when its results were not written.
+            for part in (part for done in group for part in done.live):
                 ticket = part.work.ticket
                 if part.work.job_id not in recorded:
                     ticket.settle("unrecorded", part.size)
                     continue
-                if computed:
-                    ticket.settle("computed", computed)
+                failed = failed_rows[id(part)]  # known: results are written after the loop
+                if part.size > failed:
+                    ticket.settle("computed", part.size - failed)
                 if failed:
                     ticket.settle("failed", failed)
 
