@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 Reply = envelope_pb2.Reply
 
 MAX_PAGE = 1000
-# The shortest pause between two looks at a job being watched (JobPlane._next_look_s).
+# The shortest pause between two looks at a job being watched (next_look_s).
 WATCH_MIN_INTERVAL_S = 0.01
 MAX_IDEMPOTENCY_KEY = 256
 
