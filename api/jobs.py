@@ -233,7 +233,10 @@ class JobPlane:
                 yield job
             if jobs.state_name(job.state) in jobs.TERMINAL:
                 return
-            now, finished = time.monotonic(), job.counts.done + job.counts.failed
+            now, finished = time.time(), job.counts.done + job.counts.failed
+            if previous is None and job.HasField("started"):
+                # The first look has no look before it: the pace since the job started.
+                previous = (job.started.ToMilliseconds() / 1000, 0)
             await asyncio.sleep(next_look_s(self.watch_interval_s, job.counts.total, finished, now, previous))
             previous = (now, finished)
 
