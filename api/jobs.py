@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from api import metrics
 from api.core import DataPlane, top_classes
 from inferpool import jobs, tensor
-from inferpool.cache import data_key
+from inferpool.cache import row_key
 from inferpool.codec import ENVELOPE_VERSION, encode
 from inferpool.errors import BackendUnavailable, InvalidInput, JobNotFound
 from inferpool.names import bulk_queue_name, job_idempotency_key, job_key, job_results_key
@@ -288,8 +288,6 @@ class _Upload:
             raise InvalidInput(f"a job holds at most {self.p.max_job_items} items")
         answered: list[tuple[int, str, bytes]] = []
         candidates: list[tuple[int, np.ndarray, str]] = []
-        # A valid input has the model's dtype and request shape: its key from its row.
-        key_args = (cfg.name, cfg.version, cfg.input_dtype, cfg.request_shape)
         for checked in cfg.validate_items(inputs):
             index = self.count
             self.count += 1
@@ -297,7 +295,7 @@ class _Upload:
                 reply = Reply(status=Reply.STATUS_INVALID_INPUT, error=str(checked))
                 answered.append((index, jobs.FAILED, reply.SerializeToString()))
                 continue
-            candidates.append((index, checked, data_key(*key_args, checked.data)))
+            candidates.append((index, checked, row_key(cfg, checked.data)))
         cache = self.p.plane.cache
         loop = asyncio.get_running_loop()
         hits = await loop.run_in_executor(None, cache.get_many, [key for _, _, key in candidates])

@@ -443,9 +443,9 @@ def bulk_phase(bench: Bench, target: str, heavy: bool = False) -> None:
     from bench.bulk import run_job
     from inferpool.client import Client
 
-    runs = [("bulk", "digits", bench.args.bulk_items, (1, 28, 28))]
+    runs = [("bulk", "digits", bench.args.bulk_items, SHAPES["digits"])]
     if heavy:
-        runs.append(("bulk_heavy", HEAVY_MODEL, max(500, bench.args.bulk_items // 10), HEAVY_SHAPE))
+        runs.append(("bulk_heavy", HEAVY_MODEL, max(500, bench.args.bulk_items // 10), SHAPES[HEAVY_MODEL]))
     with Client(target) as client:
         for key, model, items, shape in runs:
             run_job(client, min(items, 2000), 1, model, shape)  # warm-up: the bulk path's first chunks

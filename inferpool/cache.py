@@ -20,6 +20,7 @@ import xxhash
 from pymemcache.client.base import PooledClient
 
 from inferpool.names import cache_key
+from inferpool.repository import ModelConfig
 from inferpool.settings import Settings
 from inferpool.v1 import tensor_pb2
 
@@ -55,6 +56,12 @@ def data_key(model: str, version: int, dtype: int, shape: tuple[int, ...], data:
 
 def input_key(model: str, version: int, t: tensor_pb2.Tensor) -> str:
     return data_key(model, version, t.dtype, tuple(t.shape), t.data)
+
+
+def row_key(cfg: ModelConfig, row: bytes | memoryview) -> str:
+    """The key of one validated input given as its bytes: a valid input has the model's
+    dtype and request shape, so this is input_key of the request that carried it."""
+    return data_key(cfg.name, cfg.version, cfg.input_dtype, cfg.request_shape, row)
 
 
 class Cache:

@@ -118,13 +118,16 @@ class ModelConfig:
                 raise
             raise RepositoryError(f"{where}: {exc!r}") from exc
 
-    def validate(self, t: tensor_pb2.Tensor) -> np.ndarray:
-        """The request tensor as an array, or InvalidInput saying what is wrong."""
+    def _check_dtype(self, t: tensor_pb2.Tensor) -> None:
         if t.dtype != self.input_dtype:
             raise InvalidInput(
                 f"model {self.name!r} takes {tensor.dtype_name(self.input_dtype)}, "
                 f"got {tensor.dtype_name(t.dtype)}"
             )
+
+    def validate(self, t: tensor_pb2.Tensor) -> np.ndarray:
+        """The request tensor as an array, or InvalidInput saying what is wrong."""
+        self._check_dtype(t)
         if tuple(t.shape) != self.request_shape:
             raise InvalidInput(
                 f"model {self.name!r} takes shape {list(self.request_shape)} (batch of 1), "
@@ -194,11 +197,7 @@ class ModelConfig:
         """A tensor of n inputs, [n, *input_shape], as a read-only array, and the rows
         holding NaN or infinite values; InvalidInput when the tensor as a whole does not
         fit the signature."""
-        if t.dtype != self.input_dtype:
-            raise InvalidInput(
-                f"model {self.name!r} takes {tensor.dtype_name(self.input_dtype)}, "
-                f"got {tensor.dtype_name(t.dtype)}"
-            )
+        self._check_dtype(t)
         if len(t.shape) != 1 + len(self.input_shape) or tuple(t.shape[1:]) != self.input_shape:
             raise InvalidInput(
                 f"model {self.name!r} takes batches shaped [n, {', '.join(map(str, self.input_shape))}], "

@@ -32,7 +32,7 @@ import numpy as np
 import redis
 
 from inferpool import jobs
-from inferpool.cache import Cache, data_key, input_key
+from inferpool.cache import Cache, input_key, row_key
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2
 from workers import metrics
@@ -182,8 +182,6 @@ class Batcher(threading.Thread):
         self._m_failed = metrics.COMPUTED.labels(name, "failed")
         self._m_expired = metrics.DROPPED.labels(name, "expired")
         self._m_cancelled = metrics.DROPPED.labels(name, "cancelled")
-        # Every valid bulk row has the model's request dtype and shape: one header for all keys.
-        self._key_args = (name, cfg.version, cfg.input_dtype, cfg.request_shape)
 
     # -- called from Celery's consumer and task threads and from the bulk consumer
     def arriving(self, delta: int) -> None:
@@ -487,7 +485,7 @@ class Batcher(threading.Thread):
                             continue
                         scores = Scores(values=row.tolist())
                         # Keyed by the bytes the model computed, as input_key keys the request.
-                        cache_values[data_key(*self._key_args, inputs[i].data)] = scores.SerializeToString()
+                        cache_values[row_key(self.cfg, inputs[i].data)] = scores.SerializeToString()
                         result = Reply(status=Reply.STATUS_OK, scores=scores).SerializeToString()
                         entries.append((indexes[i], jobs.OK, result))
                     failed_rows[id(part)] = failed

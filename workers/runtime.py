@@ -75,6 +75,7 @@ class ModelRunner:
         shaped = module.to(memory_format=torch.channels_last) if channels_last else module
         self.variants = [_Variant("frozen", torch.jit.freeze(shaped), channels_last)]
         try:
+            # From a second load: .to(memory_format=...) changed the first in place.
             optimized = torch.jit.optimize_for_inference(
                 torch.jit.freeze(torch.jit.load(str(cfg.model_file), map_location=device).eval())
             )
