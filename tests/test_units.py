@@ -258,6 +258,29 @@ def test_admission_refuses_when_the_backlog_cannot_meet_the_deadline() -> None:
     asyncio.run(scenario())
 
 
+def test_ids_are_unique_32_hex_digits_and_a_forked_child_draws_its_own() -> None:
+    import os
+    import re
+
+    from api.core import new_id
+
+    ids = [new_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch("[0-9a-f]{32}", i) for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id must not be one its parent hands out
+        os.write(write, new_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    parent = [new_id() for _ in range(3)]
+    assert len(child) == 32 and child not in parent
+    assert child[:16] != parent[0][:16]
+
+
 def test_top_classes_orders_by_score_then_index_on_both_paths() -> None:
     from api.core import SMALL_OUTPUT, top_classes
 
