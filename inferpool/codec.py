@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from google.protobuf.message import DecodeError
 from kombu.serialization import register
 
@@ -59,3 +60,32 @@ def decode(data: bytes) -> envelope_pb2.Envelope:
             f"envelope version {envelope.envelope_version}, this worker speaks {ENVELOPE_VERSION}"
         )
     return envelope
+
+
+# Bulk results, written out by hand: building Scores and Reply messages per item cost
+# 2.2 of the 3.3 us a bulk result took in the worker (batches of 64). The bytes are
+# SerializeToString's: proto3 writes fields in number order, `repeated float` packed
+# as little-endian float32 (test_result_bytes_are_the_messages_serialized).
+_SCORES_VALUES = b"\x0a"  # Scores.values: field 1, length-delimited
+_REPLY_OK = envelope_pb2.Reply(status=envelope_pb2.Reply.STATUS_OK).SerializeToString()
+_REPLY_SCORES = b"\x22"  # Reply.scores: field 4, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def scores_bytes(row: np.ndarray) -> bytes:
+    """Scores(values=row) serialized, for a row of class probabilities."""
+    data = np.ascontiguousarray(row, dtype="<f4").tobytes()
+    return _SCORES_VALUES + _varint(len(data)) + data if data else b""
+
+
+def ok_reply_bytes(scores: bytes) -> bytes:
+    """Reply(status=STATUS_OK, scores=...) serialized, given scores_bytes()."""
+    return _REPLY_OK + _REPLY_SCORES + _varint(len(scores)) + scores

@@ -30,17 +30,20 @@ def test_sigkill_mid_job_then_new_worker_completes_it_exactly_once(
     api = ApiThread(settings)
     second: Worker | None = None
     try:
-        x = np.random.default_rng(11).random((2000, 1, 28, 28), dtype=np.float32)
+        # The kill comes once 1,000 items are done, and must land before all are: 5,000
+        # items of margin (a worker does ~30k/s, and a loaded machine may be slow to poll).
+        items = 6000
+        x = np.random.default_rng(11).random((items, 1, 28, 28), dtype=np.float32)
         with Client(api.target) as client:
             job = client.submit(x, "digits")
 
-            def halfway() -> bool:
+            def underway() -> bool:
                 return int(r.hget(job_key(job.id), "done") or 0) >= 1000
 
-            wait_until(halfway, 60, "half the job to be done", poll_s=0.001)
+            wait_until(underway, 60, "a thousand items to be done", poll_s=0.001)
             first.kill()
             done_at_kill = int(r.hget(job_key(job.id), "done") or 0)
-            assert done_at_kill < 2000, "the job finished before the kill: nothing was tested"
+            assert done_at_kill < items, "the job finished before the kill: nothing was tested"
             assert _held(r) > 0, "the killed worker held no unacknowledged chunk"
 
             second = Worker(settings, logdir)
@@ -53,12 +56,12 @@ def test_sigkill_mid_job_then_new_worker_completes_it_exactly_once(
             assert state_name(final.state) == "SUCCEEDED", final
             counts = (final.counts.total, final.counts.done, final.counts.failed)
             failed = [r for r in job.results() if not r.ok][:3]
-            assert counts == (2000, 2000, 0), (final, failed)
+            assert counts == (items, items, 0), (final, failed)
             results = list(job.results())
-            assert [res.index for res in results] == list(range(2000))  # none missing, none twice
+            assert [res.index for res in results] == list(range(items))  # none missing, none twice
             # The new worker computed at least what was left (more when it redid chunks the
             # first one had computed but not acknowledged).
-            assert second.stats()["items_computed"] >= 2000 - done_at_kill
+            assert second.stats()["items_computed"] >= items - done_at_kill
             # Chunks are acknowledged after their results are written, so shortly after.
             wait_until(lambda: _held(r) == 0, 10, "every chunk to be acknowledged")
     finally:

@@ -258,6 +258,23 @@ def test_admission_refuses_when_the_backlog_cannot_meet_the_deadline() -> None:
     asyncio.run(scenario())
 
 
+def test_result_bytes_are_the_messages_serialized() -> None:
+    rng = np.random.default_rng(11)
+    assert codec.scores_bytes(np.zeros(0, np.float32)) == envelope_pb2.Scores().SerializeToString()
+    # One-byte lengths up to 31 classes, two-byte varints from 32.
+    for classes in (1, 10, 31, 32, 33, 1000):
+        for row in rng.random((3, classes), dtype=np.float32):
+            scores = envelope_pb2.Scores(values=row.tolist())
+            reply = envelope_pb2.Reply(status=envelope_pb2.Reply.STATUS_OK, scores=scores)
+            assert codec.scores_bytes(row) == scores.SerializeToString()
+            assert codec.ok_reply_bytes(codec.scores_bytes(row)) == reply.SerializeToString()
+            parsed = envelope_pb2.Reply.FromString(codec.ok_reply_bytes(codec.scores_bytes(row)))
+            assert list(parsed.scores.values) == row.tolist()
+    # A float64 or strided row is written as the float32 values the message would hold.
+    wide = rng.random((4, 10))[:, 0]
+    assert codec.scores_bytes(wide) == envelope_pb2.Scores(values=wide.tolist()).SerializeToString()
+
+
 def test_ids_are_unique_32_hex_digits_and_a_forked_child_draws_its_own() -> None:
     import os
     import re

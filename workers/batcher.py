@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
-from inferpool import jobs
+from inferpool import codec, jobs
 from inferpool.cache import Cache, input_key, row_key
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2
@@ -483,11 +483,10 @@ class Batcher(threading.Thread):
                             entries.append((indexes[i], jobs.FAILED, _MODEL_FAILED))
                             failed += 1
                             continue
-                        scores = Scores(values=row.tolist())
+                        scores = codec.scores_bytes(row)
                         # Keyed by the bytes the model computed, as input_key keys the request.
-                        cache_values[row_key(self.cfg, inputs[i].data)] = scores.SerializeToString()
-                        result = Reply(status=Reply.STATUS_OK, scores=scores).SerializeToString()
-                        entries.append((indexes[i], jobs.OK, result))
+                        cache_values[row_key(self.cfg, inputs[i].data)] = scores
+                        entries.append((indexes[i], jobs.OK, codec.ok_reply_bytes(scores)))
                     failed_rows[id(part)] = failed
             # Not acknowledged: nobody waits on these entries, and the job's results are the
             # answer. A bulk item counts only once its result is in Redis; its chunk is
@@ -514,7 +513,6 @@ class Batcher(threading.Thread):
                     ticket.settle("failed", failed)
 
 
-Scores = envelope_pb2.Scores
 _MODEL_FAILED = Reply(
     status=Reply.STATUS_INTERNAL, error="the model failed on this input"
 ).SerializeToString()
