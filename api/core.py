@@ -72,9 +72,10 @@ def top_classes(
     n = len(probabilities)
     k = min(max(1, top_k), n)
     if k == 1 and n <= SMALL_OUTPUT:
-        # max() keeps the first of equal scores, as the sort below does.
-        i = max(range(n), key=probabilities.__getitem__)
-        return [inference_pb2.ClassScore(index=i, label=cfg.label(i), score=float(probabilities[i]))]
+        values = list(probabilities)
+        highest = max(values)
+        i = values.index(highest)  # the first of equal scores, as the sort below keeps them
+        return [inference_pb2.ClassScore(index=i, label=cfg.label(i), score=highest)]
     if n <= SMALL_OUTPUT:
         values = list(probabilities)
         # sorted() is stable, so equal scores keep their index order.
