@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import grpc
@@ -276,9 +278,6 @@ def test_result_bytes_are_the_messages_serialized() -> None:
 
 
 def test_ids_are_unique_32_hex_digits_and_a_forked_child_draws_its_own() -> None:
-    import os
-    import re
-
     from api.core import new_id
 
     ids = [new_id() for _ in range(10_000)]
