@@ -12,12 +12,13 @@ import base64
 import json
 import time
 import urllib.request
+from typing import Any
 
 import grpc
 import numpy as np
 
 from bench.stack import ROOT, LocalStack
-from inferpool.client import AsyncClient
+from inferpool.client import AsyncClient, Client
 from inferpool.names import task_name
 
 CONCURRENCY = 16
@@ -48,20 +49,41 @@ async def classify_all(target: str, images: np.ndarray) -> tuple[np.ndarray, np.
         return predicted, cached, latency_ms, time.perf_counter() - t0
 
 
-def _flower_summary(stack: LocalStack) -> str:
-    """What Flower's dashboard shows, from its workers table (task-event counters)."""
-    request = urllib.request.Request(f"{stack.flower_url}/workers?json=1")
+def _flower_json(stack: LocalStack, path: str) -> Any:
+    request = urllib.request.Request(f"{stack.flower_url}{path}")
     token = base64.b64encode(":".join(stack.flower_auth).encode()).decode()
     request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            workers = json.loads(response.read())["data"]
-    except OSError as exc:
-        return f"unreachable ({exc})"
-    succeeded = sum(w.get("task-succeeded", 0) for w in workers)
-    failed = sum(w.get("task-failed", 0) for w in workers)
-    online = sum(bool(w.get("status")) for w in workers)
-    return f"{online} worker(s) online, {succeeded} {task_name('digits')} tasks succeeded, {failed} failed"
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def _await_task_events(stack: LocalStack, timeout_s: float) -> bool:
+    """Until Flower sees the worker's task events. Workers start with them off and
+    Flower turns them on with a broadcast every few seconds: without this wait the
+    passes can be over before it does, and Flower shows none of their tasks. Probes
+    with random inputs (misses that the held-out passes never ask for)."""
+    rng = np.random.default_rng()
+    deadline = time.monotonic() + timeout_s
+    with Client(stack.target) as client:
+        while time.monotonic() < deadline:
+            client.classify(rng.random((1, 1, 28, 28), dtype=np.float32), "digits", timeout_s=10)
+            try:
+                if _flower_json(stack, f"/api/tasks?taskname={task_name('digits')}&limit=1"):
+                    return True
+            except OSError:
+                pass  # Flower still starting: ask again
+            time.sleep(0.5)
+    return False
+
+
+def _flower_counts(stack: LocalStack) -> tuple[int, int, int]:
+    """(workers online, tasks succeeded, tasks failed) from Flower's workers table."""
+    workers = _flower_json(stack, "/workers?json=1")["data"]
+    return (
+        sum(bool(w.get("status")) for w in workers),
+        sum(w.get("task-succeeded", 0) for w in workers),
+        sum(w.get("task-failed", 0) for w in workers),
+    )
 
 
 def _metric_sum(text: str, name: str) -> float:
@@ -88,6 +110,11 @@ def main() -> None:
     with LocalStack() as stack:
         user, password = stack.flower_auth
         print(f"stack ready, API on {stack.target}, Flower on {stack.flower_url}/ ({user} / {password})")
+        events_on = _await_task_events(stack, timeout_s=20)
+        try:
+            _, succeeded_before, failed_before = _flower_counts(stack)
+        except OSError:
+            succeeded_before = failed_before = 0
         print(f"classifying {len(x)} held-out digits twice\n")
         print(f"{'pass':<14}{'accuracy':>10}{'cached':>9}{'p50 ms':>9}{'p99 ms':>9}{'img/s':>8}")
         for name in ("1: misses", "2: repeats"):
@@ -97,7 +124,17 @@ def main() -> None:
                 f"{name:<14}{accuracy:>10.2%}{cached.mean():>9.0%}{np.percentile(ms, 50):>9.2f}"
                 f"{np.percentile(ms, 99):>9.2f}{len(x) / wall:>8.0f}"
             )
-        print(f"\nflower:  {_flower_summary(stack)}")
+        try:
+            online, succeeded, failed = _flower_counts(stack)
+            flower = (
+                f"{online} worker(s) online; during the passes {succeeded - succeeded_before} "
+                f"{task_name('digits')} tasks (queue messages) succeeded, {failed - failed_before} failed"
+            )
+            if not events_on:
+                flower += " (task events were not on yet: Flower had not reached the worker)"
+        except OSError as exc:
+            flower = f"unreachable ({exc})"
+        print(f"\nflower:  {flower}")
         worker_metrics = stack.metrics_urls["worker"]
         print(f"metrics: {worker_metrics}: {_worker_metrics_summary(worker_metrics)}")
         print(f"\n(concurrency {CONCURRENCY}; stack log: {stack.log_path})")
