@@ -425,14 +425,15 @@ class Batcher(threading.Thread):
                 )
                 if row is None:
                     reply.status = Reply.STATUS_INTERNAL
-                    reply.error = "the model failed on this input"
+                    reply.error = MODEL_FAILED
                 else:
                     reply.status = Reply.STATUS_OK
-                    reply.scores.values.extend(row.tolist())
+                    scores = codec.scores_bytes(row)  # the cache entry, as bulk writes it
+                    reply.scores.MergeFromString(scores)
                     # The key is recomputed here from what was actually computed, never
                     # taken from the message: clients cannot steer what lands in the cache.
                     key = input_key(self.cfg.name, self.cfg.version, p.item.input)
-                    cache_values[key] = reply.scores.SerializeToString()
+                    cache_values[key] = scores
                 replies[p.item.reply_key].append(reply.SerializeToString())
             # Cache first, and acknowledged: a caller who got its reply and asks again must hit.
             self.cache.set_many(cache_values)
@@ -513,6 +514,5 @@ class Batcher(threading.Thread):
                     ticket.settle("failed", failed)
 
 
-_MODEL_FAILED = Reply(
-    status=Reply.STATUS_INTERNAL, error="the model failed on this input"
-).SerializeToString()
+MODEL_FAILED = "the model failed on this input"
+_MODEL_FAILED = Reply(status=Reply.STATUS_INTERNAL, error=MODEL_FAILED).SerializeToString()
