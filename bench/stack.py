@@ -126,6 +126,10 @@ class LocalStack:
                 *processes,
             ],
             env=env,
+            # honcho's -d only finds the Procfile: its processes start in this cwd, and
+            # `python -m workers.main` imports from there before the installed package,
+            # so the stack runs this tree's code whoever starts it, from wherever.
+            cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,
