@@ -89,8 +89,9 @@ def from_proto(tensor: tensor_pb2.Tensor) -> np.ndarray:
         raise InvalidInput(f"shape {shape_text(shape)} has a negative dimension")
     dtype = _TO_NUMPY[tensor.dtype]
     expected = math.prod(shape) * dtype.itemsize
-    if len(tensor.data) != expected:
+    data = tensor.data  # each read of a bytes field copies it: a bulk chunk's 200 KB, once
+    if len(data) != expected:
         raise InvalidInput(
-            f"data is {len(tensor.data)} bytes but shape {shape_text(shape)} of {dtype.name} needs {expected}"
+            f"data is {len(data)} bytes but shape {shape_text(shape)} of {dtype.name} needs {expected}"
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
