@@ -89,3 +89,24 @@ def scores_bytes(row: np.ndarray) -> bytes:
 def ok_reply_bytes(scores: bytes) -> bytes:
     """Reply(status=STATUS_OK, scores=...) serialized, given scores_bytes()."""
     return _REPLY_OK + _REPLY_SCORES + _varint(len(scores)) + scores
+
+
+def ok_results(rows: np.ndarray) -> tuple[list[bytes], list[bytes]]:
+    """(scores_bytes(row), ok_reply_bytes(scores_bytes(row))) for every row of a 2-D
+    array, built in one numpy pass: each row's bytes are a fixed header and its floats,
+    so a batch is one array and one tobytes(), then a slice per row (0.2 against 1.5 us
+    per row for the per-row functions, batches of 64 rows of 10 classes)."""
+    data = np.ascontiguousarray(rows, dtype="<f4")
+    n, width = data.shape[0], data.shape[1] * 4
+    if not width:
+        return [b""] * n, [ok_reply_bytes(b"")] * n  # no classes: an empty Scores
+    scores_head = _SCORES_VALUES + _varint(width)
+    reply_head = _REPLY_OK + _REPLY_SCORES + _varint(len(scores_head) + width) + scores_head
+    size = len(reply_head) + width
+    out = np.empty((n, size), dtype=np.uint8)
+    out[:, : len(reply_head)] = np.frombuffer(reply_head, dtype=np.uint8)
+    out[:, len(reply_head) :] = data.view(np.uint8).reshape(n, width)
+    blob = out.tobytes()
+    skip = len(reply_head) - len(scores_head)  # where a reply's scores begin
+    replies = [blob[i : i + size] for i in range(0, n * size, size)]
+    return [reply[skip:] for reply in replies], replies

@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 import redis
 import torch
+from prometheus_client import CollectorRegistry
 
 from inferpool import jobs, tensor
-from inferpool.cache import Cache, input_key
+from inferpool.cache import Cache, input_key, row_key
 from inferpool.names import job_key, job_results_key
 from inferpool.repository import Repository
 from inferpool.v1 import envelope_pb2
 from tests.servers import MemcachedServer
+from workers import metrics
 from workers.batcher import Batcher, BulkWork, Ticket
 from workers.runtime import ModelRunner, pick_device
 from workers.sinks import JobSink, ReplySink
@@ -124,6 +126,69 @@ def test_items_of_a_job_seen_cancelled_are_not_computed(
     assert redis_client.hlen(job_results_key(job_id)) == 1
 
 
+class _NegativeFails:
+    """The digits model, raising on any batch that holds a negative value: a batch with
+    such rows is run again row by row, and only those rows fail."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        if (x < 0).any():
+            raise ValueError("negative input")
+        return self.runner.run(x)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.runner, name)
+
+
+def test_bulk_rows_the_model_failed_on_fail_alone(
+    redis_client: redis.Redis, memcached_server: MemcachedServer
+) -> None:
+    cfg = Repository.load(ROOT / "models").resolve("digits", 0)
+    cache = Cache(memcached_server.address, timeout_ms=500, ttl_s=60)
+    runner = _NegativeFails(ModelRunner(cfg, pick_device("cpu")))
+    batcher = Batcher(
+        cfg,
+        runner,  # type: ignore[arg-type]
+        ReplySink(redis_client, 60),
+        JobSink(redis_client),
+        cache,
+        WorkerStats(),
+    )
+    batcher.start()
+    try:
+        job_id = _job(redis_client)
+        ticket, items, work = _items(batcher, job_id, 100, seed=5)
+        bad = [5, 70]
+        for i in bad:
+            work.rows[i] = -work.rows[i]
+        batcher.submit_bulk(work)
+        assert ticket.done.wait(30)
+        assert (ticket.computed, ticket.failed, ticket.unrecorded) == (98, 2, 0)
+        record = redis_client.hgetall(job_key(job_id))
+        assert (record[b"done"], record[b"failed"]) == (b"98", b"2")
+        results = redis_client.hgetall(job_results_key(job_id))
+        for i, item in enumerate(items):
+            reply = envelope_pb2.Reply.FromString(results[str(item.job_index).encode()])
+            if i in bad:
+                assert (
+                    reply.status == envelope_pb2.Reply.STATUS_INTERNAL
+                    and "failed on this input" in reply.error
+                )
+                continue
+            assert reply.status == envelope_pb2.Reply.STATUS_OK
+            # Each row's own answer: the same probabilities as the model gives it alone.
+            alone = runner.run(work.rows[i : i + 1])[0]
+            np.testing.assert_allclose(reply.scores.values, alone, rtol=1e-4, atol=1e-6)
+        cached = cache.get_many([row_key(cfg, work.rows[i].data) for i in (4, 5, 6)])
+        assert set(cached) == {row_key(cfg, work.rows[i].data) for i in (4, 6)}
+    finally:
+        batcher.stop()
+        batcher.join(timeout=30)
+        cache.close()
+
+
 def test_stopping_writes_what_was_computed(
     redis_client: redis.Redis, memcached_server: MemcachedServer
 ) -> None:
@@ -174,3 +239,21 @@ def test_a_compiled_variant_that_answers_differently_is_not_used() -> None:
     runner.warm_up(repeats=1)
     assert [v.name for v in runner.variants] == ["frozen"]
     assert {runner.variant_for(n) for n in range(1, cfg.max_batch_size + 1)} == {"frozen"}
+
+
+def test_observe_many_counts_as_that_many_observes() -> None:
+    registry = CollectorRegistry()
+    buckets = (0.001, 0.01, 0.1, 1.0)
+    many = metrics.Histogram("many_seconds", "", ["model"], buckets=buckets, registry=registry)
+    each = metrics.Histogram("each_seconds", "", ["model"], buckets=buckets, registry=registry)
+    # On a bound, between bounds, below the first, beyond the last, and zero.
+    for value, count in ((0.01, 3), (0.05, 64), (0.0001, 2), (5.0, 7), (0.0, 1)):
+        many.labels("m").observe_many(value, count)
+        for _ in range(count):
+            each.labels("m").observe(value)
+    for suffix in ("_bucket", "_count", "_sum"):
+        for le in ("0.001", "0.01", "0.1", "1.0", "+Inf"):
+            labels = {"model": "m", "le": le} if suffix == "_bucket" else {"model": "m"}
+            assert registry.get_sample_value("many_seconds" + suffix, labels) == pytest.approx(
+                registry.get_sample_value("each_seconds" + suffix, labels)
+            )

@@ -275,6 +275,17 @@ def test_result_bytes_are_the_messages_serialized() -> None:
     # A float64 or strided row is written as the float32 values the message would hold.
     wide = rng.random((4, 10))[:, 0]
     assert codec.scores_bytes(wide) == envelope_pb2.Scores(values=wide.tolist()).SerializeToString()
+    # A whole batch at once: the same bytes as row by row, float64 and strided included.
+    for rows in (
+        rng.random((5, 10), dtype=np.float32),
+        rng.random((3, 40)),
+        rng.random((4, 2000), dtype=np.float32)[:, ::2],
+        np.zeros((2, 0), np.float32),
+        np.zeros((0, 10), np.float32),
+    ):
+        scores, replies = codec.ok_results(rows)
+        assert scores == [codec.scores_bytes(row) for row in rows]
+        assert replies == [codec.ok_reply_bytes(s) for s in scores]
 
 
 def test_ids_are_unique_32_hex_digits_and_a_forked_child_draws_its_own() -> None:

@@ -128,13 +128,18 @@ class BulkSlice:
         return self.stop - self.start
 
 
+# A batch's output: the model's [N, classes] array when the whole batch ran, else row
+# by row with None for each row the model failed on.
+Rows = np.ndarray | list[np.ndarray | None]
+
+
 @dataclass
 class Computed:
     """One bulk batch through the model: its slices, their output rows in order (None:
     the model failed on it), how long the model took, and when the batch started."""
 
     live: list[BulkSlice]
-    rows: list[np.ndarray | None]
+    rows: Rows
     compute_s: float
     started_unix_ns: int
 
@@ -342,11 +347,11 @@ class Batcher(threading.Thread):
         if len(self._ended) > ENDED_REMEMBERED:
             del self._ended[next(iter(self._ended))]  # the oldest: its chunks are long gone
 
-    def _run(self, x: np.ndarray) -> list[np.ndarray | None]:
+    def _run(self, x: np.ndarray) -> Rows:
         """Class probabilities per input row; None for a row the model failed on. When the
         batch fails, each row is run alone, so one bad input fails only itself."""
         try:
-            return list(self.runner.run(x))
+            return self.runner.run(x)
         except Exception:
             log.exception("model %s v%d failed on a batch of %d", self.cfg.name, self.cfg.version, len(x))
         if len(x) == 1:
@@ -388,19 +393,15 @@ class Batcher(threading.Thread):
         # Its metrics too are the results thread's: this thread's time is the model's.
         self._computed.put(Computed(live, rows, compute_s, started_unix_ns))
 
-    def _observe(
-        self, rows: list[np.ndarray | None], compute_s: float, waits_ns: Iterable[tuple[int, int]]
-    ) -> None:
+    def _observe(self, rows: Rows, compute_s: float, waits_ns: Iterable[tuple[int, int]]) -> None:
         """Metrics of one batch; `waits_ns` gives (queue wait, items) per group of items
         that waited as long."""
         for wait_ns, n in waits_ns:
-            wait_s = max(0.0, wait_ns / 1e9)
-            for _ in range(n):
-                self._m_queue.observe(wait_s)
+            self._m_queue.observe_many(max(0.0, wait_ns / 1e9), n)
         size = len(rows)
         self._m_batch.observe(size)
         self._m_compute.observe(compute_s)
-        failed = sum(row is None for row in rows)
+        failed = 0 if isinstance(rows, np.ndarray) else sum(row is None for row in rows)
         if failed < size:
             self.stats.batch(size - failed, compute_s)
             self._m_ok.inc(size - failed)
@@ -408,9 +409,7 @@ class Batcher(threading.Thread):
             self.stats.add("items_failed", failed)
             self._m_failed.inc(failed)
 
-    def _answer(
-        self, live: list[Pending], rows: list[np.ndarray | None], compute_s: float, started_unix_ns: int
-    ) -> None:
+    def _answer(self, live: list[Pending], rows: Rows, compute_s: float, started_unix_ns: int) -> None:
         """The cache entries and replies of an interactive batch, then their tickets."""
         try:
             replies: dict[str, list[bytes]] = defaultdict(list)
@@ -473,21 +472,29 @@ class Batcher(threading.Thread):
             for done in group:
                 waits = ((done.started_unix_ns - p.work.ticket.enqueued_unix_ns, p.size) for p in done.live)
                 self._observe(done.rows, done.compute_s, waits)
-                rows = iter(done.rows)
+                if isinstance(done.rows, np.ndarray):
+                    scores, replies = codec.ok_results(done.rows)
+                else:  # the model failed on some rows: row by row, b"" for those
+                    scores = [b"" if row is None else codec.scores_bytes(row) for row in done.rows]
+                    replies = [
+                        codec.ok_reply_bytes(s) if row is not None else b""
+                        for row, s in zip(done.rows, scores, strict=True)
+                    ]
+                at = 0  # the batch's row of the slice's first item
                 for part in done.live:
                     indexes, inputs = part.work.job_indexes, part.work.rows
                     entries = results[part.work.job_id]
                     failed = 0
                     for i in range(part.start, part.stop):
-                        row = next(rows)
-                        if row is None:
+                        reply = replies[at]
+                        if reply:  # an OK reply is never empty
+                            # Keyed by the bytes the model computed, as input_key keys the request.
+                            cache_values[row_key(self.cfg, inputs[i].data)] = scores[at]
+                            entries.append((indexes[i], jobs.OK, reply))
+                        else:
                             entries.append((indexes[i], jobs.FAILED, _MODEL_FAILED))
                             failed += 1
-                            continue
-                        scores = codec.scores_bytes(row)
-                        # Keyed by the bytes the model computed, as input_key keys the request.
-                        cache_values[row_key(self.cfg, inputs[i].data)] = scores
-                        entries.append((indexes[i], jobs.OK, codec.ok_reply_bytes(scores)))
+                        at += 1
                     failed_rows[id(part)] = failed
             # Not acknowledged: nobody waits on these entries, and the job's results are the
             # answer. A bulk item counts only once its result is in Redis; its chunk is

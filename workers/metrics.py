@@ -14,6 +14,7 @@ metric objects below.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 from collections import Counter as Tally
@@ -21,9 +22,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
+import prometheus_client
 from celery import Celery, signals
 from celery.worker import state as worker_state
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -32,6 +34,21 @@ from inferpool import metrics as shared
 log = logging.getLogger(__name__)
 
 REGISTRY = shared.new_registry()
+
+
+class Histogram(prometheus_client.Histogram):
+    """prometheus-client's Histogram, plus `observe_many`: the items of a bulk slice all
+    waited as long, and observing each of them cost ~1 us (a tenth of the results
+    thread's work per item). The client has no weighted observe (its maintainers point
+    to custom collectors, client_python#733 and #1124); this fills the same bucket and
+    sum that `count` observe() calls would, a test holds the two equal."""
+
+    def observe_many(self, amount: float, count: int) -> None:
+        self._raise_if_not_observable()
+        self._sum.inc(amount * count)
+        # The first bucket whose upper bound is >= amount, as observe() picks it.
+        self._buckets[bisect.bisect_left(self._upper_bounds, amount)].inc(count)
+
 
 QUEUE_DURATION = Histogram(
     "inferpool_queue_duration_seconds",
