@@ -94,7 +94,7 @@ def ok_reply_bytes(scores: bytes) -> bytes:
 def ok_results(rows: np.ndarray) -> tuple[list[bytes], list[bytes]]:
     """(scores_bytes(row), ok_reply_bytes(scores_bytes(row))) for every row of a 2-D
     array, built in one numpy pass: each row's bytes are a fixed header and its floats,
-    so a batch is one array and one tobytes(), then a slice per row (0.2 against 1.5 us
+    so a batch is one array and one tobytes(), then a slice per row (0.17 against 0.71 us
     per row for the per-row functions, batches of 64 rows of 10 classes)."""
     data = np.ascontiguousarray(rows, dtype="<f4")
     n, width = data.shape[0], data.shape[1] * 4
