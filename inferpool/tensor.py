@@ -89,7 +89,7 @@ def from_proto(tensor: tensor_pb2.Tensor) -> np.ndarray:
         raise InvalidInput(f"shape {shape_text(shape)} has a negative dimension")
     dtype = _TO_NUMPY[tensor.dtype]
     expected = math.prod(shape) * dtype.itemsize
-    data = tensor.data  # each read of a bytes field copies it: a bulk chunk's 200 KB, once
+    data = tensor.data  # each read of a bytes field copies it: a bulk chunk's ~800 KB, once
     if len(data) != expected:
         raise InvalidInput(
             f"data is {len(data)} bytes but shape {shape_text(shape)} of {dtype.name} needs {expected}"
