@@ -480,7 +480,7 @@ class Batcher(threading.Thread):
                         codec.ok_reply_bytes(s) if row is not None else b""
                         for row, s in zip(done.rows, scores, strict=True)
                     ]
-                at = 0  # the batch's row of the slice's first item
+                at = 0  # the item's row in the batch (slices follow one another)
                 for part in done.live:
                     indexes, inputs = part.work.job_indexes, part.work.rows
                     entries = results[part.work.job_id]
