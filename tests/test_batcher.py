@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,16 +33,22 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(60)
 
 
+def _batcher(client: redis.Redis, cache: Cache, wrap: Callable[[ModelRunner], Any] | None = None) -> Batcher:
+    """A digits batcher (not started) writing to `client` and `cache`; `wrap` stands in
+    for its model runner around the real one."""
+    cfg = Repository.load(ROOT / "models").resolve("digits", 0)
+    runner = ModelRunner(cfg, pick_device("cpu"))
+    return Batcher(
+        cfg, wrap(runner) if wrap else runner, ReplySink(client, 60), JobSink(client), cache, WorkerStats()
+    )
+
+
 @pytest.fixture
 def parts(redis_client: redis.Redis, memcached_server: MemcachedServer) -> Iterator[tuple[Batcher, JobSink]]:
-    cfg = Repository.load(ROOT / "models").resolve("digits", 0)
-    sinks = JobSink(redis_client)
     cache = Cache(memcached_server.address, timeout_ms=500, ttl_s=60)
-    batcher = Batcher(
-        cfg, ModelRunner(cfg, pick_device("cpu")), ReplySink(redis_client, 60), sinks, cache, WorkerStats()
-    )
+    batcher = _batcher(redis_client, cache)
     batcher.start()
-    yield batcher, sinks
+    yield batcher, batcher.jobs
     batcher.stop()
     batcher.join(timeout=10)
     cache.close()
@@ -145,17 +152,9 @@ class _NegativeFails:
 def test_bulk_rows_the_model_failed_on_fail_alone(
     redis_client: redis.Redis, memcached_server: MemcachedServer
 ) -> None:
-    cfg = Repository.load(ROOT / "models").resolve("digits", 0)
     cache = Cache(memcached_server.address, timeout_ms=500, ttl_s=60)
-    runner = _NegativeFails(ModelRunner(cfg, pick_device("cpu")))
-    batcher = Batcher(
-        cfg,
-        runner,  # type: ignore[arg-type]
-        ReplySink(redis_client, 60),
-        JobSink(redis_client),
-        cache,
-        WorkerStats(),
-    )
+    batcher = _batcher(redis_client, cache, _NegativeFails)
+    cfg, runner = batcher.cfg, batcher.runner
     batcher.start()
     try:
         job_id = _job(redis_client)
@@ -192,16 +191,8 @@ def test_bulk_rows_the_model_failed_on_fail_alone(
 def test_stopping_writes_what_was_computed(
     redis_client: redis.Redis, memcached_server: MemcachedServer
 ) -> None:
-    cfg = Repository.load(ROOT / "models").resolve("digits", 0)
     cache = Cache(memcached_server.address, timeout_ms=500, ttl_s=60)
-    batcher = Batcher(
-        cfg,
-        ModelRunner(cfg, pick_device("cpu")),
-        ReplySink(redis_client, 60),
-        JobSink(redis_client),
-        cache,
-        WorkerStats(),
-    )
+    batcher = _batcher(redis_client, cache)
     batcher.start()
     try:
         job_id = _job(redis_client)
