@@ -14,6 +14,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -21,8 +22,8 @@ import redis.asyncio as aioredis
 
 from api import metrics
 from api.core import DataPlane, top_classes
-from inferpool import jobs, tensor
-from inferpool.cache import row_key
+from inferpool import jobs
+from inferpool.cache import row_keys
 from inferpool.codec import ENVELOPE_VERSION, encode
 from inferpool.errors import BackendUnavailable, InvalidInput, JobNotFound
 from inferpool.names import bulk_queue_name, job_idempotency_key, job_key, job_results_key
@@ -153,20 +154,25 @@ class JobPlane:
         await self._record(keys=[job_key(job_id), job_results_key(job_id)], args=args)
 
     async def publish(
-        self, cfg: ModelConfig, job_id: str, indexes: list[int], rows: np.ndarray, deadline_ns: int
+        self, cfg: ModelConfig, job_id: str, indexes: list[int], pieces: list[np.ndarray], deadline_ns: int
     ) -> None:
-        """One chunk: the job's items `indexes`, whose inputs are `rows` ([n, *input shape])."""
-        chunk = envelope_pb2.BulkChunk(
-            inputs=tensor.to_proto(rows), job_indexes=indexes, deadline_unix_ns=deadline_ns
-        )
+        """One chunk: the job's items `indexes`, whose inputs are the rows of `pieces`
+        (validated arrays [k, *input shape], in order), written out in one copy."""
         envelope = envelope_pb2.Envelope(
             envelope_version=ENVELOPE_VERSION,
             model=cfg.name,
             model_version=cfg.version,
             enqueued_unix_ns=time.time_ns(),
             job_id=job_id,
-            chunk=chunk,
         )
+        # Filled in place: a built BulkChunk or Tensor assigned to a field is copied
+        # whole, ~90 us for each ~800 KB chunk.
+        chunk = envelope.chunk
+        chunk.job_indexes[:] = indexes
+        chunk.deadline_unix_ns = deadline_ns
+        chunk.inputs.dtype = cfg.input_dtype  # type: ignore[assignment]
+        chunk.inputs.shape[:] = (len(indexes), *cfg.input_shape)
+        chunk.inputs.data = b"".join(piece.data for piece in pieces)
         # Onto the reliable bulk list (inferpool.bulkqueue): the body is the envelope itself.
         await self.redis.lpush(bulk_queue_name(cfg.name), encode(envelope))
         self.chunks_published += 1
@@ -268,7 +274,9 @@ def next_look_s(
 
 class _Upload:
     """One submission in progress: assigns item indexes, answers what it can at once,
-    and publishes the rest chunk by chunk."""
+    and publishes the rest chunk by chunk. Items stay in blocks (an input's rows as one
+    array) from validation to the queue: hashing, lookup and chunking cost no array or
+    tuple per item."""
 
     def __init__(self, jobs_plane: JobPlane, job_id: str, cfg: ModelConfig, deadline_ns: int) -> None:
         self.p = jobs_plane
@@ -277,9 +285,10 @@ class _Upload:
         self.deadline_ns = deadline_ns
         self.count = 0
         self.chunks = 0
-        # The chunk being filled: job indexes and their inputs, row by row.
-        self._indexes: list[int] = []
-        self._rows: list[np.ndarray] = []
+        # Items waiting for a chunk, in job order: blocks of job indexes and their inputs.
+        self._indexes: deque[np.ndarray] = deque()
+        self._rows: deque[np.ndarray] = deque()
+        self._waiting = 0
 
     async def add(self, request: jobs_pb2.SubmitJobRequest) -> None:
         cfg = self.cfg
@@ -287,35 +296,72 @@ class _Upload:
         if self.count + sum(cfg.items_in(t) for t in inputs) > self.p.max_job_items:
             raise InvalidInput(f"a job holds at most {self.p.max_job_items} items")
         answered: list[tuple[int, str, bytes]] = []
-        candidates: list[tuple[int, np.ndarray, str]] = []
-        for checked in cfg.validate_items(inputs):
-            index = self.count
-            self.count += 1
-            if isinstance(checked, InvalidInput):
-                reply = Reply(status=Reply.STATUS_INVALID_INPUT, error=str(checked))
-                answered.append((index, jobs.FAILED, reply.SerializeToString()))
+        valid: list[tuple[np.ndarray, np.ndarray]] = []  # job indexes, their inputs
+        for t, (rows, failed) in zip(inputs, cfg.validate_blocks(inputs), strict=True):
+            first = self.count
+            self.count += cfg.items_in(t)
+            for row, problem in failed.items():
+                reply = Reply(status=Reply.STATUS_INVALID_INPUT, error=str(problem))
+                answered.append((first + row, jobs.FAILED, reply.SerializeToString()))
+            if rows is None:
                 continue
-            candidates.append((index, checked, row_key(cfg, checked.data)))
-        cache = self.p.plane.cache
+            indexes = np.arange(first, first + len(rows))
+            if failed:
+                keep = np.ones(len(rows), dtype=bool)
+                keep[list(failed)] = False
+                indexes, rows = indexes[keep], rows[keep]
+            valid.append((indexes, rows))
+        keys = [key for _, rows in valid for key in row_keys(cfg, rows)]
         loop = asyncio.get_running_loop()
-        hits = await loop.run_in_executor(None, cache.get_many, [key for _, _, key in candidates])
-        for index, row, key in candidates:
-            value = hits.get(key)
-            if value is not None:
-                reply = Reply(status=Reply.STATUS_OK, cached=True)
-                reply.scores.ParseFromString(value)
-                answered.append((index, jobs.CACHED, reply.SerializeToString()))
-                continue
-            self._indexes.append(index)
-            self._rows.append(row)
-            if len(self._indexes) >= self.p.chunk_items:
-                await self.flush()
+        hits = await loop.run_in_executor(None, self.p.plane.cache.get_many, keys) if keys else {}
+        at = 0
+        for indexes, rows in valid:
+            block_keys, at = keys[at : at + len(rows)], at + len(rows)
+            if hits:
+                values = [hits.get(key) for key in block_keys]
+                missed = np.array([value is None for value in values], dtype=bool)
+                for index, value in zip(indexes.tolist(), values, strict=True):
+                    if value is not None:
+                        reply = Reply(status=Reply.STATUS_OK, cached=True)
+                        reply.scores.ParseFromString(value)
+                        answered.append((index, jobs.CACHED, reply.SerializeToString()))
+                indexes, rows = indexes[missed], rows[missed]
+            if len(rows):
+                self._indexes.append(indexes)
+                self._rows.append(rows)
+                self._waiting += len(rows)
+        if self._waiting >= self.p.chunk_items:
+            await self._publish(whole_chunks_only=True)
         if answered:
             await self.p.record(self.job_id, answered)
 
     async def flush(self) -> None:
-        if self._indexes:
-            indexes, rows = self._indexes, self._rows
-            self._indexes, self._rows = [], []
-            await self.p.publish(self.cfg, self.job_id, indexes, np.concatenate(rows), self.deadline_ns)
+        await self._publish(whole_chunks_only=False)
+
+    async def _publish(self, whole_chunks_only: bool) -> None:
+        """Publishes the waiting items in chunks of chunk_items; with whole_chunks_only,
+        a last partial chunk keeps waiting for the next message's items."""
+        size = self.p.chunk_items
+        while self._waiting >= size or (self._waiting and not whole_chunks_only):
+            indexes, pieces = self._take(min(size, self._waiting))
+            await self.p.publish(self.cfg, self.job_id, indexes, pieces, self.deadline_ns)
             self.chunks += 1
+
+    def _take(self, n: int) -> tuple[list[int], list[np.ndarray]]:
+        """The first n waiting items: their job indexes, and their rows as views of the
+        blocks they came in."""
+        self._waiting -= n
+        indexes: list[int] = []
+        pieces: list[np.ndarray] = []
+        while n:
+            block_indexes, rows = self._indexes[0], self._rows[0]
+            if len(rows) <= n:
+                self._indexes.popleft()
+                self._rows.popleft()
+            else:
+                self._indexes[0], self._rows[0] = block_indexes[n:], rows[n:]
+                block_indexes, rows = block_indexes[:n], rows[:n]
+            indexes += block_indexes.tolist()
+            pieces.append(rows)
+            n -= len(rows)
+        return indexes, pieces

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Mapping
 
+import numpy as np
 import xxhash
 from pymemcache.client.base import PooledClient
 
@@ -40,18 +41,17 @@ def tls_context(ca_file: str, cert_file: str = "", key_file: str = "") -> ssl.SS
 
 
 @functools.lru_cache(maxsize=256)
-def _key_parts(model: str, version: int, dtype: int, shape: tuple[int, ...]) -> tuple[bytes, str]:
+def _key_parts(model: str, version: int, dtype: int, shape: tuple[int, ...]) -> tuple[int, str]:
     header = f"{model}\0{version}\0{dtype}\0{','.join(map(str, shape))}\0".encode()
-    return header, cache_key(model, version, "")
+    # The header enters the hash as its seed: one call per key, no hasher object.
+    return xxhash.xxh3_64_intdigest(header), cache_key(model, version, "")
 
 
 def data_key(model: str, version: int, dtype: int, shape: tuple[int, ...], data: bytes | memoryview) -> str:
     """The cache key of an input given as its dtype, shape and bytes."""
-    # Formatting the header took 1.5 of the 1.7 us a key cost; a model sees few shapes.
-    header, prefix = _key_parts(model, version, dtype, shape)
-    h = xxhash.xxh3_128(header)
-    h.update(data)
-    return prefix + h.hexdigest()
+    # Formatting the header cost most of a key; a model sees few shapes.
+    seed, prefix = _key_parts(model, version, dtype, shape)
+    return prefix + xxhash.xxh3_128_hexdigest(data, seed)
 
 
 def input_key(model: str, version: int, t: tensor_pb2.Tensor) -> str:
@@ -62,6 +62,18 @@ def row_key(cfg: ModelConfig, row: bytes | memoryview) -> str:
     """The key of one validated input given as its bytes: a valid input has the model's
     dtype and request shape, so this is input_key of the request that carried it."""
     return data_key(cfg.name, cfg.version, cfg.input_dtype, cfg.request_shape, row)
+
+
+def row_keys(cfg: ModelConfig, rows: np.ndarray) -> list[str]:
+    """row_key of each row of validated inputs [n, *input shape], hashed from slices of
+    one memoryview (0.23 vs 1.0 us a 3 KB row through per-row arrays and a hasher)."""
+    if not len(rows):
+        return []
+    seed, prefix = _key_parts(cfg.name, cfg.version, cfg.input_dtype, cfg.request_shape)
+    data = np.ascontiguousarray(rows).data.cast("B")
+    size = len(data) // len(rows)
+    digest = xxhash.xxh3_128_hexdigest
+    return [prefix + digest(data[at : at + size], seed) for at in range(0, len(data), size)]
 
 
 class Cache:

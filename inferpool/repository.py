@@ -172,26 +172,32 @@ class ModelConfig:
         shape = t.shape
         return max(1, shape[0]) if len(shape) == len(self.request_shape) else 1
 
-    def validate_items(self, tensors: Sequence[tensor_pb2.Tensor]) -> list[np.ndarray | InvalidInput]:
-        """validate_many() for inputs holding items_in() items each, row by row: one
-        result per item, its array ([1, *input_shape]) or its InvalidInput. An input that
-        does not fit fails each of its items with the same reason."""
+    def validate_blocks(
+        self, tensors: Sequence[tensor_pb2.Tensor]
+    ) -> list[tuple[np.ndarray | None, dict[int, InvalidInput]]]:
+        """validate_many() for inputs holding items_in() items each, input by input: all
+        its rows as one read-only array ([k, *input_shape]; None when no row fits) and
+        the rows that fail, with their reasons. An input that does not fit fails each of
+        its items with the same reason. Kept whole so that callers hash, look up and
+        queue a block without an array per item."""
         if all(self.items_in(t) == 1 for t in tensors):
-            return self.validate_many(tensors)
-        results: list[np.ndarray | InvalidInput] = []
+            return [
+                (None, {0: c}) if isinstance(c, InvalidInput) else (c, {})
+                for c in self.validate_many(tensors)
+            ]
+        blocks: list[tuple[np.ndarray | None, dict[int, InvalidInput]]] = []
         for t in tensors:
             k = self.items_in(t)
             if k == 1:
-                results += self.validate_many([t])
+                blocks += self.validate_blocks([t])
                 continue
             try:
                 rows, nonfinite = self.validate_batch(t)
             except InvalidInput as exc:
-                results += [exc] * k
+                blocks.append((None, dict.fromkeys(range(k), exc)))
                 continue
-            bad = set(nonfinite)
-            results += [InvalidInput(NONFINITE) if i in bad else rows[i : i + 1] for i in range(k)]
-        return results
+            blocks.append((rows, {row: InvalidInput(NONFINITE) for row in nonfinite}))
+        return blocks
 
     def validate_batch(self, t: tensor_pb2.Tensor) -> tuple[np.ndarray, list[int]]:
         """A tensor of n inputs, [n, *input_shape], as a read-only array, and the rows

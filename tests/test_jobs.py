@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from inferpool import jobs, tensor
-from inferpool.client import Client
+from inferpool.client import Client, submit_requests
 from inferpool.jobs import state_name
 from inferpool.names import bulk_queue_name, job_key, job_results_key
 from inferpool.v1 import envelope_pb2, jobs_pb2, tensor_pb2
@@ -170,6 +170,41 @@ def test_cancel_mid_job_stops_computing(
             assert after.counts.done + after.counts.failed < 6000
             # What was done stays readable.
             assert len(list(job.results())) == after.counts.done + after.counts.failed
+    finally:
+        small_chunks.stop()
+
+
+def test_items_keep_their_index_when_chunks_cut_across_messages(
+    api: ApiThread, worker: Worker, heldout: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Cached, invalid and fresh rows mixed inside multi-row inputs, in messages of 7
+    rows and chunks of 8: each item's result sits at its own index."""
+    small_chunks = ApiThread(dataclasses.replace(api.server.settings, bulk_chunk_items=8))
+    try:
+        with Client(small_chunks.target) as client:
+            x, y = unique_digits(heldout, 40, seed=23)
+            warm = client.submit(x[5:15], "digits").wait(timeout_s=30)  # rows 5-14 are cached now
+            assert warm.counts.done == 10
+            warm_classes = [r.classes[0].index for r in client.job(warm.job_id).results()]
+            x[20, 0, 3, 3] = np.nan
+            computed, chunks = worker.stats()["items_computed"], small_chunks.server.jobs.chunks_published
+            requests = submit_requests(x, "digits", message_bytes=7 * x[:1].nbytes)
+            response = client.jobs.SubmitJobStream(requests, timeout=30)
+            final = client.job(response.job_id).wait(timeout_s=30)
+            counts = final.counts
+            assert (counts.total, counts.done, counts.failed, counts.cached) == (40, 39, 1, 10)
+            # 29 to compute: chunks of 8, 8, 8 and 5, each item computed once.
+            assert small_chunks.server.jobs.chunks_published - chunks == 4
+            assert worker.stats()["items_computed"] - computed == 29
+            results = list(client.job(response.job_id).results())
+            assert [r.index for r in results] == list(range(40))
+            assert [r.ok for r in results] == [i != 20 for i in range(40)]
+            assert "NaN or infinite" in results[20].error
+            assert [r.cached for r in results] == [5 <= i < 15 for i in range(40)]
+            assert [r.classes[0].index for r in results[5:15]] == warm_classes
+            # A row answered for another index would miss its label about 9 times in 10.
+            right = sum(r.classes[0].index == y[r.index] for r in results if r.ok)
+            assert right >= 37, right
     finally:
         small_chunks.stop()
 

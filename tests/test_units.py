@@ -18,7 +18,7 @@ from api.jobs import WATCH_MIN_INTERVAL_S, next_look_s
 from api.local_cache import LocalCache
 from api.status import code_for
 from inferpool import codec, errors, heap, tensor
-from inferpool.cache import data_key, input_key
+from inferpool.cache import data_key, input_key, row_key, row_keys
 from inferpool.repository import ModelConfig, Repository, RepositoryError
 from inferpool.settings import Settings, SettingsError
 from inferpool.v1 import envelope_pb2
@@ -161,7 +161,7 @@ def test_validate_batch_takes_a_chunk_whole_and_names_its_nonfinite_rows() -> No
             cfg.validate_batch(bad)
 
 
-def test_validate_items_gives_one_result_per_row_in_order() -> None:
+def test_validate_blocks_gives_each_input_whole_with_its_failed_rows() -> None:
     cfg = Repository.load(ROOT / "models").resolve("digits")
     x = np.random.default_rng(6).random((4, 1, 28, 28), dtype=np.float32)
     x[2, 0, 0, 0] = np.nan
@@ -172,14 +172,37 @@ def test_validate_items_gives_one_result_per_row_in_order() -> None:
         tensor.to_proto(np.zeros((28, 28), np.float32)),  # the wrong rank: one item
     ]
     assert [cfg.items_in(t) for t in inputs] == [1, 3, 2, 1]
-    checked = cfg.validate_items(inputs)
-    assert [isinstance(c, np.ndarray) for c in checked] == [True, True, False, True, False, False, False]
-    for i, row in ((0, 0), (1, 1), (3, 3)):
-        c = checked[i]
-        assert isinstance(c, np.ndarray) and c.shape == cfg.request_shape
-        np.testing.assert_array_equal(c[0], x[row])
-    assert str(checked[2]) == "input contains NaN or infinite values"
-    assert "batches shaped" in str(checked[4]) and str(checked[4]) == str(checked[5])
+    blocks = cfg.validate_blocks(inputs)
+    assert [len(failed) for _, failed in blocks] == [0, 1, 2, 1]
+    (first, _), (rows, failed), (none, wrong), (also_none, rank) = blocks
+    assert first is not None and first.shape == cfg.request_shape
+    np.testing.assert_array_equal(first, x[:1])
+    assert rows is not None and rows.shape == (3, 1, 28, 28)
+    np.testing.assert_array_equal(rows, x[1:])
+    assert list(failed) == [1] and str(failed[1]) == "input contains NaN or infinite values"
+    assert none is None and also_none is None
+    assert sorted(wrong) == [0, 1] and "batches shaped" in str(wrong[0]) and str(wrong[0]) == str(wrong[1])
+    assert list(rank) == [0] and "batch of 1" in str(rank[0])
+    # Inputs of one item each take validate_many's single pass, and say the same.
+    singles = [tensor.to_proto(x[i : i + 1]) for i in range(4)] + [inputs[3]]
+    checked = cfg.validate_many(singles)
+    for (block, why), c in zip(cfg.validate_blocks(singles), checked, strict=True):
+        if isinstance(c, errors.InvalidInput):
+            assert block is None and str(why[0]) == str(c)
+        else:
+            assert block is not None and not why
+            np.testing.assert_array_equal(block, c)
+
+
+def test_row_keys_are_the_keys_of_each_row_sent_alone() -> None:
+    cfg = Repository.load(ROOT / "models").resolve("digits")
+    x = np.random.default_rng(7).random((5, 1, 28, 28), dtype=np.float32)
+    alone = [input_key(cfg.name, cfg.version, tensor.to_proto(x[i : i + 1])) for i in range(5)]
+    assert row_keys(cfg, x) == alone
+    assert row_keys(cfg, x[1:4]) == alone[1:4]
+    assert row_keys(cfg, x[::2]) == alone[::2]  # strided rows are hashed by their values
+    assert row_keys(cfg, x[:0]) == []
+    assert [row_key(cfg, x[i].data) for i in range(5)] == alone
 
 
 def test_a_rows_data_key_is_the_key_of_the_same_input_sent_alone() -> None:

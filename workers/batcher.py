@@ -32,7 +32,7 @@ import numpy as np
 import redis
 
 from inferpool import codec, jobs
-from inferpool.cache import Cache, input_key, row_key
+from inferpool.cache import Cache, input_key, row_keys
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2
 from workers import metrics
@@ -484,12 +484,13 @@ class Batcher(threading.Thread):
                 for part in done.live:
                     indexes, inputs = part.work.job_indexes, part.work.rows
                     entries = results[part.work.job_id]
+                    # Keyed by the bytes the model computed, as input_key keys the request.
+                    keys = row_keys(self.cfg, inputs[part.start : part.stop])
                     failed = 0
-                    for i in range(part.start, part.stop):
+                    for i, key in zip(range(part.start, part.stop), keys, strict=True):
                         reply = replies[at]
                         if reply:  # an OK reply is never empty
-                            # Keyed by the bytes the model computed, as input_key keys the request.
-                            cache_values[row_key(self.cfg, inputs[i].data)] = scores[at]
+                            cache_values[key] = scores[at]
                             entries.append((indexes[i], jobs.OK, reply))
                         else:
                             entries.append((indexes[i], jobs.FAILED, _MODEL_FAILED))
