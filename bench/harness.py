@@ -456,11 +456,13 @@ def bulk_phase(bench: Bench, target: str, heavy: bool = False) -> None:
                 "jobs": jobs,
                 "items_per_s": statistics.median(j["items_per_s"] for j in jobs),
                 "compute_items_per_s": statistics.median(j["compute_items_per_s"] for j in jobs),
+                "after_upload_items_per_s": statistics.median(j["after_upload_items_per_s"] for j in jobs),
             }
             b = bench.extra[key]
             bench.log(
                 f"  {model} bulk job of {items}: {b['items_per_s']:,.0f} items/s upload to SUCCEEDED, "
-                f"{b['compute_items_per_s']:,.0f} over its compute phase"
+                f"{b['compute_items_per_s']:,.0f} over its compute phase, "
+                f"{b['after_upload_items_per_s']:,.0f} after its upload"
             )
 
 
@@ -577,7 +579,8 @@ def print_report(bench: Bench, target_rows: list[dict[str, Any]]) -> None:
             b = bench.extra[key]
             print(
                 f"bulk job, {b['model']} x {b['items']}: {b['items_per_s']:,.0f} items/s "
-                f"(compute phase {b['compute_items_per_s']:,.0f})"
+                f"(compute phase {b['compute_items_per_s']:,.0f}, after the upload "
+                f"{b['after_upload_items_per_s']:,.0f})"
             )
     for system, mean in bench.extra.get("envelope_items_mean", {}).items():
         print(
