@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from api import metrics as api_metrics
-from bench.stack import free_port
+from bench.stack import free_port, wait_port
 from inferpool.names import bulk_queue_name, queue_name
 from inferpool.repository import Repository
-from tests.servers import ROOT, RedisServer
+from tests.servers import ROOT, Proc, RedisServer
 from workers import metrics as worker_metrics
 
 COMPOSE = ROOT / "compose"
@@ -40,6 +41,16 @@ SERVICES = {"redis", "memcached", "api", "worker", "flower", "prometheus", "graf
 # The oldest Kubernetes these manifests target (gRPC probes are GA from 1.27) and the
 # newest whose schemas kubernetes-validate ships.
 K8S_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
+
+
+# What `scripts/compose-secrets.sh > compose/.env` provides.
+COMPOSE_ENV = {
+    "FLOWER_BASIC_AUTH": "ops:secret",
+    "GRAFANA_PASSWORD": "secret",
+    "REDIS_API_PASSWORD": "api0pw",
+    "REDIS_WORKER_PASSWORD": "worker0pw",
+    "REDIS_FLOWER_PASSWORD": "flower0pw",
+}
 
 
 def _docs(path: Path) -> list[dict[str, Any]]:
@@ -81,7 +92,7 @@ def _compose(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
 
 @pytest.fixture(scope="module")
 def compose_config() -> dict[str, Any]:
-    run = _compose("config", env={"FLOWER_BASIC_AUTH": "ops:secret", "GRAFANA_PASSWORD": "secret"})
+    run = _compose("config", env=COMPOSE_ENV)
     assert run.returncode == 0, run.stderr
     config: dict[str, Any] = yaml.safe_load(run.stdout)
     return config
@@ -116,11 +127,87 @@ def test_compose_worker_scales_on_gpus_and_drains(compose_config: dict[str, Any]
     assert _seconds(worker["stop_grace_period"]) == grace
 
 
-def test_compose_requires_flower_credentials() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"}
-    run = _compose("config", "-q", env={**env, "GRAFANA_PASSWORD": "secret"})
+@pytest.mark.parametrize("missing", sorted(COMPOSE_ENV))
+def test_compose_requires_every_credential(missing: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in COMPOSE_ENV}
+    run = _compose("config", "-q", env={**env, **{k: v for k, v in COMPOSE_ENV.items() if k != missing}})
     assert run.returncode != 0
-    assert "FLOWER_BASIC_AUTH" in run.stderr
+    assert missing in run.stderr
+
+
+def test_compose_secrets_script_provides_every_credential() -> None:
+    run = subprocess.run(
+        [str(ROOT / "scripts" / "compose-secrets.sh")], capture_output=True, text=True, timeout=30, check=True
+    )
+    values = dict(line.split("=", 1) for line in run.stdout.splitlines())
+    assert set(values) == set(COMPOSE_ENV)
+    for name, value in values.items():
+        assert re.fullmatch(r"(ops:)?[0-9a-f]{24,}", value), name
+
+
+def test_compose_services_restart_and_run_as_non_root(compose_config: dict[str, Any]) -> None:
+    # Images whose own default user is not root (prom/prometheus: nobody, grafana: 472).
+    non_root_images = ("prom/prometheus:", "grafana/grafana:")
+    for name, service in compose_config["services"].items():
+        assert service.get("restart") == "unless-stopped", name
+        if "build" in service:
+            dockerfile = ROOT / service["build"]["dockerfile"]
+            users = re.findall(r"^USER\s+(\S+)", dockerfile.read_text(), re.M)
+            assert users and users[-1] not in ("root", "0"), f"{name}: {dockerfile.name} runs as root"
+        elif not service["image"].startswith(non_root_images):
+            assert service.get("user") not in (None, "root", "0"), f"{name} runs as root"
+
+
+def _network_members(config: dict[str, Any]) -> dict[str, set[str]]:
+    members: dict[str, set[str]] = {n: set() for n in config.get("networks", {})}
+    for name, service in config["services"].items():
+        networks = service.get("networks") or {"default": None}
+        for network in networks:
+            members.setdefault(network, set()).add(name)
+    return members
+
+
+def test_compose_backends_reachable_only_by_their_clients(compose_config: dict[str, Any]) -> None:
+    members = _network_members(compose_config)
+    networks = compose_config["networks"]
+
+    def reachable_from(service: str) -> set[str]:
+        return {peer for n, peers in members.items() if service in peers for peer in peers} - {service}
+
+    assert reachable_from("redis") == {"api", "worker", "flower"}
+    assert reachable_from("memcached") == {"api", "worker"}
+    for backend in ("redis", "memcached"):
+        for network in compose_config["services"][backend]["networks"]:
+            assert networks[network].get("internal") is True, network
+    # Grafana talks to Prometheus only; metrics ports are published nowhere.
+    assert reachable_from("grafana") == {"prometheus"}
+    for name in ("api", "worker"):
+        ports = compose_config["services"][name].get("ports", [])
+        published = {
+            p["target"] if isinstance(p, dict) else int(p.rsplit(":", 1)[-1].split("/")[0]) for p in ports
+        }
+        assert not published & {8000, 8001}, name
+
+
+def test_compose_clients_log_in_to_redis_as_their_own_user(compose_config: dict[str, Any]) -> None:
+    services = compose_config["services"]
+    urls = {
+        "api": services["api"]["environment"]["INFERPOOL_REDIS_URL"],
+        "worker": services["worker"]["environment"]["INFERPOOL_REDIS_URL"],
+        "flower": services["flower"]["environment"]["FLOWER_BROKER_URL"],
+    }
+    for role, url in urls.items():
+        assert url == f"redis://{role}:{COMPOSE_ENV[f'REDIS_{role.upper()}_PASSWORD']}@redis:6379/0", role
+    redis_env = services["redis"]["environment"]
+    for role in urls:
+        assert redis_env[f"REDIS_{role.upper()}_PASSWORD"] == COMPOSE_ENV[f"REDIS_{role.upper()}_PASSWORD"]
+    assert "--read_only" in " ".join(services["flower"]["command"])
+    assert not any("redis://" in str(v) and "@" not in str(v) for s in services.values() for v in _env(s))
+
+
+def _env(service: dict[str, Any]) -> list[str]:
+    env = service.get("environment") or {}
+    return list(env.values()) if isinstance(env, dict) else list(env)
 
 
 def test_prometheus_scrapes_every_part() -> None:
@@ -150,7 +237,7 @@ def test_kubernetes_manifests_validate(version: str) -> None:
             path = ".".join(str(p) for p in exc.path)
             pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} at {path}: {exc.message}")
         checked += 1
-    assert checked >= 4  # ConfigMap, two Deployments, a Service
+    assert checked >= 12  # ConfigMap, Secret, four Deployments, three Services, four NetworkPolicies
 
 
 def test_kustomization_lists_existing_files() -> None:
@@ -158,20 +245,27 @@ def test_kustomization_lists_existing_files() -> None:
     assert kustomization["kind"] == "Kustomization"
     for resource in kustomization["resources"]:
         assert (K8S / resource).is_file(), resource
+    for generator in kustomization.get("configMapGenerator", []):
+        for file in generator["files"]:
+            assert (K8S / file).is_file(), file
+    # Passwords are never applied from the repository: the Secret is the operator's.
+    assert not any("secret" in r for r in kustomization["resources"])
     # One ScaledObject per Deployment: the two KEDA variants are alternatives.
     assert sum(r.startswith("keda-") for r in kustomization["resources"]) == 1
 
 
 def test_deployments_are_graceful_and_probed() -> None:
     objects = {(d["kind"], d["metadata"]["name"]): d for d in _k8s_objects()}
-    for name in ("inferpool-api", "inferpool-worker"):
+    for name in ("inferpool-api", "inferpool-worker", "redis", "memcached"):
         deployment = objects["Deployment", name]
         pod = deployment["spec"]["template"]["spec"]
-        assert pod["terminationGracePeriodSeconds"] > 0
+        assert pod.get("terminationGracePeriodSeconds", 30) > 0
         assert pod["securityContext"]["runAsNonRoot"] is True
         (container,) = pod["containers"]
         assert "livenessProbe" in container
-        assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        if name.startswith("inferpool-"):
+            assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     worker = objects["Deployment", "inferpool-worker"]["spec"]["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "--metrics-port=8001" in worker["command"]
@@ -277,9 +371,14 @@ SCALED_OBJECT = {
 }
 
 
+def _scaled_object(name: str) -> dict[str, Any]:
+    (scaled,) = [d for d in _docs(K8S / name) if d["kind"] == "ScaledObject"]
+    return scaled
+
+
 @pytest.mark.parametrize("name", ["keda-redis.yaml", "keda-prometheus.yaml"])
 def test_scaled_objects(name: str) -> None:
-    (scaled,) = _docs(K8S / name)
+    scaled = _scaled_object(name)
     jsonschema.validate(scaled, SCALED_OBJECT)
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] == _worker_deployment()["metadata"]["name"]
@@ -294,7 +393,7 @@ def test_scaled_objects(name: str) -> None:
 
 
 def test_redis_triggers_cover_every_list_of_every_queue() -> None:
-    (scaled,) = _docs(K8S / "keda-redis.yaml")
+    scaled = _scaled_object("keda-redis.yaml")
     lists = sorted(t["metadata"]["listName"] for t in scaled["spec"]["triggers"] if t["type"] == "redis")
     expected = sorted(
         key
@@ -306,14 +405,245 @@ def test_redis_triggers_cover_every_list_of_every_queue() -> None:
 
 
 def test_prometheus_trigger_reads_the_backlog_the_api_exports() -> None:
-    (scaled,) = _docs(K8S / "keda-prometheus.yaml")
+    scaled = _scaled_object("keda-prometheus.yaml")
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "prometheus"
     assert _metric_names(trigger["metadata"]["query"]) == {"inferpool_backlog_messages"}
     assert "inferpool_backlog_messages" in api_metrics.QueueDepth.NAMES
 
 
-# -- metrics: what the dashboard, rules and README name exists
+def test_redis_triggers_log_in_as_the_keda_user() -> None:
+    docs = _docs(K8S / "keda-redis.yaml")
+    (auth,) = [d for d in docs if d["kind"] == "TriggerAuthentication"]
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "password", "name": "inferpool-redis", "key": "keda-password"}
+    ]
+    for trigger in _scaled_object("keda-redis.yaml")["spec"]["triggers"]:
+        assert trigger["authenticationRef"] == {"name": auth["metadata"]["name"]}
+        assert trigger["metadata"]["username"] == "keda"
+
+
+# -- kubernetes: secrets and who may reach what
+
+COMPONENT = "app.kubernetes.io/component"
+
+
+def _objects() -> dict[tuple[str, str], dict[str, Any]]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in _k8s_objects()}
+
+
+def _container_env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_redis_clients_get_their_password_from_the_secret() -> None:
+    objects = _objects()
+    config = objects["ConfigMap", "inferpool"]["data"]
+    assert "INFERPOOL_REDIS_URL" not in config, "a Redis URL (with its password) belongs in a Secret"
+    for deployment, role in (("inferpool-api", "api"), ("inferpool-worker", "worker")):
+        (container,) = objects["Deployment", deployment]["spec"]["template"]["spec"]["containers"]
+        env = _container_env(container)
+        url = env["INFERPOOL_REDIS_URL"]["value"]
+        match = re.fullmatch(r"redis://(\w+):\$\((\w+)\)@redis:6379/0", url)
+        assert match and match[1] == role, url
+        # The variable it expands is defined before it, from the Secret (Kubernetes
+        # expands $(VAR) only for variables listed earlier).
+        names = list(env)
+        assert names.index(match[2]) < names.index("INFERPOOL_REDIS_URL")
+        ref = env[match[2]]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "inferpool-redis", "key": f"{role}-password"}
+    (redis_container,) = objects["Deployment", "redis"]["spec"]["template"]["spec"]["containers"]
+    env = _container_env(redis_container)
+    for role in ("api", "worker", "flower", "keda"):
+        ref = env[f"REDIS_{role.upper()}_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == ("inferpool-redis", f"{role}-password")
+    secret = objects["Secret", "inferpool-redis"]["stringData"]
+    assert set(secret) == {f"{r}-password" for r in ("api", "worker", "flower", "keda")}
+
+
+def _policy_for(component: str) -> dict[str, Any]:
+    policies = [
+        d["spec"]
+        for d in _k8s_objects()
+        if d["kind"] == "NetworkPolicy"
+        and d["spec"]["podSelector"]["matchLabels"].get(COMPONENT) == component
+    ]
+    assert len(policies) == 1, f"one NetworkPolicy should select the {component} pods"
+    assert policies[0]["policyTypes"] == ["Ingress"]
+    return policies[0]
+
+
+def _peers(rule: dict[str, Any]) -> set[str]:
+    """What a rule's `from` admits, as 'pod:<component>' and 'namespace:<name>'; 'any' when open."""
+    if "from" not in rule:
+        return {"any"}
+    found = set()
+    for peer in rule["from"]:
+        assert set(peer) <= {"podSelector", "namespaceSelector"}, peer  # no ipBlock
+        if "namespaceSelector" in peer:
+            assert "podSelector" not in peer
+            found.add(f"namespace:{peer['namespaceSelector']['matchLabels']['kubernetes.io/metadata.name']}")
+            continue
+        selector = peer["podSelector"]
+        assert selector["matchLabels"] == {"app.kubernetes.io/name": "inferpool"}
+        (expr,) = selector["matchExpressions"]
+        assert (expr["key"], expr["operator"]) == (COMPONENT, "In")
+        found |= {f"pod:{c}" for c in expr["values"]}
+    return found
+
+
+def _ingress(component: str) -> dict[int, set[str]]:
+    """Port -> who may connect to it."""
+    allowed: dict[int, set[str]] = {}
+    for rule in _policy_for(component).get("ingress", []):
+        for port in rule["ports"]:
+            allowed.setdefault(port["port"], set()).update(_peers(rule))
+    return allowed
+
+
+def test_network_policies_let_only_clients_reach_the_backends() -> None:
+    assert _ingress("redis") == {6379: {"pod:api", "pod:worker", "pod:flower", "namespace:keda"}}
+    assert _ingress("memcached") == {11211: {"pod:api", "pod:worker"}}
+
+
+def test_only_prometheus_reaches_metrics_ports() -> None:
+    assert _ingress("api") == {50051: {"any"}, 8000: {"namespace:monitoring"}}
+    assert _ingress("worker") == {8001: {"namespace:monitoring"}}
+    objects = _objects()
+    keda = _scaled_object("keda-prometheus.yaml")["spec"]["triggers"][0]["metadata"]
+    assert ".monitoring.svc" in keda["serverAddress"]
+    for name in ("inferpool-api", "inferpool-worker"):
+        annotations = objects["Deployment", name]["spec"]["template"]["metadata"]["annotations"]
+        assert int(annotations["prometheus.io/port"]) in _ingress(name.removeprefix("inferpool-"))
+
+
+def test_api_service_publishes_grpc_only() -> None:
+    service = _objects()["Service", "inferpool-api"]
+    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [("grpc", 50051)]
+
+
+# -- Redis users per role (compose/k8s/redis-start.sh), against a real redis-server
+
+ROLE_PASSWORDS = {"api": "api0pw", "worker": "worker0pw", "flower": "flower0pw", "keda": "keda0pw"}
+
+
+@pytest.fixture
+def acl_redis(tmp_path: Path) -> Iterator[int]:
+    port = free_port()
+    env = {**os.environ, "REDIS_ACL_FILE": str(tmp_path / "users.acl")}
+    env.update({f"REDIS_{r.upper()}_PASSWORD": p for r, p in ROLE_PASSWORDS.items()})
+    args = [
+        "sh",
+        str(K8S / "redis-start.sh"),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(tmp_path),
+    ]
+    proc = Proc(args, tmp_path / "redis.log", env=env)
+    try:
+        proc.ready(lambda: wait_port(port, 10, proc.popen))
+        yield port
+    finally:
+        proc.stop()
+
+
+def _as(port: int, role: str) -> redis.Redis:
+    password = ROLE_PASSWORDS.get(role, "")
+    return redis.Redis(port=port, username=role, password=password, socket_timeout=5)
+
+
+def test_redis_start_refuses_missing_or_placeholder_passwords(tmp_path: Path) -> None:
+    base = {**os.environ, "REDIS_ACL_FILE": str(tmp_path / "users.acl")}
+    base.update({f"REDIS_{r.upper()}_PASSWORD": p for r, p in ROLE_PASSWORDS.items()})
+    for role, value in (("API", ""), ("WORKER", "REPLACE-with-openssl-rand-hex-24"), ("FLOWER", "a b#c")):
+        env = {**base, f"REDIS_{role}_PASSWORD": value}
+        run = subprocess.run(
+            ["sh", str(K8S / "redis-start.sh"), "--port", "0"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert run.returncode == 1 and f"REDIS_{role}_PASSWORD" in run.stderr
+        assert not (tmp_path / "users.acl").exists()
+
+
+def test_redis_roles_can_do_only_their_part(acl_redis: int) -> None:
+    port = acl_redis
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=port, socket_timeout=5).ping()  # the default user is off
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=port, username="api", password="wrong", socket_timeout=5).ping()
+    assert redis.Redis(port=port, username="health", password="x", socket_timeout=5).ping()
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        redis.Redis(port=port, username="health", password="x", socket_timeout=5).get("inferpool:job:x")
+    api = _as(port, "api")
+    api.hset("inferpool:job:x", "state", "RUNNING")
+    api.rpush("inferpool.digits", b"message")
+    for admin in (api.flushall, lambda: api.config_get("*"), lambda: api.keys("*"), api.shutdown):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            admin()
+    flower = _as(port, "flower")
+    assert flower.llen("inferpool.digits") == 1
+    for forbidden in (
+        lambda: flower.hgetall("inferpool:job:x"),  # job records and results
+        lambda: flower.hgetall("unacked"),  # messages in flight
+        lambda: flower.lpop("inferpool.digits"),  # taking work
+        lambda: flower.keys("*"),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            forbidden()
+    keda = _as(port, "keda")
+    assert keda.llen("inferpool.digits") == 1
+    for forbidden in (
+        lambda: keda.lrange("inferpool.digits", 0, -1),
+        lambda: keda.hgetall("inferpool:job:x"),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            forbidden()
+    assert _as(port, "worker").hget("inferpool:job:x", "state") == b"RUNNING"
+
+
+def test_pool_serves_with_a_user_per_role(acl_redis: int, tmp_path: Path, heldout: Any) -> None:
+    """The API, a worker and Flower's Celery calls work under the users the deployments give them."""
+    from inferpool.broker import make_celery
+    from inferpool.client import Client
+    from inferpool.settings import Settings
+    from tests.servers import ApiThread, Worker
+
+    def settings(role: str) -> Settings:
+        url = f"redis://{role}:{ROLE_PASSWORDS[role]}@127.0.0.1:{acl_redis}/0"
+        return Settings.from_env(
+            {}, redis_url=url, memcached="", model_repository=ROOT / "models", grpc_port=0
+        )
+
+    x, y = heldout
+    worker = Worker(settings("worker"), tmp_path)
+    api = ApiThread(settings("api"))
+    try:
+        with Client(api.target) as client:
+            assert client.classify(x[:1], "digits", timeout_s=10).classes[0].label == str(y[0])
+            job = client.submit(x[:40], "digits", top_k=1)
+            job.wait(timeout_s=60)
+            labels = [r.classes[0].label for r in job.results()]
+            assert sum(label == str(t) for label, t in zip(labels, y[:40], strict=True)) >= 38
+        # What Flower asks the workers, as the flower user.
+        flower = make_celery(Settings.from_env({}, redis_url=settings("flower").redis_url), main="flower")
+        try:
+            assert worker.name in {name for reply in flower.control.ping(timeout=2.0) for name in reply}
+            queues = flower.control.inspect(destination=[worker.name], timeout=2.0).active_queues()
+            assert "inferpool.digits" in {q["name"] for q in queues[worker.name]}
+        finally:
+            flower.close()
+    finally:
+        api.stop()
+        worker.stop()
+
+
+# -- metrics: what the dashboard, rules and docs name exists
 
 
 def _exported(registry: CollectorRegistry) -> dict[str, str]:
@@ -355,13 +685,32 @@ def test_dashboard_and_rules_use_exported_metrics() -> None:
     assert len(ids) == len(set(ids))
 
 
-def test_readme_documents_every_metric() -> None:
-    readme = (ROOT / "README.md").read_text()
-    families = set(_exported(api_metrics.REGISTRY)) | set(_exported(worker_metrics.REGISTRY))
-    families |= set(api_metrics.QueueDepth.NAMES)
-    ours = {f for f in families if f.startswith("inferpool_")}
-    missing = sorted(f for f in ours if f not in readme)
-    assert not missing, f"README's metrics table lacks {missing}"
+def test_metrics_table_lists_every_metric_and_nothing_else() -> None:
+    from scripts.gen_docs import OPERATIONS, metric_names_in
+
+    families = {**_exported(api_metrics.REGISTRY), **_exported(worker_metrics.REGISTRY)}
+    families.update(dict.fromkeys(api_metrics.QueueDepth.NAMES, "gauge"))
+    ours = {
+        f"{n}_total" if kind == "counter" else n for n, kind in families.items() if n.startswith("inferpool_")
+    }
+    assert metric_names_in(OPERATIONS.read_text()) == ours
+
+
+def test_generated_docs_match_the_code() -> None:
+    """What `make docs-check` runs: docs/configuration.md and the metrics table are current."""
+    from scripts.gen_docs import drift
+
+    assert drift() == [], "\n".join(drift())
+
+
+def test_configuration_page_names_every_setting() -> None:
+    import dataclasses
+
+    from inferpool.settings import ENV_PREFIX, Settings
+
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    rows = set(re.findall(r"^\| `(INFERPOOL_[A-Z0-9_]+)` \|", page, re.M))
+    assert rows == {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
 
 
 def test_queue_depth_counts_what_llen_misses(redis_server: RedisServer) -> None:
