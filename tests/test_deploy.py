@@ -583,7 +583,14 @@ def test_redis_roles_can_do_only_their_part(acl_redis: int) -> None:
     api = _as(port, "api")
     api.hset("inferpool:job:x", "state", "RUNNING")
     api.rpush("inferpool.digits", b"message")
-    for admin in (api.flushall, lambda: api.config_get("*"), lambda: api.keys("*"), api.shutdown):
+    for admin in (
+        api.flushall,
+        lambda: api.config_get("*"),
+        lambda: api.keys("*"),
+        api.shutdown,
+        # Celery's remote control (shutdown, pool_restart, ...) is a broadcast on this channel.
+        lambda: api.publish("/0.celery.pidbox", b"{}"),
+    ):
         with pytest.raises(redis.exceptions.NoPermissionError):
             admin()
     flower = _as(port, "flower")

@@ -3,8 +3,10 @@
 # Kubernetes, the env file in compose). The default user is off, so a client without
 # a role's password can do nothing. Extra arguments go to redis-server.
 #
-#   api, worker  every key and channel; no @admin or @dangerous commands (CONFIG,
-#                FLUSHALL, KEYS, DEBUG, SHUTDOWN, MONITOR, ...)
+#   api, worker  every key; no @admin or @dangerous commands (CONFIG, FLUSHALL, KEYS,
+#                DEBUG, SHUTDOWN, MONITOR, ...). The worker also every channel (Celery's
+#                mailbox and events); the API none, so its password cannot broadcast
+#                remote-control commands such as shutdown
 #   flower       Celery's mailbox, events and bindings, its lock on kombu's unacked
 #                index, and read-only access to the queue lists: no job records,
 #                results or in-flight messages
@@ -24,7 +26,7 @@ umask 077
 {
   echo "user default off"
   echo "user health on nopass -@all +ping"
-  echo "user api on >${REDIS_API_PASSWORD} ~* &* +@all -@admin -@dangerous"
+  echo "user api on >${REDIS_API_PASSWORD} ~* resetchannels +@all -@admin -@dangerous"
   echo "user worker on >${REDIS_WORKER_PASSWORD} ~* &* +@all -@admin -@dangerous"
   echo "user flower on >${REDIS_FLOWER_PASSWORD} ~_kombu.* ~*pidbox* ~celery* ~unacked_mutex %R~unacked_index %R~inferpool.* &* +@all -@admin -@dangerous"
   if [ -n "${REDIS_KEDA_PASSWORD:-}" ]; then
