@@ -5,17 +5,19 @@ PYTHON ?= python3
 PROTO_SRC := protos/inferpool/v1
 PROTO_OUT := inferpool/v1
 
-.PHONY: help venv servers proto proto-check lint typecheck test demo up flower bench bench-all train clean
+.PHONY: help venv servers proto proto-check lint typecheck docs docs-check test demo up flower bench bench-all train clean
 
 help:
 	@echo "make demo        start the stack on loopback, classify held-out digits, print figures, stop"
-	@echo "make test        lint, type-check, proto drift check and the test suite (real servers)"
+	@echo "make test        lint, type-check, proto and docs drift checks and the test suite (real servers)"
 	@echo "make up          run redis, memcached, a worker, the API and Flower in the foreground (Ctrl-C stops)"
 	@echo "make flower      Flower on 127.0.0.1:5555 for a running broker (FLOWER_BASIC_AUTH=user:password)"
 	@echo "make bench       bounded load test of the miss and hit paths (writes bench/results/*.json)"
-	@echo "make bench-all   issue 6's harness: inferpool against its baselines (~10 min; BENCH_ARGS=--quick ~2)"
+	@echo "make bench-all   the harness: inferpool against its baselines (~10 min; BENCH_ARGS=--quick ~2)"
 	@echo "make proto       regenerate inferpool/v1/ and inferpool/triton/ *_pb2*.py from protos/"
 	@echo "make train       retrain models/digits/1 (seeded)"
+	@echo "make docs        regenerate docs/configuration.md and the metrics table in docs/operations.md"
+	@echo "make docs-check  fail when those drifted from the code (part of make test)"
 
 # The venv is rebuilt when the dependency spec changes. torch is pinned through
 # constraints.txt to the CPU wheel; CUDA users install their own torch first.
@@ -47,7 +49,15 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-test: venv servers lint typecheck
+# docs/configuration.md and the metrics table in docs/operations.md come from the code
+# (settings' metadata, the Prometheus metric objects): regenerate, or check for drift.
+docs: venv
+	$(PY) -m scripts.gen_docs
+
+docs-check: venv
+	$(PY) -m scripts.gen_docs --check
+
+test: venv servers lint typecheck docs-check
 	$(PY) -m pytest
 
 demo: venv servers
@@ -59,7 +69,7 @@ up: venv servers
 # Flower alone, for a stack started some other way; basic auth is required.
 flower: venv
 	@test -n "$$FLOWER_BASIC_AUTH" || { echo "set FLOWER_BASIC_AUTH=user:password" >&2; exit 1; }
-	$(VENV)/bin/celery --broker="$${INFERPOOL_REDIS_URL:-redis://127.0.0.1:6379/0}" flower --address=127.0.0.1 --port="$${FLOWER_PORT:-5555}"
+	$(VENV)/bin/celery --broker="$${INFERPOOL_REDIS_URL:-redis://127.0.0.1:6379/0}" flower --address=127.0.0.1 --port="$${FLOWER_PORT:-5555}" --read_only
 
 bench: venv servers
 	$(PY) -m bench.load

@@ -21,7 +21,7 @@ import dataclasses
 import difflib
 import importlib
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -82,7 +82,7 @@ def configuration_md() -> str:
     prefix = getattr(settings, "ENV_PREFIX", "INFERPOOL_")
     rows = []
     for f in dataclasses.fields(settings.Settings):
-        meta = f.metadata or {}
+        meta: Mapping[str, Any] = f.metadata or {}
         var = meta.get("env") or prefix + f.name.upper()
         doc = meta.get("doc") or meta.get("help") or "(no help text in the code)"
         if not f.repr:
