@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -650,6 +651,33 @@ def test_pool_serves_with_a_user_per_role(acl_redis: int, tmp_path: Path, heldou
         worker.stop()
 
 
+# -- make up (Procfile)
+
+
+def _procfile() -> dict[str, str]:
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return dict(line.split(":", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def test_flower_starts_after_a_worker_answers_and_read_only() -> None:
+    flower = _procfile()["flower"]
+    wait, start = flower.find("scripts/wait_for_worker.py"), flower.find(" flower ")
+    assert 0 <= wait < start, "Flower must wait for a worker before it starts"
+    assert "--read_only" in flower[start:]
+    make_flower = (ROOT / "Makefile").read_text().split("\nflower:", 1)[1].split("\n\n", 1)[0]
+    assert "--read_only" in make_flower
+
+
+def test_wait_for_worker_returns_once_one_answers(redis_server: RedisServer, worker: Any) -> None:
+    script = str(ROOT / "scripts" / "wait_for_worker.py")
+    run = subprocess.run([sys.executable, script, redis_server.url, "60"], capture_output=True, timeout=90)
+    assert run.returncode == 0, run.stderr
+    # Nothing listening there: it gives up at its bound instead of waiting forever.
+    empty = f"redis://127.0.0.1:{free_port()}/0"
+    run = subprocess.run([sys.executable, script, empty, "1"], capture_output=True, timeout=30)
+    assert run.returncode == 1
+
+
 # -- metrics: what the dashboard, rules and docs name exists
 
 
@@ -708,6 +736,40 @@ def test_generated_docs_match_the_code() -> None:
     from scripts.gen_docs import drift
 
     assert drift() == [], "\n".join(drift())
+
+
+DOCS = ROOT / "docs"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def test_readme_is_short_and_links_every_docs_page() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 15_000
+    assert "## Contents" in readme
+    pages = {p.name for p in DOCS.glob("*.md")}
+    assert {"architecture.md", "operations.md", "configuration.md", "protocols.md", "benchmarks.md"} <= pages
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)", readme))
+    assert linked == pages
+
+
+def test_docs_links_resolve_and_text_stays_impersonal() -> None:
+    for page in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+        text = page.read_text()
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", text):
+            if target.startswith(("http://", "https://")):
+                continue
+            path = (page.parent / target) if target else page
+            assert path.is_file(), f"{page.name}: link to {target}"
+            if anchor and path.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", path.read_text(), re.M)
+                assert anchor in {_slug(h) for h in headings}, f"{page.name}: #{anchor} not in {path.name}"
+        assert not re.search(r"[Ii]ssue #?[0-9]+", text), page.name
+        assert not re.search(r"\b(I|[Ww]e) (measured|tried|did not)\b", text), page.name
 
 
 def test_configuration_page_names_every_setting() -> None:
