@@ -106,9 +106,10 @@ def configuration_md() -> str:
             "|---|---|---|",
             *rows,
             "",
-            "Where the deployment files set them: `compose/compose.yaml` (`x-inferpool-env`),",
-            "`compose/k8s/configmap.yaml` (plain settings) and `compose/k8s/secrets.yaml` (the",
-            "Redis URLs, which carry passwords). `make up` sets the addresses in the `Procfile`.",
+            "Where the deployment files set them: `compose/compose.yaml` (per service, the Redis",
+            "URL with its role's password from `compose/.env`), `compose/k8s/configmap.yaml` (plain",
+            "settings; each Deployment builds its Redis URL from the `inferpool-redis` Secret, see",
+            "`compose/k8s/secrets.example.yaml`). `make up` sets the addresses in the `Procfile`.",
             "",
         ]
     )
