@@ -96,7 +96,7 @@ def cpu_by_label(pids: Iterable[int]) -> dict[str, float]:
     return out
 
 
-def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {name: after[name] - before.get(name, 0.0) for name in after}
 
 
