@@ -243,13 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"perf_analyzer is not available: {exc}", file=sys.stderr)
         return 2
 
-    results_: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
     info = results.meta({"flower": args.flower})
     with LocalStack(flower=args.flower) as stack, tempfile.TemporaryDirectory() as tmp:
         for path in paths:
             for concurrency in levels:
                 result = run_one(binary, env, stack.target, path, concurrency, args, Path(tmp))
-                results_.append(result)
+                runs.append(result)
                 print(
                     f"{path:4} c={concurrency:<3} {result['infer_per_s']:8.0f} infer/s  "
                     f"p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms  "
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n| path | concurrency | infer/s | p50 ms | p90 ms | p99 ms | rows from cache |")
     print("|---|---|---|---|---|---|---|")
-    for r in results_:
+    for r in runs:
         print(
             f"| {r['path']} | {r['concurrency']} | {r['infer_per_s']:,.0f} | {r['p50_ms']:.2f} | "
             f"{r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['hit_ratio']:.1%} |"
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         "tool": f"perf_analyzer ({binary})",
         "model": MODEL,
         "note": "one run per path and level against bench.stack.LocalStack on loopback",
-        "results": results_,
+        "results": runs,
     }
     out = results.write("perf_analyzer", data, args.out, info)
     print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
