@@ -10,7 +10,8 @@ cannot be trusted:
 - a run whose generator's event-loop lag p99 passed loadgen.MAX_LAG_P99_MS is left
   out of the figures (the generator, not the server, set its pace); a cell with no run
   left is marked invalid;
-- errors are counted and shown.
+- errors, and CPU taken meanwhile by processes outside the server and the generator
+  (or stolen by the hypervisor), are shown.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from typing import Any
 
 from bench.loadgen import MAX_LAG_P99_MS
 
+# Cores taken by processes outside the measured ones (or stolen) past which a cell says so.
+MAX_OUTSIDE_CORES = 0.2
+
 
 def spread(values: list[float]) -> dict[str, float]:
     vals = [v for v in values if v == v]  # NaN out
@@ -30,14 +34,24 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"min": min(vals), "median": float(statistics.median(vals)), "max": max(vals)}
 
 
-def cpu_record(cpu_s: dict[str, float], ok: int, window_s: float) -> dict[str, Any]:
-    """CPU per request per process (ms), their sum, and the cores each kept busy."""
+def cpu_record(
+    cpu_s: dict[str, float], ok: int, window_s: float, machine_s: dict[str, float], gen_cpu_s: float
+) -> dict[str, Any]:
+    """CPU per request per process (ms), their sum, the cores each kept busy, and the
+    cores the rest of the machine took meanwhile: processes neither server nor
+    generator (another tenant, the benchmark itself) and the hypervisor's steal. The
+    queue path hands each request between several processes, so CPU taken by anything
+    else slows it more than a one-process server: these say whether a run had the
+    machine to itself."""
     per_request = {name: s * 1000 / ok if ok else float("nan") for name, s in sorted(cpu_s.items())}
+    outside = machine_s["busy"] - sum(cpu_s.values()) - gen_cpu_s
     return {
         "server_cpu_s": cpu_s,
         "server_cpu_ms_per_request": per_request,
         "server_cpu_total_ms_per_request": sum(per_request.values()) if ok else float("nan"),
         "server_cores_busy": {name: s / window_s for name, s in cpu_s.items()} if window_s else {},
+        "outside_cores_busy": outside / window_s if window_s and cpu_s else float("nan"),
+        "steal_cores": machine_s["steal"] / window_s if window_s else float("nan"),
     }
 
 
@@ -87,6 +101,12 @@ class Cell:
             found.append(
                 f"{sum(bool(r.get('discarded')) for r in self.runs)} run(s) left out (generator lag)"
             )
+        outside = self.median("outside_cores_busy") if self.runs else float("nan")
+        if outside == outside and outside > MAX_OUTSIDE_CORES:
+            found.append(f"other processes took {outside:.2f} cores")
+        steal = self.median("steal_cores") if self.runs else float("nan")
+        if steal == steal and steal > MAX_OUTSIDE_CORES:
+            found.append(f"hypervisor steal {steal:.2f} cores")
         errors = sum(sum(r["errors"].values()) for r in self.runs)
         if errors:
             found.append(f"{errors} errors")
@@ -117,6 +137,8 @@ class Cell:
             "gen_cpu_ms_per_request": self.spread("gen_cpu_ms_per_request"),
             "gen_lag_p50_ms": self.spread("gen_lag_p50_ms"),
             "gen_lag_p99_ms": self.spread("gen_lag_p99_ms"),
+            "outside_cores_busy": self.spread("outside_cores_busy"),
+            "steal_cores": self.spread("steal_cores"),
             "requests_sent": sent,
             "distinct_inputs": distinct,
             "cached_replies": sum(r["cached"] for r in self.runs),

@@ -96,10 +96,11 @@ class Bench:
         seed_base = zlib.crc32(f"{system}/{model}/{workload}".encode()) % 997
         for _ in range(self.args.repeats):
             pids = server()
-            before, t0 = procs.cpu_by_label(pids), time.perf_counter()
+            machine, before, t0 = procs.machine_cpu(), procs.cpu_by_label(pids), time.perf_counter()
             run = self.gens.run(load, seed_base)
             cpu = procs.delta(before, procs.cpu_by_label(pids)) if pids else {}
-            cell.add(run.summary() | cpu_record(cpu, run.ok, time.perf_counter() - t0))
+            used = procs.delta(machine, procs.machine_cpu())
+            cell.add(run.summary() | cpu_record(cpu, run.ok, time.perf_counter() - t0, used, run.cpu_s))
         self.cells.append(cell)
         s = cell.summary()
         cpu_total = s["server_cpu_ms_per_request"].get("total", {}).get("median", float("nan"))
@@ -138,7 +139,7 @@ class Bench:
         with `hits`, first every input of the hit set once, so each is in the cache."""
         if hits:
             # Each generator process walks the set from its own offset: HOT_ITEMS each.
-            n = len(self.gens.procs)
+            n = self.gens.count
             self.gens.run(Load(target, model, "hit", concurrency=8, seconds=60, max_requests=HOT_ITEMS * n))
         self.gens.run(Load(target, model, "miss", concurrency=8, seconds=1.0), seed_base=1)
 

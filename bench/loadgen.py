@@ -25,6 +25,7 @@ import asyncio
 import os
 import pickle
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -295,21 +296,41 @@ def _recv(stream: IO[bytes]) -> Any:
     return pickle.loads(stream.read(struct.unpack("<Q", head)[0]))
 
 
-def _serve() -> None:
-    """A generator process: runs each Load it reads from stdin, writes back its Run."""
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # a stray print must not corrupt the protocol
-    while True:
-        try:
-            load = _recv(sys.stdin.buffer)
-        except EOFError:
-            return
-        if load is None:
-            return
-        try:
-            _send(out, run(load))
-        except Exception as exc:
-            _send(out, RuntimeError(f"load generator failed: {exc!r}"))
+def _serve(fds: str) -> None:
+    """A generator process: runs each Load it reads from its pipe, writes back its Run."""
+    read_fd, write_fd = (int(f) for f in fds.split(","))
+    with os.fdopen(read_fd, "rb") as inp, os.fdopen(write_fd, "wb") as out:
+        while True:
+            try:
+                load = _recv(inp)
+            except EOFError:
+                return
+            if load is None:
+                return
+            try:
+                _send(out, run(load))
+            except Exception as exc:
+                _send(out, RuntimeError(f"load generator failed: {exc!r}"))
+
+
+def _lead(pairs: list[str]) -> None:
+    """The first generator process, leader of the generators' own session and process
+    group: starts the others there (a process may only join a group of its own
+    session), serves the first pipe pair itself, then waits for them."""
+    others = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bench.loadgen", pair],
+            pass_fds=[int(f) for f in pair.split(",")],
+            cwd=ROOT,
+        )
+        for pair in pairs[1:]
+    ]
+    for pair in pairs[1:]:
+        for fd in pair.split(","):
+            os.close(int(fd))
+    _serve(pairs[0])
+    for proc in others:
+        proc.wait()
 
 
 class Generators:
@@ -318,27 +339,34 @@ class Generators:
     `run(load)` splits the callers (or the rate) across them and merges the results."""
 
     def __init__(self, count: int = 1) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-        cmd = [sys.executable, "-m", "bench.loadgen"]
+        self.streams: list[tuple[IO[bytes], IO[bytes]]] = []
+        pairs, child_fds = [], []
         for _ in range(count):
-            group: dict[str, Any] = (
-                {"start_new_session": True} if not self.procs else {"process_group": self.procs[0].pid}
-            )
-            self.procs.append(
-                subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, **group)
-            )
+            to_read, to_write = os.pipe()
+            from_read, from_write = os.pipe()
+            pairs.append(f"{to_read},{from_write}")
+            child_fds += [to_read, from_write]
+            self.streams.append((os.fdopen(to_write, "wb"), os.fdopen(from_read, "rb")))
+        self.leader = subprocess.Popen(
+            [sys.executable, "-m", "bench.loadgen", "--lead", *pairs],
+            pass_fds=child_fds,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        for fd in child_fds:
+            os.close(fd)
         self.runs = 0
 
     @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+    def count(self) -> int:
+        return len(self.streams)
 
     def run(self, load: Load, seed_base: int = 0) -> Run:
         self.runs += 1
-        n = len(self.procs)
+        n = self.count
         start_at = time.time() + START_DELAY_S
-        sent: list[subprocess.Popen[bytes]] = []
-        for g, proc in enumerate(self.procs):
+        sent: list[IO[bytes]] = []
+        for g, (to_gen, from_gen) in enumerate(self.streams):
             share_c = load.concurrency // n + (g < load.concurrency % n)
             if (load.concurrency and not share_c) or (load.rate and g > 0 and load.rate < 50):
                 continue  # a lone caller, or a rate too low to split, stays on one process
@@ -352,37 +380,34 @@ class Generators:
                 seed=(self.runs * 1000 + g) * 7919 + seed_base,
                 pool_seed=self.runs * 1000 + seed_base,
             )
-            assert proc.stdin is not None
-            _send(proc.stdin, part)
-            sent.append(proc)
-        parts = [self._result(proc, load.seconds + load.timeout_s + 30) for proc in sent]
+            _send(to_gen, part)
+            sent.append(from_gen)
+        parts = [self._result(stream, load.seconds + load.timeout_s + 30) for stream in sent]
         return merge(parts)
 
-    def _result(self, proc: subprocess.Popen[bytes], timeout_s: float) -> Run:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+    def _result(self, stream: IO[bytes], timeout_s: float) -> Run:
+        ready, _, _ = select.select([stream], [], [], timeout_s)
         if not ready:
-            raise TimeoutError(f"load generator {proc.pid} gave no result in {timeout_s:.0f}s")
-        result = _recv(proc.stdout)
+            raise TimeoutError(f"a load generator gave no result in {timeout_s:.0f}s")
+        result = _recv(stream)
         if isinstance(result, BaseException):
             raise result
         assert isinstance(result, Run)
         return result
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.stdin is not None and proc.poll() is None:
-                try:
-                    _send(proc.stdin, None)
-                    proc.stdin.close()
-                except OSError:
-                    pass
-        for proc in self.procs:
+        for to_gen, from_gen in self.streams:
             try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                _send(to_gen, None)
+                to_gen.close()
+            except OSError:
+                pass
+            from_gen.close()
+        try:
+            self.leader.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.leader.pid, signal.SIGKILL)  # the generators' own group only
+            self.leader.wait()
 
     def __enter__(self) -> Generators:
         return self
@@ -393,6 +418,9 @@ class Generators:
 
 if __name__ == "__main__":
     # Through the package, so the Runs sent back pickle as bench.loadgen.Run, not __main__.Run.
-    from bench.loadgen import _serve as serve
+    from bench import loadgen
 
-    serve()
+    if sys.argv[1] == "--lead":
+        loadgen._lead(sys.argv[2:])
+    else:
+        loadgen._serve(sys.argv[1])

@@ -116,3 +116,15 @@ def rss_mb(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def machine_cpu() -> dict[str, float]:
+    """CPU seconds the whole machine has spent so far: `busy` (every process, the
+    kernel's interrupt work included) and `steal` (time the hypervisor gave another
+    guest while this one wanted to run), from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return {"busy": float("nan"), "steal": float("nan")}
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return {"busy": (user + nice + system + irq + softirq) * TICK_S, "steal": steal * TICK_S}

@@ -75,12 +75,13 @@ def print_report(
     cells: list[Cell], extra: dict[str, Any], target_rows: list[dict[str, Any]], args: argparse.Namespace
 ) -> None:
     print(
-        f"\nClosed loop: median [min-max] of {args.repeats} runs of {args.seconds:g} s; "
-        f"server CPU = the server tree's CPU ms per answered request; gen = the load generator"
+        f"\nClosed loop: median [min-max] of {args.repeats} runs of {args.seconds:g} s; server CPU = the "
+        "server tree's CPU ms per answered request; gen = the load generator; other = cores taken by "
+        "everything else"
     )
     print(
         f"{'model':<9}{'wl':<5}{'conc':>5}  {'system':<21}{'req/s [min-max]':>24}{'p50 ms':>8}{'p99 ms':>9}"
-        f"{'server CPU':>11}{'gen CPU':>9}{'gen lag p99':>12}  notes"
+        f"{'server CPU':>11}{'gen CPU':>9}{'gen lag p99':>12}{'other':>7}  notes"
     )
     closed = sorted(
         (c for c in cells if c.mode == "closed"),
@@ -91,8 +92,8 @@ def print_report(
         print(
             f"{c.model:<9}{c.workload:<5}{c.load:>5}  {c.system:<21}{_range(c, 'rps'):>24}"
             f"{c.median('p50_ms'):>8.2f}{c.median('p99_ms'):>9.2f}{total:>11.3f}"
-            f"{c.median('gen_cpu_ms_per_request'):>9.3f}{c.median('gen_lag_p99_ms'):>12.1f}  "
-            + "; ".join(c.problems())
+            f"{c.median('gen_cpu_ms_per_request'):>9.3f}{c.median('gen_lag_p99_ms'):>12.1f}"
+            f"{c.median('outside_cores_busy'):>7.2f}  " + "; ".join(c.problems())
         )
     print("\nServer CPU per request by process, ms (median of the runs)")
     seen = {name for c in closed for name in c.cpu()} - {"total"}
