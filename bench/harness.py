@@ -176,7 +176,7 @@ def stack_phase(
         mean = histogram_mean(delta(before, scrape(metrics)), "inferpool_envelope_items", model="digits")
         bench.extra.setdefault("envelope_items_mean", {})[name] = mean
         bench.log(f"  {name}: {mean:.2f} misses per queue message (inferpool_envelope_items mean)")
-    if system == "b4":
+    if system == "b4" or (system == "inferpool-noflower" and args.quick):
         return
     bench.sweep(name, pids, target, "digits", "hit")
     if system == "inferpool" and not args.quick:
