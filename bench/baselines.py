@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -218,9 +219,15 @@ def serve_aio(port: int, make: Any) -> None:
         uvloop.run(main())
 
 
+@dataclass
+class Baseline:
+    target: str
+    proc: subprocess.Popen[bytes]
+
+
 @contextmanager
-def baseline_server(kind: str, repository: Path, *options: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A baseline server process on a free port (`.target` set on the yielded process)."""
+def baseline_server(kind: str, repository: Path, *options: str) -> Iterator[Baseline]:
+    """A baseline server process of this module on a free loopback port."""
     port = free_port()
     cmd = [sys.executable, "-m", "bench.baselines", kind, "--port", str(port), *options]
     if kind in ("threadpool", "batcher"):
@@ -228,8 +235,7 @@ def baseline_server(kind: str, repository: Path, *options: str) -> Iterator[subp
     proc = subprocess.Popen(cmd, cwd=ROOT)
     try:
         wait_port(port, 120, proc)
-        proc.target = f"127.0.0.1:{port}"  # type: ignore[attr-defined]
-        yield proc
+        yield Baseline(f"127.0.0.1:{port}", proc)
     finally:
         proc.terminate()
         try:

@@ -51,8 +51,9 @@ from typing import Any
 from bench import procs, results
 from bench.baselines import baseline_server
 from bench.cells import Cell, cpu_record, spread
+from bench.generators import Generators
 from bench.heavy import HEAVY_MODEL, make_repository
-from bench.loadgen import HOT_ITEMS, SHAPES, Generators, Load
+from bench.loadgen import HOT_ITEMS, SHAPES, Load
 from bench.modeltime import best
 from bench.report import plot, print_report, targets
 from bench.scrape import delta, histogram_mean, scrape
@@ -234,8 +235,8 @@ def run_systems(bench: Bench, repo: Path) -> None:
         if key not in args.systems:
             continue
         bench.log(f"{NAMES[key]}: bench.baselines {kind}")
-        with baseline_server(kind, repo) as proc:
-            target, pids = proc.target, (lambda p=proc.pid: [p])  # type: ignore[attr-defined]
+        with baseline_server(kind, repo) as server:
+            target, pids = server.target, (lambda p=server.proc.pid: [p])
             bench.warm(target, "digits", hits=workload == "hit")
             bench.sweep(NAMES[key], pids, target, "digits", workload)
             if key == "b2" and not args.quick:

@@ -15,31 +15,24 @@ Each run also reports the generator's own CPU time and its event-loop lag (the l
 of a task that wakes every `LAG_TICK_S`): a busy generator delays sends and replies and
 reads as a slow server, so a benchmark marks runs whose lag p99 passes `MAX_LAG_P99_MS`.
 
-`Generators(n)` runs the generator in `n` processes of their own process group (a new
-session, apart from the benchmark and from any server tree it measures).
+bench/generators.py runs it in processes of their own process group (a new session,
+apart from the benchmark and from any server tree it measures).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import pickle
-import select
-import signal
-import struct
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
-from typing import IO, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
+import xxhash
 
 from bench.heavy import HEAVY_MODEL, HEAVY_SHAPE, OVERLOAD_MODEL, OVERLOAD_SHAPE
-from bench.stack import ROOT
 
 # One input's shape per model, without the batch dimension of 1.
 SHAPES: dict[str, tuple[int, ...]] = {
@@ -54,9 +47,6 @@ ZIPF_ITEMS = 4096
 ZIPF_S = 1.1
 LAG_TICK_S = 0.005
 MAX_LAG_P99_MS = 20.0
-# Seconds between handing a run to the generator processes and its start, for each
-# one's channel to connect first (connection set-up is not what is measured).
-START_DELAY_S = 0.4
 
 
 @dataclass
@@ -90,6 +80,8 @@ class Run:
     lag_p99_ms: float = float("nan")
     lat_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))
     calls: list[tuple[float, str, float]] | None = None
+    # A 64-bit digest of each input sent (the same in every process): runs merge by union.
+    seen: set[int] = field(default_factory=set)
 
     @property
     def rps(self) -> float:
@@ -170,12 +162,11 @@ async def drive(load: Load) -> Run:
     run = Run(calls=[] if load.record_calls else None)
     latencies: list[float] = []
     errors: Counter[str] = Counter()
-    seen: set[int] = set()
     source = inputs(load)
 
     def request() -> inference_pb2.ClassifyRequest:
         x = next(source)
-        seen.add(hash(x.tobytes()))
+        run.seen.add(xxhash.xxh3_64_intdigest(x.data))
         run.sent += 1
         return inference_pb2.ClassifyRequest(model=load.model, input=tensor.to_proto(x))
 
@@ -218,7 +209,7 @@ async def drive(load: Load) -> Run:
         run.cpu_s = time.process_time() - cpu0
         stop.set()
         await monitor
-    run.ok, run.errors, run.distinct = len(latencies), dict(errors), len(seen)
+    run.ok, run.errors, run.distinct = len(latencies), dict(errors), len(run.seen)
     run.lat_ms = np.asarray(latencies, dtype=np.float64) * 1000
     if lags:
         lag_ms = np.asarray(lags) * 1000
@@ -253,174 +244,3 @@ def run(load: Load) -> Run:
     except ImportError:
         return asyncio.run(drive(load))
     return uvloop.run(drive(load))
-
-
-def merge(parts: list[Run]) -> Run:
-    """The runs of several generator processes as one: counts add up, latencies pool,
-    the lag is the worst generator's."""
-    errors: Counter[str] = Counter()
-    for p in parts:
-        errors.update(p.errors)
-    out = Run(
-        ok=sum(p.ok for p in parts),
-        errors=dict(errors),
-        cached=sum(p.cached for p in parts),
-        sent=sum(p.sent for p in parts),
-        distinct=sum(p.distinct for p in parts),
-        shed=sum(p.shed for p in parts),
-        elapsed_s=max((p.elapsed_s for p in parts), default=0.0),
-        cpu_s=sum(p.cpu_s for p in parts),
-        lag_p50_ms=max((p.lag_p50_ms for p in parts), default=float("nan")),
-        lag_p99_ms=max((p.lag_p99_ms for p in parts), default=float("nan")),
-        lat_ms=np.concatenate([p.lat_ms for p in parts]) if parts else np.zeros(0),
-    )
-    # Each process's own rate, summed: their runs end a few ms apart.
-    rps = sum(p.rps for p in parts)
-    out.elapsed_s = out.ok / rps if rps else out.elapsed_s
-    return out
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def _send(stream: IO[bytes], obj: Any) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(struct.pack("<Q", len(data)) + data)
-    stream.flush()
-
-
-def _recv(stream: IO[bytes]) -> Any:
-    head = stream.read(8)
-    if len(head) < 8:
-        raise EOFError("generator process closed its pipe")
-    return pickle.loads(stream.read(struct.unpack("<Q", head)[0]))
-
-
-def _serve(fds: str) -> None:
-    """A generator process: runs each Load it reads from its pipe, writes back its Run."""
-    read_fd, write_fd = (int(f) for f in fds.split(","))
-    with os.fdopen(read_fd, "rb") as inp, os.fdopen(write_fd, "wb") as out:
-        while True:
-            try:
-                load = _recv(inp)
-            except EOFError:
-                return
-            if load is None:
-                return
-            try:
-                _send(out, run(load))
-            except Exception as exc:
-                _send(out, RuntimeError(f"load generator failed: {exc!r}"))
-
-
-def _lead(pairs: list[str]) -> None:
-    """The first generator process, leader of the generators' own session and process
-    group: starts the others there (a process may only join a group of its own
-    session), serves the first pipe pair itself, then waits for them."""
-    others = [
-        subprocess.Popen(
-            [sys.executable, "-m", "bench.loadgen", pair],
-            pass_fds=[int(f) for f in pair.split(",")],
-            cwd=ROOT,
-        )
-        for pair in pairs[1:]
-    ]
-    for pair in pairs[1:]:
-        for fd in pair.split(","):
-            os.close(int(fd))
-    _serve(pairs[0])
-    for proc in others:
-        proc.wait()
-
-
-class Generators:
-    """`count` generator processes in one process group of their own (a new session):
-    signals to the benchmark's group do not reach them, and they are in no server tree.
-    `run(load)` splits the callers (or the rate) across them and merges the results."""
-
-    def __init__(self, count: int = 1) -> None:
-        self.streams: list[tuple[IO[bytes], IO[bytes]]] = []
-        pairs, child_fds = [], []
-        for _ in range(count):
-            to_read, to_write = os.pipe()
-            from_read, from_write = os.pipe()
-            pairs.append(f"{to_read},{from_write}")
-            child_fds += [to_read, from_write]
-            self.streams.append((os.fdopen(to_write, "wb"), os.fdopen(from_read, "rb")))
-        self.leader = subprocess.Popen(
-            [sys.executable, "-m", "bench.loadgen", "--lead", *pairs],
-            pass_fds=child_fds,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-        for fd in child_fds:
-            os.close(fd)
-        self.runs = 0
-
-    @property
-    def count(self) -> int:
-        return len(self.streams)
-
-    def run(self, load: Load, seed_base: int = 0) -> Run:
-        self.runs += 1
-        n = self.count
-        start_at = time.time() + START_DELAY_S
-        sent: list[IO[bytes]] = []
-        for g, (to_gen, from_gen) in enumerate(self.streams):
-            share_c = load.concurrency // n + (g < load.concurrency % n)
-            if (load.concurrency and not share_c) or (load.rate and g > 0 and load.rate < 50):
-                continue  # a lone caller, or a rate too low to split, stays on one process
-            part = replace(
-                load,
-                concurrency=share_c,
-                rate=load.rate / n if load.rate >= 50 else load.rate,
-                max_requests=-(-load.max_requests // n) if load.max_requests else 0,
-                start_at=start_at,
-                # Unique per run and generator, so miss inputs never repeat in a session.
-                seed=(self.runs * 1000 + g) * 7919 + seed_base,
-                pool_seed=self.runs * 1000 + seed_base,
-            )
-            _send(to_gen, part)
-            sent.append(from_gen)
-        parts = [self._result(stream, load.seconds + load.timeout_s + 30) for stream in sent]
-        return merge(parts)
-
-    def _result(self, stream: IO[bytes], timeout_s: float) -> Run:
-        ready, _, _ = select.select([stream], [], [], timeout_s)
-        if not ready:
-            raise TimeoutError(f"a load generator gave no result in {timeout_s:.0f}s")
-        result = _recv(stream)
-        if isinstance(result, BaseException):
-            raise result
-        assert isinstance(result, Run)
-        return result
-
-    def close(self) -> None:
-        for to_gen, from_gen in self.streams:
-            try:
-                _send(to_gen, None)
-                to_gen.close()
-            except OSError:
-                pass
-            from_gen.close()
-        try:
-            self.leader.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.leader.pid, signal.SIGKILL)  # the generators' own group only
-            self.leader.wait()
-
-    def __enter__(self) -> Generators:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-if __name__ == "__main__":
-    # Through the package, so the Runs sent back pickle as bench.loadgen.Run, not __main__.Run.
-    from bench import loadgen
-
-    if sys.argv[1] == "--lead":
-        loadgen._lead(sys.argv[2:])
-    else:
-        loadgen._serve(sys.argv[1])
