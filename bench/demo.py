@@ -8,17 +8,14 @@ what Flower and the worker's Prometheus endpoint saw of it.
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import time
-import urllib.request
-from typing import Any
 
 import grpc
 import numpy as np
 
+from bench.scrape import scrape, total
 from bench.stack import ROOT, LocalStack
-from inferpool.client import AsyncClient, Client
+from inferpool.client import AsyncClient
 from inferpool.names import task_name
 
 CONCURRENCY = 16
@@ -49,36 +46,9 @@ async def classify_all(target: str, images: np.ndarray) -> tuple[np.ndarray, np.
         return predicted, cached, latency_ms, time.perf_counter() - t0
 
 
-def _flower_json(stack: LocalStack, path: str) -> Any:
-    request = urllib.request.Request(f"{stack.flower_url}{path}")
-    token = base64.b64encode(":".join(stack.flower_auth).encode()).decode()
-    request.add_header("Authorization", f"Basic {token}")
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.loads(response.read())
-
-
-def _await_task_events(stack: LocalStack, timeout_s: float) -> bool:
-    """Until Flower sees the worker's task events. Workers start with them off and
-    Flower turns them on with a broadcast every few seconds: without this wait the
-    passes can be over before it does, and Flower shows none of their tasks. Probes
-    with random inputs (misses that the held-out passes never ask for)."""
-    rng = np.random.default_rng()
-    deadline = time.monotonic() + timeout_s
-    with Client(stack.target) as client:
-        while time.monotonic() < deadline:
-            client.classify(rng.random((1, 1, 28, 28), dtype=np.float32), "digits", timeout_s=10)
-            try:
-                if _flower_json(stack, f"/api/tasks?taskname={task_name('digits')}&limit=1"):
-                    return True
-            except OSError:
-                pass  # Flower still starting: ask again
-            time.sleep(0.5)
-    return False
-
-
 def _flower_counts(stack: LocalStack) -> tuple[int, int, int]:
     """(workers online, tasks succeeded, tasks failed) from Flower's workers table."""
-    workers = _flower_json(stack, "/workers?json=1")["data"]
+    workers = stack.flower_json("/workers?json=1")["data"]
     return (
         sum(bool(w.get("status")) for w in workers),
         sum(w.get("task-succeeded", 0) for w in workers),
@@ -86,18 +56,13 @@ def _flower_counts(stack: LocalStack) -> tuple[int, int, int]:
     )
 
 
-def _metric_sum(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-
-
 def _worker_metrics_summary(url: str) -> str:
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
+        samples = scrape(url)
     except OSError as exc:
         return f"unreachable ({exc})"
-    batches = _metric_sum(text, "inferpool_batch_size_count")
-    items = _metric_sum(text, "inferpool_batch_size_sum")
+    batches = total(samples, "inferpool_batch_size_count")
+    items = total(samples, "inferpool_batch_size_sum")
     if not batches:
         return "no batch observed (the batcher does not report to Prometheus yet)"
     return f"{batches:.0f} batches, {items / batches:.1f} items per batch on average"
@@ -110,7 +75,8 @@ def main() -> None:
     with LocalStack() as stack:
         user, password = stack.flower_auth
         print(f"stack ready, API on {stack.target}, Flower on {stack.flower_url}/ ({user} / {password})")
-        events_on = _await_task_events(stack, timeout_s=20)
+        # The stack waited for Flower to reach the worker: its tasks show from the first.
+        events_on = stack.task_events_on
         try:
             _, succeeded_before, failed_before = _flower_counts(stack)
         except OSError:

@@ -1,7 +1,8 @@
 """Triton's perf_analyzer against a local stack, over the KServe v2 / Triton gRPC front.
 
 `python -m bench.perf_analyzer` starts bench.stack.LocalStack (redis, memcached, a worker,
-the API), then runs the unmodified perf_analyzer once per path and concurrency level:
+the API and Flower, as `make up` does; `--no-flower` leaves Flower out), then runs the
+unmodified perf_analyzer once per path and concurrency level:
 
 - hit:  `--input-data zero`: the same all-zero image every time, so after the first
         request every row is a cache hit. (perf_analyzer's default, `random`, fills FP32
@@ -12,7 +13,7 @@ the API), then runs the unmodified perf_analyzer once per path and concurrency l
 
 Each run is bounded (`--max-trials`, a subprocess timeout). The hit ratio of every run is
 measured, not assumed: Triton ModelStatistics (cache_hit / cache_miss counts) before and
-after. Prints a table, writes bench/results/perf_analyzer.json.
+after. Prints a table, writes the JSON under bench/results/perf_analyzer/.
 
 perf_analyzer ships as a binary in the tritonclient wheel (x86-64 Linux; `.venv/bin/`)
 and links two libraries the wheel does not carry: libb64.so.0d (Debian/Ubuntu package
@@ -38,10 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.stack import LocalStack
+from bench import results
+from bench.stack import ROOT, LocalStack
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "perf_analyzer.json"
 MODEL = "digits"
 INPUT = "image"
 SHAPE = (1, 28, 28)  # one row, without the batch dimension (perf_analyzer adds -b)
@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-timeout-s", type=float, default=120, help="bound on one perf_analyzer run")
     parser.add_argument("--perf-analyzer", help="the binary (default: from the venv's bin/, then PATH)")
     parser.add_argument("--lib-dir", action="append", default=[], help="extra LD_LIBRARY_PATH directory")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--flower", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", type=Path, help="default bench/results/perf_analyzer/<date>-<commit>.json")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     paths = [p.strip() for p in args.paths.split(",")]
@@ -242,12 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"perf_analyzer is not available: {exc}", file=sys.stderr)
         return 2
 
-    results: list[dict[str, Any]] = []
-    with LocalStack(flower=False) as stack, tempfile.TemporaryDirectory() as tmp:
+    runs: list[dict[str, Any]] = []
+    info = results.meta({"flower": args.flower})
+    with LocalStack(flower=args.flower) as stack, tempfile.TemporaryDirectory() as tmp:
         for path in paths:
             for concurrency in levels:
                 result = run_one(binary, env, stack.target, path, concurrency, args, Path(tmp))
-                results.append(result)
+                runs.append(result)
                 print(
                     f"{path:4} c={concurrency:<3} {result['infer_per_s']:8.0f} infer/s  "
                     f"p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms  "
@@ -257,26 +259,19 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n| path | concurrency | infer/s | p50 ms | p90 ms | p99 ms | rows from cache |")
     print("|---|---|---|---|---|---|---|")
-    for r in results:
+    for r in runs:
         print(
             f"| {r['path']} | {r['concurrency']} | {r['infer_per_s']:,.0f} | {r['p50_ms']:.2f} | "
             f"{r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['hit_ratio']:.1%} |"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "tool": f"perf_analyzer ({binary})",
-                "model": MODEL,
-                "note": "one run per path and level against bench.stack.LocalStack on loopback",
-                "cpu_count": os.cpu_count(),
-                "results": results,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"\nwrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+    data = {
+        "tool": f"perf_analyzer ({binary})",
+        "model": MODEL,
+        "note": "one run per path and level against bench.stack.LocalStack on loopback",
+        "results": runs,
+    }
+    out = results.write("perf_analyzer", data, args.out, info)
+    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return 0
 
 

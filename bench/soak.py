@@ -14,89 +14,68 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import statistics
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import redis
 
-from bench.overload import rss_mb, stack_pids
-from bench.stack import ROOT, LocalStack
-from inferpool.client import AsyncClient, Client
+from bench import procs, results
+from bench.loadgen import SHAPES, Load, drive
+from bench.stack import LocalStack
+from inferpool.client import Client
 from inferpool.jobs import state_name
-
-RESULTS = ROOT / "bench" / "results"
-SHAPE = (1, 1, 28, 28)
 
 
 async def soak(target: str, redis_url: str, pids: dict[str, int], args: argparse.Namespace) -> dict[str, Any]:
     r = redis.Redis.from_url(redis_url)
-    rng = np.random.default_rng(0)
-    warm = rng.random((64, *SHAPE), dtype=np.float32)
-    codes: Counter[str] = Counter()
     jobs: Counter[str] = Counter()
     samples: list[dict[str, float]] = []
     duration_s = args.minutes * 60
-    tasks: set[asyncio.Task[None]] = set()
-    async with AsyncClient(target) as client:
 
-        async def one(i: int) -> None:
-            image = warm[i % len(warm)] if i % 2 else rng.random(SHAPE, dtype=np.float32)
-            try:
-                await client.classify(image, "digits", timeout_s=2.0)
-                codes["OK"] += 1
-            except grpc.aio.AioRpcError as exc:
-                codes[exc.code().name] += 1
+    def bulk_job(seed: int) -> str:
+        with Client(target) as c:
+            x = np.random.default_rng(seed).random((args.job_items, *SHAPES["digits"]), dtype=np.float32)
+            return state_name(c.submit(x, "digits").wait(timeout_s=120).state)
 
-        def bulk_job(seed: int) -> str:
-            with Client(target) as c:
-                x = np.random.default_rng(seed).random((args.job_items, *SHAPE[1:]), dtype=np.float32)
-                return state_name(c.submit(x, "digits").wait(timeout_s=120).state)
+    async def jobs_loop() -> None:
+        seed = 1
+        while True:
+            jobs[await asyncio.to_thread(bulk_job, seed)] += 1
+            seed += 1
+            await asyncio.sleep(args.job_every_s)
 
-        async def jobs_loop() -> None:
-            seed = 1
-            while True:
-                jobs[await asyncio.to_thread(bulk_job, seed)] += 1
-                seed += 1
-                await asyncio.sleep(args.job_every_s)
-
-        job_task = asyncio.create_task(jobs_loop())
+    async def sampler() -> None:
         start = time.perf_counter()
-        next_sample = 0.0
-        sent = 0
         while (now := time.perf_counter() - start) < duration_s:
-            while sent < int(now * args.rate) + 1:
-                task = asyncio.create_task(one(sent))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                sent += 1
-            if now >= next_sample:
-                info = r.info("memory")
-                samples.append(
-                    {
-                        "t": now,
-                        **{f"rss_{k}_mb": rss_mb(p) for k, p in pids.items()},
-                        # Job records are kept for the job TTL by design; everything else must not grow.
-                        "redis_job_keys": float(sum(1 for _ in r.scan_iter("inferpool:job:*"))),
-                        "redis_other_keys": float(r.dbsize())
-                        - float(sum(1 for _ in r.scan_iter("inferpool:job:*"))),
-                        "redis_used_mb": info["used_memory"] / 2**20,
-                        "reply_lists": float(sum(1 for _ in r.scan_iter("inferpool:reply:*"))),
-                    }
-                )
-                next_sample += args.sample_s
-            await asyncio.sleep(0.005)
-        job_task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+            info = r.info("memory")
+            job_keys = float(sum(1 for _ in r.scan_iter("inferpool:job:*")))
+            samples.append(
+                {
+                    "t": now,
+                    **{f"rss_{k}_mb": procs.rss_mb(p) for k, p in pids.items()},
+                    # Job records are kept for the job TTL by design; everything else must not grow.
+                    "redis_job_keys": job_keys,
+                    "redis_other_keys": float(r.dbsize()) - job_keys,
+                    "redis_used_mb": info["used_memory"] / 2**20,
+                    "reply_lists": float(sum(1 for _ in r.scan_iter("inferpool:reply:*"))),
+                }
+            )
+            await asyncio.sleep(args.sample_s)
+
+    job_task = asyncio.create_task(jobs_loop())
+    sample_task = asyncio.create_task(sampler())
+    # Half fresh inputs, half repeats of a warm set: both misses and hits.
+    load = Load(target, workload="mix", rate=args.rate, seconds=duration_s, timeout_s=2.0, seed=7)
+    run = await drive(load)
+    job_task.cancel()
+    sample_task.cancel()
     r.close()
+    codes = {"OK": run.ok, **run.errors}
+    sent = run.sent
     first = [s for s in samples if 60 <= s["t"] < 120] or samples[:1]
     last = [s for s in samples if s["t"] >= samples[-1]["t"] - 60] or samples[-1:]
     growth = {
@@ -106,8 +85,9 @@ async def soak(target: str, redis_url: str, pids: dict[str, int], args: argparse
     }
     return {
         "sent": sent,
-        "codes": dict(codes),
-        "error_rate": 1 - codes["OK"] / max(1, sum(codes.values())),
+        "codes": codes,
+        "generator": run.summary(),
+        "error_rate": 1 - run.ok / max(1, sum(codes.values())),
         "bulk_jobs": dict(jobs),
         "growth_last_minute_vs_second_minute": growth,
         "samples": samples,
@@ -123,11 +103,14 @@ def main() -> None:
     parser.add_argument("--job-every-s", type=float, default=20.0, help="pause between bulk jobs")
     parser.add_argument("--job-items", type=int, default=2000)
     parser.add_argument("--sample-s", type=float, default=10.0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
+    parser.add_argument(
+        "--out", type=Path, help="JSON path (default bench/results/soak/<date>-<commit>.json)"
+    )
     args = parser.parse_args()
-    with LocalStack(flower=False) as stack:
-        assert stack.proc is not None
-        result = asyncio.run(soak(stack.target, stack.redis_url, stack_pids(stack.proc.pid), args))
+    info = results.meta({k: str(v) for k, v in vars(args).items() if k != "out"})
+    with LocalStack() as stack:  # as `make up` runs it, Flower included
+        pids = {k: p for k, p in procs.find(stack.pid).items() if k in ("api", "worker", "flower", "redis")}
+        result = asyncio.run(soak(stack.target, stack.redis_url, pids, args))
     print(
         f"\nsoak: {args.minutes:g} min at {args.rate:g} Classify/s plus a {args.job_items}-item job every "
         f"{args.job_every_s:g} s"
@@ -137,14 +120,7 @@ def main() -> None:
     print("  growth, last minute vs second minute:")
     for k, v in result["growth_last_minute_vs_second_minute"].items():
         print(f"    {k:<18}{v:+10.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        **{k: str(v) for k, v in vars(args).items()},
-    }
-    args.out.write_text(json.dumps({"meta": meta, **result}, indent=2))
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {results.write('soak', result, args.out, info)}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import secrets
 import signal
@@ -9,8 +11,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 
@@ -47,11 +51,14 @@ def _procfile_names() -> list[str]:
 
 class LocalStack:
     """`with LocalStack() as stack:` starts redis, memcached, a worker, the API and Flower,
-    and returns once a first Classify has been answered and Flower listens.
+    as `make up` does, and returns once a first Classify has been answered and Flower has
+    reached the worker (`task_events_on`: Flower sees its task events).
 
     Flower binds 127.0.0.1 with basic auth: FLOWER_BASIC_AUTH (`user:password`) from the
     environment or `extra_env`, else a fresh password (`stack.flower_auth`). `flower=False`
-    leaves it out, as benchmarks may want (task events are still sent).
+    leaves it out; then nothing turns the worker's task events on (the worker starts
+    without them and Flower enables them), so such a stack runs a lighter path than what
+    users run with `make up`.
     `model_repository` replaces models/ (it must hold digits: readiness classifies one).
     """
 
@@ -84,6 +91,7 @@ class LocalStack:
         self.flower_auth = (user, password)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = ROOT / "bench" / "results" / "stack.log"
+        self.task_events_on = False
 
     @property
     def target(self) -> str:
@@ -143,10 +151,45 @@ class LocalStack:
                 client.classify(probe, "digits", timeout_s=90)
             if self.flower:
                 wait_port(self.ports["FLOWER_PORT"], 30, self.proc)
+                self.task_events_on = self.wait_task_events(30)
         except BaseException:
             self.stop()
             raise
         return self
+
+    @property
+    def pid(self) -> int:
+        """honcho's pid: every process of the stack is below it."""
+        assert self.proc is not None, "the stack is not running"
+        return self.proc.pid
+
+    def flower_json(self, path: str) -> Any:
+        """GET `path` of Flower's HTTP API (with its basic auth), as JSON."""
+        request = urllib.request.Request(f"{self.flower_url}{path}")
+        token = base64.b64encode(":".join(self.flower_auth).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+
+    def wait_task_events(self, timeout_s: float) -> bool:
+        """Until Flower sees the worker's task events; False if not within `timeout_s`.
+        Workers start with them off and Flower turns them on with a broadcast every few
+        seconds: before that the stack runs without them, unlike the stack users run.
+        Probes with random inputs (misses nothing else asks for)."""
+        from inferpool.names import task_name
+
+        rng = np.random.default_rng()
+        deadline = time.monotonic() + timeout_s
+        with Client(self.target) as client:
+            while time.monotonic() < deadline:
+                client.classify(rng.random((1, 1, 28, 28), dtype=np.float32), "digits", timeout_s=10)
+                try:
+                    if self.flower_json(f"/api/tasks?taskname={task_name('digits')}&limit=1"):
+                        return True
+                except OSError:
+                    pass  # Flower still starting: ask again
+                time.sleep(0.5)
+        return False
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
