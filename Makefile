@@ -74,7 +74,7 @@ flower: venv
 bench: venv servers
 	$(PY) -m bench.load
 
-# Every workload and baseline in one run: bench/results/harness.json and harness.png.
+# Every workload and baseline in one run: JSON under bench/results/harness/.
 bench-all: venv servers
 	$(PY) -m bench.harness $(BENCH_ARGS)
 
@@ -82,4 +82,4 @@ train: venv
 	$(PY) models/train_digits.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/results
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
