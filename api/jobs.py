@@ -30,7 +30,7 @@ from inferpool.codec import ENVELOPE_VERSION, encode
 from inferpool.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, JobNotFound, Overloaded
 from inferpool.names import bulk_queue_name, job_idempotency_key, job_key, job_results_key
 from inferpool.repository import ModelConfig
-from inferpool.v1 import envelope_pb2, jobs_pb2, tensor_pb2
+from inferpool.v1 import envelope_pb2, jobs_pb2
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,13 @@ WATCH_MIN_INTERVAL_S = 0.01
 WATCH_IDLE_MAX_INTERVAL_S = 1.0
 MAX_IDEMPOTENCY_KEY = 256
 MAX_TOP_K = 1000
+# Inputs per message. Each input costs Python work (and, when it fails, a result) however
+# few bytes it holds: ~10 bytes each could otherwise make one 4 MB message cost seconds of
+# the API's CPU and 50 MB of Redis. Clients put a message's rows in one input [k, ...].
+MAX_INPUTS_PER_MESSAGE = 1024
 # Results written to Redis per script call: a message's failed or cached items go in
 # slices, so one call never holds Redis (and every RPC waiting on it) for long.
-RECORD_BATCH = 4096
+RECORD_BATCH = 512
 # Client text quoted in an error message is cut to this many characters.
 ECHO_CHARS = 40
 JOB_ID_RE = re.compile(r"[0-9a-f]{32}")
@@ -123,6 +127,7 @@ class JobPlane:
         self._seal = client.register_script(jobs.SEAL)
         self._end = client.register_script(jobs.END)
         self._observe = client.register_script(jobs.OBSERVE)
+        self._abort_script = client.register_script(jobs.ABORT)
         self.chunks_published = 0
         # Streamed uploads open now, by caller (one event loop: no lock needed).
         self._uploads: dict[str, int] = {}
@@ -174,12 +179,24 @@ class JobPlane:
             raise InvalidInput(f"total_items must be >= 0, got {first.total_items}")
         if len(first.idempotency_key) > MAX_IDEMPOTENCY_KEY:
             raise InvalidInput(f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters")
-        cfg = self.plane.resolve(first.model, first.version)
-        # The inputs' headers and byte counts (no values): a structurally bad input or too
-        # many items is refused here rather than as a job that failed at once.
-        if sum(cfg.items_in(t) for t in first.inputs) > self.max_job_items:
+        return self.plane.resolve(first.model, first.version)
+
+    @staticmethod
+    def check_inputs(request: jobs_pb2.SubmitJobRequest) -> None:
+        if len(request.inputs) > MAX_INPUTS_PER_MESSAGE:
+            raise InvalidInput(
+                f"inputs: a message carries at most {MAX_INPUTS_PER_MESSAGE} inputs, got "
+                f"{len(request.inputs)}; put many rows in one input [k, *input shape]"
+            )
+
+    def count_items(self, cfg: ModelConfig, request: jobs_pb2.SubmitJobRequest) -> int:
+        """The items of a message from its inputs' headers and byte counts (no values);
+        InvalidInput for a structurally bad input or too many items. Per input: run off
+        the event loop."""
+        n = sum(cfg.items_in(t) for t in request.inputs)  # after check_inputs()
+        if n > self.max_job_items:
             raise InvalidInput(f"a job holds at most {self.max_job_items} items")
-        return cfg
+        return n
 
     async def _next(
         self, requests: AsyncIterator[jobs_pb2.SubmitJobRequest], started: float
@@ -207,6 +224,10 @@ class JobPlane:
         if first is None:
             raise InvalidInput("the submission is empty: the first message must name the model")
         cfg = self._check_first(first)
+        self.check_inputs(first)
+        if first.inputs:
+            # Refused here, a bad first message leaves no job behind (not even a failed one).
+            await asyncio.get_running_loop().run_in_executor(None, self.count_items, cfg, first)
 
         job_id = jobs.new_job_id()
         try:
@@ -277,12 +298,9 @@ class JobPlane:
     async def _abort(self, job_id: str, owner: str, idempotency_key: str, exc: BaseException) -> None:
         reason = str(exc) if isinstance(exc, InvalidInput | UploadBroken) else BROKEN_UPLOAD
         log.info("job %s: upload failed: %s", job_id, reason)
+        idem = job_idempotency_key(owner, idempotency_key) if idempotency_key else ""
         try:
-            await self._end(keys=[job_key(job_id)], args=[_now_ms(), "FAILED", reason])
-            if idempotency_key:
-                idem = job_idempotency_key(owner, idempotency_key)
-                if await self.redis.get(idem) == job_id.encode():
-                    await self.redis.delete(idem)
+            await self._abort_script(keys=[job_key(job_id), idem], args=[_now_ms(), reason, job_id])
         except Exception:
             log.exception("could not mark job %s failed", job_id)
 
@@ -449,13 +467,12 @@ class _Upload:
     async def add(self, request: jobs_pb2.SubmitJobRequest) -> None:
         if not request.inputs:
             return
+        self.p.check_inputs(request)
         # Validation, hashing and the cache lookup cost CPU in proportion to the message
         # (up to max_message_bytes): off the event loop, so that no upload delays the
         # other calls this process serves.
         loop = asyncio.get_running_loop()
-        added, answered, blocks = await loop.run_in_executor(
-            None, self._prepare, list(request.inputs), self.count
-        )
+        added, answered, blocks = await loop.run_in_executor(None, self._prepare, request, self.count)
         self.count += added
         for indexes, rows in blocks:
             self._indexes.append(indexes)
@@ -467,23 +484,30 @@ class _Upload:
             await self.p.record(self.job_id, answered)
 
     def _prepare(
-        self, inputs: list[tensor_pb2.Tensor], first_index: int
+        self, request: jobs_pb2.SubmitJobRequest, first_index: int
     ) -> tuple[int, list[tuple[int, str, bytes]], list[tuple[np.ndarray, np.ndarray]]]:
         """One message's inputs, from item first_index on (on a worker thread): how many
         items they hold, the results known at once (invalid or cached items), and the
         blocks of job indexes and rows left to compute."""
         cfg = self.cfg
-        added = sum(cfg.items_in(t) for t in inputs)  # InvalidInput for a structurally bad input
+        inputs = list(request.inputs)
+        added = self.p.count_items(cfg, request)  # InvalidInput for a structurally bad input
         if first_index + added > self.p.max_job_items:
             raise InvalidInput(f"a job holds at most {self.p.max_job_items} items")
         answered: list[tuple[int, str, bytes]] = []
+        failures: dict[str, bytes] = {}  # reason -> its serialized Reply, made once
         valid: list[tuple[np.ndarray, np.ndarray]] = []  # job indexes, their inputs
         at = first_index
         for rows, failed in cfg.validate_blocks(inputs):
             first, at = at, at + (len(rows) if rows is not None else 1)
             for row, problem in failed.items():
-                reply = Reply(status=Reply.STATUS_INVALID_INPUT, error=str(problem))
-                answered.append((first + row, jobs.FAILED, reply.SerializeToString()))
+                reason = str(problem)
+                payload = failures.get(reason)
+                if payload is None:
+                    payload = failures[reason] = Reply(
+                        status=Reply.STATUS_INVALID_INPUT, error=reason
+                    ).SerializeToString()
+                answered.append((first + row, jobs.FAILED, payload))
             if rows is None:
                 continue
             indexes = np.arange(first, first + len(rows))

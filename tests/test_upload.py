@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -22,9 +23,9 @@ import redis
 from inferpool import tensor
 from inferpool.client import Client, Job, JobTimeout
 from inferpool.jobs import LIVE, state_name
-from inferpool.names import PREFIX, job_idempotency_key, job_key
+from inferpool.names import PREFIX, bulk_queue_name, job_idempotency_key, job_key, job_results_key
 from inferpool.v1 import jobs_pb2, tensor_pb2
-from tests.servers import ROOT, ApiThread, Worker, wait_until
+from tests.servers import ROOT, ApiThread, RedisServer, Worker, stack_settings, wait_until
 from tests.test_jobs import unique_digits
 
 pytestmark = pytest.mark.timeout(120)
@@ -166,6 +167,46 @@ def test_a_killed_client_fails_its_upload(api: ApiThread, client: Client, redis_
             proc.kill()
             proc.wait(10)
     assert_broken(redis_client, client, job_id, key, "broke off")
+
+
+def test_the_queued_chunks_of_a_broken_upload_are_never_computed(
+    fresh_redis: RedisServer, logdir: Path, heldout: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """No worker runs while the upload is open and breaks, so every chunk it queued is
+    still on the queue when the worker starts: it must drop them all."""
+    x, _ = unique_digits(heldout, 80, seed=40)
+    settings = stack_settings(fresh_redis, None, bulk_chunk_items=8)
+    server = ApiThread(settings)
+    r = redis.Redis.from_url(fresh_redis.url)
+    worker: Worker | None = None
+    try:
+        with Client(server.target) as client:
+            key = f"dropped-{time.time_ns()}"
+            stream = Held([message(x[:40], first=True, idempotency_key=key), message(x[40:])], [])
+            call = client.jobs.SubmitJobStream.future(iter(stream), timeout=60)
+            try:
+                job_id = job_of(r, key)
+                wait_until(
+                    lambda: server.call(lambda: server.server.jobs.chunks_published) == 10, 30, "10 chunks"
+                )
+                call.cancel()
+            finally:
+                stream.release.set()
+            wait_until(lambda: job_field(r, job_id, "state") == "FAILED", 30, "the job to fail")
+            assert r.llen(bulk_queue_name("digits")) == 10
+            worker = Worker(settings, logdir)
+            wait_until(lambda: r.llen(bulk_queue_name("digits")) == 0, 60, "the worker to take the chunks")
+            wait_until(
+                lambda: worker is not None and worker.stats()["items_cancelled"] == 80, 30, "80 dropped"
+            )
+            assert worker.stats()["items_computed"] == 0
+            assert not r.exists(job_results_key(job_id))
+            assert job_field(r, job_id, "state") == "FAILED"
+    finally:
+        if worker is not None:
+            worker.stop()
+        r.close()
+        server.stop()
 
 
 def test_a_stream_that_ends_without_its_last_message_is_not_a_job(
@@ -397,7 +438,7 @@ def test_a_shape_its_bytes_do_not_fill_is_one_error_and_stalls_nothing(
     )
     keys, memory = job_keys(redis_client), redis_client.info("memory")["used_memory"]
     calls = [client.jobs.SubmitJob.future(hostile, timeout=30) for _ in range(8)]
-    latencies = []
+    latencies: list[float] = []
     while not all(c.done() for c in calls) or not latencies:
         t0 = time.perf_counter()
         assert client.health(timeout_s=10) == "SERVING"
@@ -412,22 +453,35 @@ def test_a_shape_its_bytes_do_not_fill_is_one_error_and_stalls_nothing(
     assert max(latencies) < 0.25, latencies
 
 
-def test_many_bad_inputs_in_one_message_stall_nothing(client: Client, redis_client: redis.Redis) -> None:
-    """One-row inputs with no bytes fail one item each: as many failures as inputs
-    received (not rows claimed), worked out off the API's event loop."""
+def test_inputs_per_message_are_bounded_and_bad_ones_fail_one_item_each(
+    client: Client, redis_client: redis.Redis
+) -> None:
+    """Inputs of ~10 bytes that each fail: at most 1024 per message, each one failed
+    item (never one per claimed row); more is refused at once, leaving no job."""
     empty = tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[1, 1, 28, 28], data=b"")
-    n = 60_000  # ~0.6 MB of inputs
-    request = jobs_pb2.SubmitJobRequest(model="digits", inputs=[empty] * n)
-    call = client.jobs.SubmitJob.future(request, timeout=60)
-    latencies = []
+    keys = job_keys(redis_client)
+    flood = jobs_pb2.SubmitJobRequest(model="digits", inputs=[empty] * 60_000)
+    call = client.jobs.SubmitJob.future(flood, timeout=60)
+    latencies: list[float] = []
     while not call.done() or not latencies:
         t0 = time.perf_counter()
         assert client.health(timeout_s=10) == "SERVING"
         latencies.append(time.perf_counter() - t0)
-    job = call.result(timeout=60).job
+    error = call.exception(timeout=60)
+    assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("inputs: a message carries at most 1024 inputs, got 60000")
+    assert job_keys(redis_client) == keys
+    # The old server took ~2 s for it, holding health checks up to ~1.7 s.
+    assert max(latencies) < 0.25, latencies
+
+    job = client.jobs.SubmitJob(
+        jobs_pb2.SubmitJobRequest(model="digits", inputs=[empty] * 1024), timeout=30
+    ).job
     assert state_name(job.state) == "FAILED"
-    assert (job.counts.total, job.counts.failed) == (n, n)
-    assert max(latencies) < 0.25, (max(latencies), len(latencies))
+    assert (job.counts.total, job.counts.failed) == (1024, 1024)
+    results = list(client.job(job.job_id).results())
+    assert [r.index for r in results] == list(range(1024))
+    assert all(not r.ok and "data is 0 bytes" in r.error for r in results)
 
 
 @pytest.mark.parametrize(
