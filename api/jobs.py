@@ -491,14 +491,15 @@ class _Upload:
         blocks of job indexes and rows left to compute."""
         cfg = self.cfg
         inputs = list(request.inputs)
-        added = self.p.count_items(cfg, request)  # InvalidInput for a structurally bad input
+        checked = cfg.validate_blocks(inputs)  # InvalidInput for a structurally bad input
+        added = sum(len(rows) if rows is not None else 1 for rows, _ in checked)
         if first_index + added > self.p.max_job_items:
             raise InvalidInput(f"a job holds at most {self.p.max_job_items} items")
         answered: list[tuple[int, str, bytes]] = []
         failures: dict[str, bytes] = {}  # reason -> its serialized Reply, made once
         valid: list[tuple[np.ndarray, np.ndarray]] = []  # job indexes, their inputs
         at = first_index
-        for rows, failed in cfg.validate_blocks(inputs):
+        for rows, failed in checked:
             first, at = at, at + (len(rows) if rows is not None else 1)
             for row, problem in failed.items():
                 reason = str(problem)

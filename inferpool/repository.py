@@ -172,23 +172,31 @@ class ModelConfig:
         as one item when it does not fit). An input claiming k > 1 rows that its bytes
         do not hold raises InvalidInput: its row count would be the client's word alone,
         and a few bytes could stand for millions of items (a failed result each)."""
+        k = self._claimed_rows(t)
+        if k > 1:
+            self._check_bytes(t, len(t.data))  # a copy of the bytes: once per input and check
+        return k
+
+    def _claimed_rows(self, t: tensor_pb2.Tensor) -> int:
+        """items_in() from the header alone (no look at the bytes)."""
         shape = t.shape
         if len(shape) != len(self.request_shape) or shape[0] <= 1:
             return 1
-        k = int(shape[0])
         self._check_dtype(t)
         if tuple(shape[1:]) != self.input_shape:
             raise InvalidInput(
                 f"inputs: model {self.name!r} takes batches shaped [n, "
                 f"{', '.join(map(str, self.input_shape))}], got {tensor.shape_text(shape)}"
             )
-        held = len(t.data)
-        if held != k * self.input_nbytes:
+        return int(shape[0])
+
+    def _check_bytes(self, t: tensor_pb2.Tensor, held: int) -> None:
+        needed = t.shape[0] * self.input_nbytes
+        if held != needed:
             raise InvalidInput(
-                f"inputs: an input shaped {tensor.shape_text(shape)} needs {k * self.input_nbytes} "
+                f"inputs: an input shaped {tensor.shape_text(t.shape)} needs {needed} "
                 f"bytes of {tensor.dtype_name(self.input_dtype)}, got {held}"
             )
-        return k
 
     def validate_blocks(
         self, tensors: Sequence[tensor_pb2.Tensor]
@@ -199,7 +207,7 @@ class ModelConfig:
         as one item; a multi-row input that does not hold its rows raises InvalidInput
         (items_in()), so failures never outnumber the rows actually received. Kept whole
         so that callers hash, look up and queue a block without an array per item."""
-        counts = [self.items_in(t) for t in tensors]
+        counts = [self._claimed_rows(t) for t in tensors]
         if all(k == 1 for k in counts):
             return [
                 (None, {0: c}) if isinstance(c, InvalidInput) else (c, {})
@@ -210,7 +218,12 @@ class ModelConfig:
             if k == 1:
                 blocks += self.validate_blocks([t])
                 continue
-            rows, nonfinite = self.validate_batch(t)  # the header and bytes fit (items_in)
+            data = t.data  # each read of a bytes field copies it: once here
+            self._check_bytes(t, len(data))
+            rows = np.frombuffer(data, dtype=tensor.numpy_dtype(self.input_dtype)).reshape(
+                k, *self.input_shape
+            )
+            nonfinite = _nonfinite_rows(rows)
             blocks.append((rows, {row: InvalidInput(NONFINITE) for row in nonfinite}))
         return blocks
 
