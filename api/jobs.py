@@ -225,9 +225,11 @@ class JobPlane:
             raise InvalidInput("the submission is empty: the first message must name the model")
         cfg = self._check_first(first)
         self.check_inputs(first)
-        if first.inputs:
+        if first.inputs or first.last:
             # Refused here, a bad first message leaves no job behind (not even a failed one).
-            await asyncio.get_running_loop().run_in_executor(None, self.count_items, cfg, first)
+            n = await asyncio.get_running_loop().run_in_executor(None, self.count_items, cfg, first)
+            if first.last and first.total_items != n:
+                raise InvalidInput(f"total_items is {first.total_items} but the server counted {n} items")
 
         job_id = jobs.new_job_id()
         try:

@@ -251,6 +251,18 @@ def test_a_wrong_item_count_fails_the_job(
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "total_items is 21 but the server counted 20" in info.value.details()
     assert_broken(redis_client, client, job_of_failed(redis_client), key, "total_items is 21")
+    # In a single message the count is checked before any job exists.
+    keys = job_keys(redis_client)
+    one = message(x[:2], first=True, last=True, total_items=3)
+    for call in (
+        lambda: client.jobs.SubmitJob(one, timeout=10),
+        lambda: client.jobs.SubmitJobStream(iter([one]), timeout=10),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details() == "total_items is 3 but the server counted 2 items"
+    assert job_keys(redis_client) == keys
 
 
 def test_paging_and_watching_a_job_whose_upload_is_open(
