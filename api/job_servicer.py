@@ -26,13 +26,13 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def SubmitJob(
         self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.SubmitJobResponse:
-        return await self.plane.submit(_one(request), caller(context))
+        return await self.plane.submit(_one(request), caller(context), streamed=False)
 
     @instrumented("SubmitJobStream")
     async def SubmitJobStream(
         self, request_iterator: AsyncIterator[jobs_pb2.SubmitJobRequest], context: grpc.aio.ServicerContext
     ) -> jobs_pb2.SubmitJobResponse:
-        return await self.plane.submit(request_iterator, caller(context))
+        return await self.plane.submit(request_iterator, caller(context), peer=context.peer())
 
     @instrumented("GetJob")
     async def GetJob(

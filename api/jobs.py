@@ -3,8 +3,9 @@
 A submission is validated item by item: items that do not match the model's
 signature fail at once with their reason, items already in the cache are answered
 from it, and the rest leave in chunks of `chunk_items` per queue message on the
-model's bulk queue. The job is sealed (its total fixed) when the upload ends; from
-then on the workers' result writes end it. Redis holds the record and results for
+model's bulk queue. The job is sealed (its total fixed) at the message the client
+marks last, if its item count agrees; from then on the workers' result writes end it.
+An upload that ends any other way fails its job. Redis holds the record and results for
 `job_ttl_s`; afterwards the job is gone (NOT_FOUND).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -25,7 +27,7 @@ from api.core import DataPlane, top_classes
 from inferpool import jobs
 from inferpool.cache import row_keys
 from inferpool.codec import ENVELOPE_VERSION, encode
-from inferpool.errors import BackendUnavailable, InvalidInput, JobNotFound
+from inferpool.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, JobNotFound, Overloaded
 from inferpool.names import bulk_queue_name, job_idempotency_key, job_key, job_results_key
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2, jobs_pb2
@@ -37,7 +39,40 @@ Reply = envelope_pb2.Reply
 MAX_PAGE = 1000
 # The shortest pause between two looks at a job being watched (next_look_s).
 WATCH_MIN_INTERVAL_S = 0.01
+# A watched job that does not change is looked at less and less often, up to this.
+WATCH_IDLE_MAX_INTERVAL_S = 1.0
 MAX_IDEMPOTENCY_KEY = 256
+MAX_TOP_K = 1000
+# Inputs per message. Each input costs Python work (and, when it fails, a result) however
+# few bytes it holds: ~10 bytes each could otherwise make one 4 MB message cost seconds of
+# the API's CPU and 50 MB of Redis. Clients put a message's rows in one input [k, ...].
+MAX_INPUTS_PER_MESSAGE = 1024
+# Results written to Redis per script call: a message's failed or cached items go in
+# slices, so one call never holds Redis (and every RPC waiting on it) for long.
+RECORD_BATCH = 512
+# Client text quoted in an error message is cut to this many characters.
+ECHO_CHARS = 40
+JOB_ID_RE = re.compile(r"[0-9a-f]{32}")
+# grpc ends a server's request stream the same way whether the client closed it or the
+# call broke (cancelled, deadline, peer gone): only the client's marker tells them apart.
+BROKEN_UPLOAD = (
+    "the upload broke off before a message marked last (cancelled, past its deadline, "
+    "the client gone, or a client too old to mark it)"
+)
+
+
+def shown(text: str) -> str:
+    """Client text for an error message: a bounded prefix, quoted."""
+    return repr(text[:ECHO_CHARS]) + ("..." if len(text) > ECHO_CHARS else "")
+
+
+def check_job_id(job_id: str) -> None:
+    if not JOB_ID_RE.fullmatch(job_id):
+        raise InvalidInput(f"job_id must be 32 lowercase hex digits, got {shown(job_id)}")
+
+
+class UploadBroken(DeadlineExceeded):
+    """An upload stalled or ran too long; its job is failed."""
 
 
 def _now_ms() -> int:
@@ -52,6 +87,15 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _peer_host(peer: str) -> str:
+    """grpc's peer ("ipv4:127.0.0.1:5555", "ipv6:[::1]:5555", "unix:...") without its
+    port: every connection of one host counts as one anonymous caller."""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return kind + ":" + address.rpartition(":")[0]
+    return peer
+
+
 class JobPlane:
     def __init__(
         self,
@@ -61,6 +105,12 @@ class JobPlane:
         chunk_items: int,
         max_job_items: int,
         watch_interval_s: float = 0.2,
+        *,
+        upload_idle_timeout_s: float = 30.0,
+        upload_max_duration_s: float = 3600.0,
+        max_uploads_per_caller: int = 8,
+        max_uploads: int = 64,
+        watch_max_duration_s: float = 600.0,
     ) -> None:
         self.plane = plane
         self.redis = client
@@ -68,24 +118,118 @@ class JobPlane:
         self.chunk_items = chunk_items
         self.max_job_items = max_job_items
         self.watch_interval_s = watch_interval_s
+        self.upload_idle_timeout_s = upload_idle_timeout_s
+        self.upload_max_duration_s = upload_max_duration_s
+        self.max_uploads_per_caller = max_uploads_per_caller
+        self.max_uploads = max_uploads
+        self.watch_max_duration_s = watch_max_duration_s
         self._record = client.register_script(jobs.RECORD)
         self._seal = client.register_script(jobs.SEAL)
         self._end = client.register_script(jobs.END)
         self._observe = client.register_script(jobs.OBSERVE)
+        self._abort_script = client.register_script(jobs.ABORT)
         self.chunks_published = 0
+        # Streamed uploads open now, by caller (one event loop: no lock needed).
+        self._uploads: dict[str, int] = {}
+
+    @property
+    def uploads_open(self) -> int:
+        return sum(self._uploads.values())
 
     # -- submit
     async def submit(
-        self, requests: AsyncIterator[jobs_pb2.SubmitJobRequest], owner: str = ""
+        self,
+        requests: AsyncIterator[jobs_pb2.SubmitJobRequest],
+        owner: str = "",
+        *,
+        streamed: bool = True,
+        peer: str = "",
     ) -> jobs_pb2.SubmitJobResponse:
-        first = await anext(requests, None)
-        if first is None:
-            raise InvalidInput("the submission is empty: the first message must name the model")
-        cfg = self.plane.resolve(first.model, first.version)
-        if not (math.isfinite(first.timeout_s) and first.timeout_s >= 0):
-            raise InvalidInput(f"timeout_s must be >= 0, got {first.timeout_s}")
+        """Records and enqueues a job. A streamed submission is complete only at its
+        message with `last` (and the right total_items); one that ends otherwise, stalls
+        or is cancelled fails its job. `peer` names an unauthenticated caller for the
+        per-caller cap on open uploads."""
+        if not streamed:
+            return await self._submit(requests, owner, streamed=False)
+        who = owner or _peer_host(peer)
+        if self.uploads_open >= self.max_uploads:
+            raise Overloaded(f"too many job uploads open (at most {self.max_uploads} per server)")
+        if self._uploads.get(who, 0) >= self.max_uploads_per_caller:
+            raise Overloaded(f"too many job uploads open (at most {self.max_uploads_per_caller} per caller)")
+        self._uploads[who] = self._uploads.get(who, 0) + 1
+        try:
+            return await self._submit(requests, owner, streamed=True)
+        finally:
+            self._uploads[who] -= 1
+            if not self._uploads[who]:
+                del self._uploads[who]
+
+    def _check_first(self, first: jobs_pb2.SubmitJobRequest) -> ModelConfig:
+        """Everything about the first message that can be refused before a job exists,
+        so that a refused submission leaves no record behind."""
+        if first.version < 0:
+            raise InvalidInput(f"version must be >= 0 (0 = latest), got {first.version}")
+        if not (math.isfinite(first.timeout_s) and 0 <= first.timeout_s <= self.job_ttl_s):
+            raise InvalidInput(
+                f"timeout_s must be 0..{self.job_ttl_s} (the job TTL), got {first.timeout_s:.6g}"
+            )
+        if first.top_k > MAX_TOP_K:
+            raise InvalidInput(f"top_k must be 0..{MAX_TOP_K}, got {first.top_k}")
+        if first.total_items < 0:
+            raise InvalidInput(f"total_items must be >= 0, got {first.total_items}")
         if len(first.idempotency_key) > MAX_IDEMPOTENCY_KEY:
             raise InvalidInput(f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters")
+        return self.plane.resolve(first.model, first.version)
+
+    @staticmethod
+    def check_inputs(request: jobs_pb2.SubmitJobRequest) -> None:
+        if len(request.inputs) > MAX_INPUTS_PER_MESSAGE:
+            raise InvalidInput(
+                f"inputs: a message carries at most {MAX_INPUTS_PER_MESSAGE} inputs, got "
+                f"{len(request.inputs)}; put many rows in one input [k, *input shape]"
+            )
+
+    def count_items(self, cfg: ModelConfig, request: jobs_pb2.SubmitJobRequest) -> int:
+        """The items of a message from its inputs' headers and byte counts (no values);
+        InvalidInput for a structurally bad input or too many items. Per input: run off
+        the event loop."""
+        n = sum(cfg.items_in(t) for t in request.inputs)  # after check_inputs()
+        if n > self.max_job_items:
+            raise InvalidInput(f"a job holds at most {self.max_job_items} items")
+        return n
+
+    async def _next(
+        self, requests: AsyncIterator[jobs_pb2.SubmitJobRequest], started: float
+    ) -> jobs_pb2.SubmitJobRequest | None:
+        """The next message, or None when the stream ended; UploadBroken when the client
+        sends nothing for upload_idle_timeout_s or the upload outlives upload_max_duration_s."""
+        left = self.upload_max_duration_s - (time.monotonic() - started)
+        wait = min(self.upload_idle_timeout_s, left)
+        try:
+            return await asyncio.wait_for(anext(requests, None), max(0.0, wait))
+        except TimeoutError:
+            if wait < self.upload_idle_timeout_s:
+                raise UploadBroken(
+                    f"the upload was still open after {self.upload_max_duration_s:g} s (the server's bound)"
+                ) from None
+            raise UploadBroken(
+                f"the upload sent nothing for {self.upload_idle_timeout_s:g} s (the server's idle bound)"
+            ) from None
+
+    async def _submit(
+        self, requests: AsyncIterator[jobs_pb2.SubmitJobRequest], owner: str, *, streamed: bool
+    ) -> jobs_pb2.SubmitJobResponse:
+        started = time.monotonic()
+        first = await self._next(requests, started)
+        if first is None:
+            raise InvalidInput("the submission is empty: the first message must name the model")
+        cfg = self._check_first(first)
+        self.check_inputs(first)
+        if first.inputs or first.last:
+            # Refused here, a bad first message leaves no job behind (not even a failed one).
+            n = await asyncio.get_running_loop().run_in_executor(None, self.count_items, cfg, first)
+            if first.last and first.total_items != n:
+                raise InvalidInput(f"total_items is {first.total_items} but the server counted {n} items")
 
         job_id = jobs.new_job_id()
         try:
@@ -112,18 +256,33 @@ class JobPlane:
         metrics.JOBS.labels(cfg.name, "QUEUED").inc()
         upload = _Upload(self, job_id, cfg, (deadline_ms or now_ms + ttl_ms) * 1_000_000)
         try:
-            await upload.add(first)
-            async for request in requests:
-                if (request.model and request.model != cfg.name) or (
-                    request.version and request.version != cfg.version
+            request: jobs_pb2.SubmitJobRequest | None = first
+            while True:
+                assert request is not None
+                if request is not first and (
+                    (request.model and request.model != cfg.name)
+                    or (request.version and request.version != cfg.version)
                 ):
                     raise InvalidInput("every message of a submission must name the same model and version")
                 await upload.add(request)
+                if request.last:
+                    if request.total_items != upload.count:
+                        raise InvalidInput(
+                            f"total_items is {request.total_items} but the server counted "
+                            f"{upload.count} items; the job is failed, submit it again"
+                        )
+                    break
+                if not streamed:
+                    break  # one message is the whole submission
+                request = await self._next(requests, started)
+                if request is None:
+                    raise InvalidInput(BROKEN_UPLOAD + "; the job is failed, submit it again")
             await upload.flush()
             await self._seal(keys=[job_key(job_id)], args=[_now_ms(), upload.count])
         except BaseException as exc:
-            # A job whose upload broke off would never end: fail it now, and free the
-            # idempotency key so that the client's retry creates a fresh job.
+            # A job whose upload broke off would never end: fail it now, so that workers
+            # drop its queued chunks, and free the idempotency key so that the client's
+            # retry creates a fresh job.
             await asyncio.shield(self._abort(job_id, owner, first.idempotency_key, exc))
             if isinstance(exc, OSError | aioredis.RedisError):
                 raise BackendUnavailable("the job store or queue is unavailable") from exc
@@ -139,19 +298,18 @@ class JobPlane:
         return jobs_pb2.SubmitJobResponse(job_id=job_id, created=True, job=await self._load(job_id, owner))
 
     async def _abort(self, job_id: str, owner: str, idempotency_key: str, exc: BaseException) -> None:
-        reason = str(exc) if isinstance(exc, InvalidInput) else "the upload did not complete"
+        reason = str(exc) if isinstance(exc, InvalidInput | UploadBroken) else BROKEN_UPLOAD
+        log.info("job %s: upload failed: %s", job_id, reason)
+        idem = job_idempotency_key(owner, idempotency_key) if idempotency_key else ""
         try:
-            await self._end(keys=[job_key(job_id)], args=[_now_ms(), "FAILED", reason])
-            if idempotency_key:
-                idem = job_idempotency_key(owner, idempotency_key)
-                if await self.redis.get(idem) == job_id.encode():
-                    await self.redis.delete(idem)
+            await self._abort_script(keys=[job_key(job_id), idem], args=[_now_ms(), reason, job_id])
         except Exception:
             log.exception("could not mark job %s failed", job_id)
 
     async def record(self, job_id: str, entries: list[tuple[int, str, bytes]]) -> None:
-        args = jobs.record_args(_now_ms(), entries)
-        await self._record(keys=[job_key(job_id), job_results_key(job_id)], args=args)
+        for at in range(0, len(entries), RECORD_BATCH):
+            args = jobs.record_args(_now_ms(), entries[at : at + RECORD_BATCH])
+            await self._record(keys=[job_key(job_id), job_results_key(job_id)], args=args)
 
     async def publish(
         self, cfg: ModelConfig, job_id: str, indexes: list[int], pieces: list[np.ndarray], deadline_ns: int
@@ -179,8 +337,7 @@ class JobPlane:
 
     # -- read
     async def _read(self, job_id: str, owner: str) -> dict[str, str]:
-        if not job_id:
-            raise InvalidInput("job_id is required")
+        check_job_id(job_id)
         try:
             raw = await self._observe(keys=[job_key(job_id)], args=[_now_ms()])
         except (OSError, aioredis.RedisError) as exc:
@@ -196,8 +353,11 @@ class JobPlane:
         return jobs.to_proto(job_id, await self._read(job_id, owner))
 
     async def get(self, request: jobs_pb2.GetJobRequest, owner: str = "") -> jobs_pb2.Job:
-        if request.offset < 0 or not 0 <= request.limit <= MAX_PAGE:
-            raise InvalidInput(f"offset must be >= 0 and limit 0..{MAX_PAGE}")
+        check_job_id(request.job_id)
+        if not 0 <= request.offset <= self.max_job_items:
+            raise InvalidInput(f"offset must be 0..{self.max_job_items}, got {request.offset}")
+        if not 0 <= request.limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be 0..{MAX_PAGE}, got {request.limit}")
         record = await self._read(request.job_id, owner)
         job = jobs.to_proto(request.job_id, record)
         total = job.counts.total if record["sealed"] == "1" else request.offset + request.limit
@@ -227,26 +387,42 @@ class JobPlane:
         return job
 
     async def watch(self, job_id: str, owner: str = "") -> AsyncIterator[jobs_pb2.Job]:
-        """Yields the job now and on every change, until it ends (the caller's deadline
-        bounds the whole stream)."""
+        """Yields the job now and on every change, until it ends or watch_max_duration_s
+        passes (the caller's deadline bounds the whole stream too). A job that does not
+        change is looked at less and less often, up to WATCH_IDLE_MAX_INTERVAL_S apart."""
+        check_job_id(job_id)
+        ends = time.monotonic() + self.watch_max_duration_s
         last: tuple[object, ...] | None = None
         previous: tuple[float, int] | None = None  # when, and how many items had finished
+        idle_looks = 0
         while True:
             job = await self._load(job_id, owner)
             key = (job.state, job.counts.done, job.counts.failed, job.counts.total)
             if key != last:
                 last = key
+                idle_looks = 0
                 yield job
+            else:
+                idle_looks += 1
             if jobs.state_name(job.state) in jobs.TERMINAL:
                 return
             now, finished = time.time(), job.counts.done + job.counts.failed
             if previous is None and job.HasField("started"):
                 # The first look has no look before it: the pace since the job started.
                 previous = (job.started.ToMilliseconds() / 1000, 0)
-            await asyncio.sleep(next_look_s(self.watch_interval_s, job.counts.total, finished, now, previous))
+            pause = next_look_s(self.watch_interval_s, job.counts.total, finished, now, previous)
+            if idle_looks:
+                pause = max(
+                    pause, min(WATCH_IDLE_MAX_INTERVAL_S, self.watch_interval_s * 2 ** min(idle_looks, 8))
+                )
+            left = ends - time.monotonic()
+            if left <= 0:
+                return  # bounded: the client watches again if it still wants to
+            await asyncio.sleep(min(pause, left))
             previous = (now, finished)
 
     async def cancel(self, job_id: str, owner: str = "") -> jobs_pb2.Job:
+        check_job_id(job_id)
         record = await self._read(job_id, owner)
         try:
             state = await self._end(keys=[job_key(job_id)], args=[_now_ms(), "CANCELLED", ""])
@@ -291,18 +467,50 @@ class _Upload:
         self._waiting = 0
 
     async def add(self, request: jobs_pb2.SubmitJobRequest) -> None:
+        if not request.inputs:
+            return
+        self.p.check_inputs(request)
+        # Validation, hashing and the cache lookup cost CPU in proportion to the message
+        # (up to max_message_bytes): off the event loop, so that no upload delays the
+        # other calls this process serves.
+        loop = asyncio.get_running_loop()
+        added, answered, blocks = await loop.run_in_executor(None, self._prepare, request, self.count)
+        self.count += added
+        for indexes, rows in blocks:
+            self._indexes.append(indexes)
+            self._rows.append(rows)
+            self._waiting += len(rows)
+        if self._waiting >= self.p.chunk_items:
+            await self._publish(whole_chunks_only=True)
+        if answered:
+            await self.p.record(self.job_id, answered)
+
+    def _prepare(
+        self, request: jobs_pb2.SubmitJobRequest, first_index: int
+    ) -> tuple[int, list[tuple[int, str, bytes]], list[tuple[np.ndarray, np.ndarray]]]:
+        """One message's inputs, from item first_index on (on a worker thread): how many
+        items they hold, the results known at once (invalid or cached items), and the
+        blocks of job indexes and rows left to compute."""
         cfg = self.cfg
         inputs = list(request.inputs)
-        if self.count + sum(cfg.items_in(t) for t in inputs) > self.p.max_job_items:
+        checked = cfg.validate_blocks(inputs)  # InvalidInput for a structurally bad input
+        added = sum(len(rows) if rows is not None else 1 for rows, _ in checked)
+        if first_index + added > self.p.max_job_items:
             raise InvalidInput(f"a job holds at most {self.p.max_job_items} items")
         answered: list[tuple[int, str, bytes]] = []
+        failures: dict[str, bytes] = {}  # reason -> its serialized Reply, made once
         valid: list[tuple[np.ndarray, np.ndarray]] = []  # job indexes, their inputs
-        for t, (rows, failed) in zip(inputs, cfg.validate_blocks(inputs), strict=True):
-            first = self.count
-            self.count += cfg.items_in(t)
+        at = first_index
+        for rows, failed in checked:
+            first, at = at, at + (len(rows) if rows is not None else 1)
             for row, problem in failed.items():
-                reply = Reply(status=Reply.STATUS_INVALID_INPUT, error=str(problem))
-                answered.append((first + row, jobs.FAILED, reply.SerializeToString()))
+                reason = str(problem)
+                payload = failures.get(reason)
+                if payload is None:
+                    payload = failures[reason] = Reply(
+                        status=Reply.STATUS_INVALID_INPUT, error=reason
+                    ).SerializeToString()
+                answered.append((first + row, jobs.FAILED, payload))
             if rows is None:
                 continue
             indexes = np.arange(first, first + len(rows))
@@ -311,9 +519,10 @@ class _Upload:
                 keep[list(failed)] = False
                 indexes, rows = indexes[keep], rows[keep]
             valid.append((indexes, rows))
+        assert at == first_index + added, (at, first_index, added)
         keys = [key for _, rows in valid for key in row_keys(cfg, rows)]
-        loop = asyncio.get_running_loop()
-        hits = await loop.run_in_executor(None, self.p.plane.cache.get_many, keys) if keys else {}
+        hits = self.p.plane.cache.get_many(keys) if keys else {}
+        blocks: list[tuple[np.ndarray, np.ndarray]] = []
         at = 0
         for indexes, rows in valid:
             block_keys, at = keys[at : at + len(rows)], at + len(rows)
@@ -327,13 +536,8 @@ class _Upload:
                         answered.append((index, jobs.CACHED, reply.SerializeToString()))
                 indexes, rows = indexes[missed], rows[missed]
             if len(rows):
-                self._indexes.append(indexes)
-                self._rows.append(rows)
-                self._waiting += len(rows)
-        if self._waiting >= self.p.chunk_items:
-            await self._publish(whole_chunks_only=True)
-        if answered:
-            await self.p.record(self.job_id, answered)
+                blocks.append((indexes, rows))
+        return added, answered, blocks
 
     async def flush(self) -> None:
         await self._publish(whole_chunks_only=False)

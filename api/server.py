@@ -85,6 +85,11 @@ class ApiServer:
             settings.job_ttl_s,
             settings.bulk_chunk_items,
             settings.max_job_items,
+            upload_idle_timeout_s=settings.upload_idle_timeout_s,
+            upload_max_duration_s=settings.upload_max_duration_s,
+            max_uploads_per_caller=settings.max_uploads_per_caller,
+            max_uploads=settings.max_uploads,
+            watch_max_duration_s=settings.watch_max_duration_s,
         )
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(

@@ -8,6 +8,7 @@ pages through the results in index order, `job.cancel()` stops it.
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -70,8 +71,12 @@ class _CallDetails(
     pass
 
 
-class _AsyncBearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """The asyncio twin of _Bearer (AsyncClient's calls are unary)."""
+class _AsyncBearer(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+):
+    """The asyncio twin of _Bearer."""
 
     def __init__(self, token: str) -> None:
         self._header = ("authorization", f"Bearer {token}")
@@ -85,6 +90,9 @@ class _AsyncBearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamCli
 
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
+
+    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(details), request_iterator)
 
 
 def channel_credentials(
@@ -139,8 +147,10 @@ def submit_requests(
 ) -> Iterator[jobs_pb2.SubmitJobRequest]:
     """The messages of a streamed submission: `inputs` is [N, *input shape]; item i is
     inputs[i:i+1]. Each message carries its items as one multi-row input (a bytes
-    slice of the array: no work per item). Built lazily, so a large job never exists
-    twice in memory."""
+    slice of the array: no work per item); the last one is marked `last` with the
+    item count, without which the server fails the job instead of sealing it (a
+    stream that merely ends may have been cut). Built lazily, so a large job never
+    exists twice in memory."""
     if inputs.ndim < 1:
         raise ValueError("inputs must have a leading item dimension")
     dtype = tensor.to_proto(inputs[:0]).dtype  # ValueError for dtypes the API does not speak
@@ -152,11 +162,14 @@ def submit_requests(
     for start in range(0, len(array), per_message):
         rows = array[start : start + per_message]
         request.inputs.add(dtype=dtype, shape=rows.shape, data=rows.tobytes())
+        if start + per_message >= len(array):
+            request.last, request.total_items = True, len(array)
         yield request
         if on_sent is not None:
             on_sent(len(rows))
         request = jobs_pb2.SubmitJobRequest()
     if request.model:  # the first message always goes, even for an empty job
+        request.last, request.total_items = True, 0
         yield request
         if on_sent is not None:
             on_sent(0)
@@ -167,6 +180,15 @@ class JobTimeout(TimeoutError):
         state = state_name(job.state) if job is not None else "unknown"
         super().__init__(f"job still {state} after {timeout_s}s")
         self.job = job
+
+
+def _changed(a: jobs_pb2.Job, b: jobs_pb2.Job) -> bool:
+    return (a.state, a.counts.done, a.counts.failed, a.counts.total) != (
+        b.state,
+        b.counts.done,
+        b.counts.failed,
+        b.counts.total,
+    )
 
 
 class Job:
@@ -184,20 +206,27 @@ class Job:
         self, timeout_s: float | None = None, on_update: Callable[[jobs_pb2.Job], None] | None = None
     ) -> jobs_pb2.Job:
         """Follows the job until it ends and returns its final status; raises JobTimeout
-        when it has not ended within `timeout_s` (None: wait as long as it takes)."""
+        when it has not ended within `timeout_s` (None: wait as long as it takes). The
+        server ends a watch after its own bound; the watch is then opened again."""
+        ends = None if timeout_s is None else time.monotonic() + timeout_s
         last: jobs_pb2.Job | None = None
-        try:
-            for job in self.client.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=self.id), timeout=timeout_s):
-                last = job
-                if on_update is not None:
-                    on_update(job)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise JobTimeout(last, timeout_s) from None
-            raise
-        if last is None or state_name(last.state) not in TERMINAL:
-            raise JobTimeout(last, timeout_s)
-        return last
+        while True:
+            left = None if ends is None else ends - time.monotonic()
+            if left is not None and left <= 0:
+                raise JobTimeout(last, timeout_s)
+            try:
+                for job in self.client.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=self.id), timeout=left):
+                    if on_update is not None and (last is None or _changed(last, job)):
+                        on_update(job)
+                    last = job
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise JobTimeout(last, timeout_s) from None
+                raise
+            if last is not None and state_name(last.state) in TERMINAL:
+                return last
+            if last is None:
+                raise JobTimeout(last, timeout_s)
 
     def results(
         self, page_size: int = 1000, include_scores: bool = False, timeout_s: float = 30.0
@@ -331,6 +360,31 @@ class AsyncClient:
         else:
             self.channel = grpc.aio.insecure_channel(target, interceptors=interceptors)
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
+        self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
+
+    async def submit(
+        self,
+        inputs: np.ndarray,
+        model: str,
+        *,
+        version: int = 0,
+        top_k: int = 1,
+        idempotency_key: str = "",
+        job_timeout_s: float = 0.0,
+        timeout_s: float | None = 600.0,
+    ) -> jobs_pb2.SubmitJobResponse:
+        """Uploads a bulk job as `Client.submit` does (its last message marked); returns
+        the server's answer, whose job_id the blocking `Client.job()` follows."""
+        requests = submit_requests(
+            inputs,
+            model,
+            version=version,
+            top_k=top_k,
+            idempotency_key=idempotency_key,
+            timeout_s=job_timeout_s,
+        )
+        response: jobs_pb2.SubmitJobResponse = await self.jobs.SubmitJobStream(requests, timeout=timeout_s)
+        return response
 
     async def classify(
         self, array: np.ndarray, model: str, *, timeout_s: float | None = 10.0, **kwargs: Any

@@ -9,7 +9,8 @@ change goes through one of the Lua scripts below, so it is atomic in Redis:
   twice: execution is at-least-once, results exactly-once.
 - SEAL fixes the total once the upload ends; a job ends when it is sealed and
   every item has a result.
-- CANCEL / ABORT / OBSERVE move a live job to CANCELLED / FAILED / EXPIRED.
+- END / ABORT / OBSERVE move a live job to CANCELLED / FAILED / EXPIRED (ABORT, for a
+  broken upload, also frees its idempotency key in the same step).
 
 States are stored by name ("QUEUED"), the JobState enum without its prefix.
 """
@@ -98,6 +99,20 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'QUEUED' or state == 'RUNNING' then
   redis.call('HSET', KEYS[1], 'state', ARGV[2], 'finished_ms', ARGV[1], 'error', ARGV[3])
   return ARGV[2]
+end
+return state
+"""
+
+# KEYS: job, idempotency key (or ''). ARGV: now_ms, error, job id. Fails a job whose
+# upload broke off and, in the same step, frees the idempotency key if it still names
+# this job: whoever sees the job FAILED can retry with the key at once.
+ABORT = """
+if KEYS[2] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'QUEUED' or state == 'RUNNING' then
+  redis.call('HSET', KEYS[1], 'state', 'FAILED', 'finished_ms', ARGV[1], 'error', ARGV[2])
+  return 'FAILED'
 end
 return state
 """

@@ -167,35 +167,63 @@ class ModelConfig:
         return results
 
     def items_in(self, t: tensor_pb2.Tensor) -> int:
-        """How many items a bulk input holds: the rows of [k, *input_shape] (1 when its
-        rank is not the model's, or k < 1)."""
+        """How many items a bulk input holds: k for [k, *input_shape] holding k rows of
+        the model's dtype; 1 for an input of one row, no row or another rank (it fails
+        as one item when it does not fit). An input claiming k > 1 rows that its bytes
+        do not hold raises InvalidInput: its row count would be the client's word alone,
+        and a few bytes could stand for millions of items (a failed result each)."""
+        k = self._claimed_rows(t)
+        if k > 1:
+            self._check_bytes(t, len(t.data))  # a copy of the bytes: once per input and check
+        return k
+
+    def _claimed_rows(self, t: tensor_pb2.Tensor) -> int:
+        """items_in() from the header alone (no look at the bytes)."""
         shape = t.shape
-        return max(1, shape[0]) if len(shape) == len(self.request_shape) else 1
+        if len(shape) != len(self.request_shape) or shape[0] <= 1:
+            return 1
+        self._check_dtype(t)
+        if tuple(shape[1:]) != self.input_shape:
+            raise InvalidInput(
+                f"inputs: model {self.name!r} takes batches shaped [n, "
+                f"{', '.join(map(str, self.input_shape))}], got {tensor.shape_text(shape)}"
+            )
+        return int(shape[0])
+
+    def _check_bytes(self, t: tensor_pb2.Tensor, held: int) -> None:
+        needed = t.shape[0] * self.input_nbytes
+        if held != needed:
+            raise InvalidInput(
+                f"inputs: an input shaped {tensor.shape_text(t.shape)} needs {needed} "
+                f"bytes of {tensor.dtype_name(self.input_dtype)}, got {held}"
+            )
 
     def validate_blocks(
         self, tensors: Sequence[tensor_pb2.Tensor]
     ) -> list[tuple[np.ndarray | None, dict[int, InvalidInput]]]:
         """validate_many() for inputs holding items_in() items each, input by input: all
         its rows as one read-only array ([k, *input_shape]; None when no row fits) and
-        the rows that fail, with their reasons. An input that does not fit fails each of
-        its items with the same reason. Kept whole so that callers hash, look up and
-        queue a block without an array per item."""
-        if all(self.items_in(t) == 1 for t in tensors):
+        the rows that fail, with their reasons. A one-row input that does not fit fails
+        as one item; a multi-row input that does not hold its rows raises InvalidInput
+        (items_in()), so failures never outnumber the rows actually received. Kept whole
+        so that callers hash, look up and queue a block without an array per item."""
+        counts = [self._claimed_rows(t) for t in tensors]
+        if all(k == 1 for k in counts):
             return [
                 (None, {0: c}) if isinstance(c, InvalidInput) else (c, {})
                 for c in self.validate_many(tensors)
             ]
         blocks: list[tuple[np.ndarray | None, dict[int, InvalidInput]]] = []
-        for t in tensors:
-            k = self.items_in(t)
+        for t, k in zip(tensors, counts, strict=True):
             if k == 1:
                 blocks += self.validate_blocks([t])
                 continue
-            try:
-                rows, nonfinite = self.validate_batch(t)
-            except InvalidInput as exc:
-                blocks.append((None, dict.fromkeys(range(k), exc)))
-                continue
+            data = t.data  # each read of a bytes field copies it: once here
+            self._check_bytes(t, len(data))
+            rows = np.frombuffer(data, dtype=tensor.numpy_dtype(self.input_dtype)).reshape(
+                k, *self.input_shape
+            )
+            nonfinite = _nonfinite_rows(rows)
             blocks.append((rows, {row: InvalidInput(NONFINITE) for row in nonfinite}))
         return blocks
 

@@ -134,6 +134,20 @@ class Settings:
     memcached_tls_key_file: str = _setting("", _file, "PEM key of memcached_tls_cert_file")
     bulk_chunk_items: int = _setting(256, _positive_int, "bulk items per queue message")
     max_job_items: int = _setting(10_000_000, _positive_int, "largest bulk job accepted")
+    # Bounds on the job service's streams: what one caller can hold open, and for how long.
+    upload_idle_timeout_s: float = _setting(
+        30.0, _positive_float, "a job upload that sends nothing this long is broken off (job FAILED)"
+    )
+    upload_max_duration_s: float = _setting(
+        3600.0, _positive_float, "a job upload still open after this long is broken off (job FAILED)"
+    )
+    max_uploads_per_caller: int = _setting(
+        8, _positive_int, "job uploads one caller (token name, or peer address without auth) holds open"
+    )
+    max_uploads: int = _setting(64, _positive_int, "job uploads one API process holds open at once")
+    watch_max_duration_s: float = _setting(
+        600.0, _positive_float, "a WatchJob stream ends (OK, job still live) after this long"
+    )
     # Worker.
     worker_concurrency: int = _setting(8, _positive_int, "envelopes a worker holds at once")
     worker_prefetch: int = _setting(4, _positive_int, "messages reserved per concurrency slot")

@@ -63,3 +63,6 @@ def test_classify_file_and_errors(
 
     run = cli(api, "job", "0" * 32)
     assert run.returncode == 2 and "NOT_FOUND" in run.stderr
+    run = cli(api, "cancel", "x" * 5000)
+    assert run.returncode == 2 and "INVALID_ARGUMENT: job_id must be 32 lowercase hex digits" in run.stderr
+    assert len(run.stderr) < 200  # the id is not echoed whole

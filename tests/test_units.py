@@ -168,12 +168,12 @@ def test_validate_blocks_gives_each_input_whole_with_its_failed_rows() -> None:
     inputs = [
         tensor.to_proto(x[:1]),
         tensor.to_proto(x[1:]),  # three items, the second not finite
-        tensor.to_proto(np.zeros((2, 1, 28, 27), np.float32)),  # two items that do not fit
+        tensor.to_proto(np.zeros((1, 1, 28, 27), np.float32)),  # one item that does not fit
         tensor.to_proto(np.zeros((28, 28), np.float32)),  # the wrong rank: one item
     ]
-    assert [cfg.items_in(t) for t in inputs] == [1, 3, 2, 1]
+    assert [cfg.items_in(t) for t in inputs] == [1, 3, 1, 1]
     blocks = cfg.validate_blocks(inputs)
-    assert [len(failed) for _, failed in blocks] == [0, 1, 2, 1]
+    assert [len(failed) for _, failed in blocks] == [0, 1, 1, 1]
     (first, _), (rows, failed), (none, wrong), (also_none, rank) = blocks
     assert first is not None and first.shape == cfg.request_shape
     np.testing.assert_array_equal(first, x[:1])
@@ -181,7 +181,15 @@ def test_validate_blocks_gives_each_input_whole_with_its_failed_rows() -> None:
     np.testing.assert_array_equal(rows, x[1:])
     assert list(failed) == [1] and str(failed[1]) == "input contains NaN or infinite values"
     assert none is None and also_none is None
-    assert sorted(wrong) == [0, 1] and "batches shaped" in str(wrong[0]) and str(wrong[0]) == str(wrong[1])
+    assert list(wrong) == [0] and "shape" in str(wrong[0])
+    # Rows claimed but not held are one error for the whole request, never one per row.
+    for claim in (np.zeros((2, 1, 28, 27), np.float32), x[1:3].astype(np.float64)):
+        with pytest.raises(errors.InvalidInput):
+            cfg.items_in(tensor.to_proto(claim))
+    hollow = tensor.to_proto(x[:1])
+    hollow.shape[0], hollow.data = 1_000_000, b""
+    with pytest.raises(errors.InvalidInput, match="needs 3136000000 bytes"):
+        cfg.validate_blocks([inputs[0], hollow])
     assert list(rank) == [0] and "batch of 1" in str(rank[0])
     # Inputs of one item each take validate_many's single pass, and say the same.
     singles = [tensor.to_proto(x[i : i + 1]) for i in range(4)] + [inputs[3]]

@@ -27,31 +27,31 @@ from inferpool.v1 import inference_pb2 as inferpool_dot_v1_dot_inference__pb2
 from inferpool.v1 import tensor_pb2 as inferpool_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17inferpool/v1/jobs.proto\x12\x0cinferpool.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cinferpool/v1/inference.proto\x1a\x19inferpool/v1/tensor.proto\"\x93\x01\n\x10SubmitJobRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12$\n\x06inputs\x18\x03 \x03(\x0b\x32\x14.inferpool.v1.Tensor\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\"T\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x1e\n\x03job\x18\x03 \x01(\x0b\x32\x11.inferpool.v1.Job\"H\n\tJobCounts\x12\r\n\x05total\x18\x01 \x01(\x03\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x03\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x03\"\x80\x01\n\tJobResult\x12\r\n\x05index\x18\x01 \x01(\x03\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12)\n\x07\x63lasses\x18\x04 \x03(\x0b\x32\x18.inferpool.v1.ClassScore\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x12\x0e\n\x06scores\x18\x06 \x03(\x02\"\xdb\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.inferpool.v1.JobState\x12\'\n\x06\x63ounts\x18\x05 \x01(\x0b\x32\x17.inferpool.v1.JobCounts\x12+\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07started\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x66inished\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x07results\x18\t \x03(\x0b\x32\x17.inferpool.v1.JobResult\x12\x13\n\x0bnext_offset\x18\n \x01(\x03\x12\r\n\x05\x65rror\x18\x0b \x01(\t\"V\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x16\n\x0einclude_scores\x18\x04 \x01(\x08\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\xb1\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x12\x15\n\x11JOB_STATE_EXPIRED\x10\x06\x32\xea\x02\n\nJobService\x12L\n\tSubmitJob\x12\x1e.inferpool.v1.SubmitJobRequest\x1a\x1f.inferpool.v1.SubmitJobResponse\x12T\n\x0fSubmitJobStream\x12\x1e.inferpool.v1.SubmitJobRequest\x1a\x1f.inferpool.v1.SubmitJobResponse(\x01\x12\x38\n\x06GetJob\x12\x1b.inferpool.v1.GetJobRequest\x1a\x11.inferpool.v1.Job\x12>\n\x08WatchJob\x12\x1d.inferpool.v1.WatchJobRequest\x1a\x11.inferpool.v1.Job0\x01\x12>\n\tCancelJob\x12\x1e.inferpool.v1.CancelJobRequest\x1a\x11.inferpool.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17inferpool/v1/jobs.proto\x12\x0cinferpool.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cinferpool/v1/inference.proto\x1a\x19inferpool/v1/tensor.proto\"\xb6\x01\n\x10SubmitJobRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12$\n\x06inputs\x18\x03 \x03(\x0b\x32\x14.inferpool.v1.Tensor\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\x12\x0c\n\x04last\x18\x07 \x01(\x08\x12\x13\n\x0btotal_items\x18\x08 \x01(\x03\"T\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x1e\n\x03job\x18\x03 \x01(\x0b\x32\x11.inferpool.v1.Job\"H\n\tJobCounts\x12\r\n\x05total\x18\x01 \x01(\x03\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x03\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x03\"\x80\x01\n\tJobResult\x12\r\n\x05index\x18\x01 \x01(\x03\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12)\n\x07\x63lasses\x18\x04 \x03(\x0b\x32\x18.inferpool.v1.ClassScore\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x12\x0e\n\x06scores\x18\x06 \x03(\x02\"\xdb\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.inferpool.v1.JobState\x12\'\n\x06\x63ounts\x18\x05 \x01(\x0b\x32\x17.inferpool.v1.JobCounts\x12+\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07started\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x66inished\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x07results\x18\t \x03(\x0b\x32\x17.inferpool.v1.JobResult\x12\x13\n\x0bnext_offset\x18\n \x01(\x03\x12\r\n\x05\x65rror\x18\x0b \x01(\t\"V\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x16\n\x0einclude_scores\x18\x04 \x01(\x08\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\xb1\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x12\x15\n\x11JOB_STATE_EXPIRED\x10\x06\x32\xea\x02\n\nJobService\x12L\n\tSubmitJob\x12\x1e.inferpool.v1.SubmitJobRequest\x1a\x1f.inferpool.v1.SubmitJobResponse\x12T\n\x0fSubmitJobStream\x12\x1e.inferpool.v1.SubmitJobRequest\x1a\x1f.inferpool.v1.SubmitJobResponse(\x01\x12\x38\n\x06GetJob\x12\x1b.inferpool.v1.GetJobRequest\x1a\x11.inferpool.v1.Job\x12>\n\x08WatchJob\x12\x1d.inferpool.v1.WatchJobRequest\x1a\x11.inferpool.v1.Job0\x01\x12>\n\tCancelJob\x12\x1e.inferpool.v1.CancelJobRequest\x1a\x11.inferpool.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inferpool.v1.jobs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=1082
-  _globals['_JOBSTATE']._serialized_end=1259
+  _globals['_JOBSTATE']._serialized_start=1117
+  _globals['_JOBSTATE']._serialized_end=1294
   _globals['_SUBMITJOBREQUEST']._serialized_start=132
-  _globals['_SUBMITJOBREQUEST']._serialized_end=279
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=281
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=365
-  _globals['_JOBCOUNTS']._serialized_start=367
-  _globals['_JOBCOUNTS']._serialized_end=439
-  _globals['_JOBRESULT']._serialized_start=442
-  _globals['_JOBRESULT']._serialized_end=570
-  _globals['_JOB']._serialized_start=573
-  _globals['_JOB']._serialized_end=920
-  _globals['_GETJOBREQUEST']._serialized_start=922
-  _globals['_GETJOBREQUEST']._serialized_end=1008
-  _globals['_WATCHJOBREQUEST']._serialized_start=1010
-  _globals['_WATCHJOBREQUEST']._serialized_end=1043
-  _globals['_CANCELJOBREQUEST']._serialized_start=1045
-  _globals['_CANCELJOBREQUEST']._serialized_end=1079
-  _globals['_JOBSERVICE']._serialized_start=1262
-  _globals['_JOBSERVICE']._serialized_end=1624
+  _globals['_SUBMITJOBREQUEST']._serialized_end=314
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=316
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=400
+  _globals['_JOBCOUNTS']._serialized_start=402
+  _globals['_JOBCOUNTS']._serialized_end=474
+  _globals['_JOBRESULT']._serialized_start=477
+  _globals['_JOBRESULT']._serialized_end=605
+  _globals['_JOB']._serialized_start=608
+  _globals['_JOB']._serialized_end=955
+  _globals['_GETJOBREQUEST']._serialized_start=957
+  _globals['_GETJOBREQUEST']._serialized_end=1043
+  _globals['_WATCHJOBREQUEST']._serialized_start=1045
+  _globals['_WATCHJOBREQUEST']._serialized_end=1078
+  _globals['_CANCELJOBREQUEST']._serialized_start=1080
+  _globals['_CANCELJOBREQUEST']._serialized_end=1114
+  _globals['_JOBSERVICE']._serialized_start=1297
+  _globals['_JOBSERVICE']._serialized_end=1659
 # @@protoc_insertion_point(module_scope)

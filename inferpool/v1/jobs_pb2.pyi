@@ -30,20 +30,24 @@ JOB_STATE_CANCELLED: JobState
 JOB_STATE_EXPIRED: JobState
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("model", "version", "inputs", "idempotency_key", "top_k", "timeout_s")
+    __slots__ = ("model", "version", "inputs", "idempotency_key", "top_k", "timeout_s", "last", "total_items")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ITEMS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     inputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
     idempotency_key: str
     top_k: int
     timeout_s: float
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., idempotency_key: _Optional[str] = ..., top_k: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+    last: bool
+    total_items: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., idempotency_key: _Optional[str] = ..., top_k: _Optional[int] = ..., timeout_s: _Optional[float] = ..., last: _Optional[bool] = ..., total_items: _Optional[int] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
     __slots__ = ("job_id", "created", "job")

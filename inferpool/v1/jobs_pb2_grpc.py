@@ -81,8 +81,12 @@ class JobServiceServicer:
     def SubmitJobStream(self, request_iterator, context):
         """The same for jobs of any size: the first message carries model, version and
         options (and may carry inputs); later messages carry only inputs, appended in
-        order. The job is sealed when the client closes the stream; a stream that
-        breaks off leaves the job FAILED.
+        order. The job is sealed only by a message with `last` set whose `total_items`
+        equals the items the server counted; the server answers then. A stream that
+        ends without that message (a client from before it included), is cancelled,
+        passes its deadline, stalls past the server's idle or total upload timeout, or
+        whose peer vanishes leaves the job FAILED, its queued items unrun, and frees its
+        idempotency key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,7 +101,8 @@ class JobServiceServicer:
 
     def WatchJob(self, request, context):
         """Streams the job (without results) whenever its counts or state change, until
-        it ends or the call's deadline passes.
+        it ends, the call's deadline passes, or the server's watch bound passes (the
+        stream then ends OK with the job still live: watch again to go on).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
