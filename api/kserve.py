@@ -28,7 +28,6 @@ from grpc_health.v1 import health, health_pb2
 
 import inferpool
 from api.core import DataPlane, Inferred, new_id
-from api.metrics import instrumented
 from inferpool import tensor
 from inferpool.errors import InvalidInput, ModelNotFound
 from inferpool.repository import ModelConfig
@@ -299,13 +298,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.health = health_servicer
         self.stats: defaultdict[tuple[str, int], ModelStats] = defaultdict(ModelStats)
 
-    @instrumented("ServerLive")
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    @instrumented("ServerReady")
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
@@ -315,7 +312,6 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         status = await self.health.Check(health_pb2.HealthCheckRequest(service=""), context)
         return pb.ServerReadyResponse(ready=status.status == health_pb2.HealthCheckResponse.SERVING)
 
-    @instrumented("ServerMetadata")
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
@@ -323,7 +319,6 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             name="inferpool", version=inferpool.__version__, extensions=[CLASSIFICATION]
         )
 
-    @instrumented("ModelReady")
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
@@ -334,21 +329,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
-    @instrumented("ModelMetadata")
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         cfg = self.plane.resolve(request.name, parse_version(request.version))
         return model_metadata(self.plane, cfg)
 
-    @instrumented("ModelConfig")
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         cfg = self.plane.resolve(request.name, parse_version(request.version))
         return pb.ModelConfigResponse(config=model_config(self.plane, cfg))
 
-    @instrumented("ModelStatistics")
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
@@ -366,7 +358,6 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         stats = [self.stats.get((c.name, c.version), ModelStats()).to_proto(c) for c in configs]
         return pb.ModelStatisticsResponse(model_stats=stats)
 
-    @instrumented("ModelInfer")
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
