@@ -48,6 +48,12 @@ BACKEND = "pytorch"
 CLASSIFICATION = "classification"
 # Response parameter: how many of the request's rows were answered from the cache.
 CACHE_HITS = "inferpool_cache_hits"
+# Triton's request parameters for scheduling: `timeout` in microseconds (0: none), a
+# bound on the request's wait besides its gRPC deadline, and `priority` (0: the
+# model's default), accepted and not used (interactive requests have one priority).
+TIMEOUT = "timeout"
+PRIORITY = "priority"
+MAX_TIMEOUT_US = 24 * 3600 * 10**6
 
 # KServe datatype <-> inferpool.tensor dtype name (the dtypes a model may declare).
 _DATATYPES = {
@@ -237,6 +243,29 @@ def split_rows(cfg: ModelConfig, request: pb.ModelInferRequest) -> list[tensor_p
     return [tensor.to_proto(batch[i : i + 1]) for i in range(rows)]
 
 
+def _int_parameter(request: pb.ModelInferRequest, name: str, limit: int) -> int:
+    """A non-negative integer request parameter (0 when absent), as int64 or uint64."""
+    if name not in request.parameters:
+        return 0
+    param = request.parameters[name]
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidInput(f"parameter {name!r} must be an int64 or uint64 parameter, got {kind}")
+    value: int = getattr(param, kind)
+    if not 0 <= value <= limit:
+        raise InvalidInput(f"parameter {name!r} must be 0..{limit}, got {value}")
+    return value
+
+
+def request_timeout_s(request: pb.ModelInferRequest, remaining_s: float | None) -> float | None:
+    """The request's wait bound: its gRPC deadline, shortened by a `timeout` parameter."""
+    _int_parameter(request, PRIORITY, 2**63 - 1)
+    timeout_us = _int_parameter(request, TIMEOUT, MAX_TIMEOUT_US)
+    if not timeout_us:
+        return remaining_s
+    return timeout_us / 1e6 if remaining_s is None else min(remaining_s, timeout_us / 1e6)
+
+
 def requested_outputs(cfg: ModelConfig, request: pb.ModelInferRequest) -> list[tuple[str, int]]:
     """(name, classification k or 0) per output to answer; none requested means all."""
     if not request.outputs:
@@ -369,7 +398,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             rows = split_rows(cfg, request)
             outputs = requested_outputs(cfg, request)
             request_id = request.id or new_id()
-            timeout_s = context.time_remaining()
+            timeout_s = request_timeout_s(request, context.time_remaining())
             # One task per row, so each is cached, coalesced and batched on its own; the
             # first failure fails the request and cancels the rows still waiting.
             try:
