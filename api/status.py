@@ -114,6 +114,25 @@ _KINDS: dict[tuple[bool, bool], tuple[Callable[..., grpc.RpcMethodHandler], str]
 }
 
 
+def behaviour_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    """The function a handler runs, whatever its kind."""
+    return getattr(handler, _KINDS[handler.request_streaming, handler.response_streaming][1])
+
+
+def with_behaviour(
+    handler: grpc.RpcMethodHandler,
+    behaviour: Callable[..., Any],
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and serializers as `handler` that runs `behaviour`."""
+    factory = _KINDS[handler.request_streaming, handler.response_streaming][0]
+    return factory(
+        behaviour,
+        request_deserializer=request_deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
     if deserialize is None:
         return None
@@ -174,9 +193,7 @@ class _Method:
         return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
     def wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        kind = (handler.request_streaming, handler.response_streaming)
-        factory, attr = _KINDS[kind]
-        inner: Callable[..., Any] = getattr(handler, attr)
+        inner = behaviour_of(handler)
         # grpc.aio calls a plain function on its own loop; the generated servicer base
         # class's stubs for methods a servicer leaves out are such functions.
         is_async = inspect.iscoroutinefunction(inner) or inspect.isasyncgenfunction(inner)
@@ -235,10 +252,8 @@ class _Method:
             finally:
                 self.record(code, t0)
 
-        return factory(
-            stream if handler.response_streaming else unary,
-            request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
+        return with_behaviour(
+            handler, stream if handler.response_streaming else unary, _tolerant(handler.request_deserializer)
         )
 
 

@@ -46,15 +46,18 @@ def _same(data: bytes) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def api(redis_server: RedisServer, memcached_server: MemcachedServer) -> Iterator[ApiThread]:
-    """An API of this module's own (no worker: nothing here needs a computed answer),
-    whose log rate limit outlasts the module, so "one line per window" does not depend
-    on how fast the machine sends the calls."""
+def api(logdir: Path, memcached_server: MemcachedServer) -> Iterator[ApiThread]:
+    """An API of this module's own, on a Redis no worker consumes (nothing here needs a
+    computed answer, and a miss must wait for its deadline), whose log rate limit
+    outlasts the module, so "one line per window" does not depend on how fast the
+    machine sends the calls."""
+    redis_server = RedisServer(logdir)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(status, "LOG_INTERVAL_S", 3600.0)
         server = ApiThread(stack_settings(redis_server, memcached_server))
     yield server
     server.stop()
+    redis_server.stop()
 
 
 @pytest.fixture(scope="module")
