@@ -132,6 +132,26 @@ def test_unimplemented_method_is_clean_and_logged_once(
     no_tracebacks(caplog)
 
 
+def test_authentication_comes_before_decoding(logdir: Path, memcached_server: MemcachedServer) -> None:
+    """With auth on, undecodable bytes without a token are refused as unauthenticated
+    (the peer learns nothing about the method), and with one are INVALID_ARGUMENT."""
+    token = "hygiene-0123456789abcdef"
+    redis_server = RedisServer(logdir)
+    server = ApiThread(stack_settings(redis_server, memcached_server, auth_tokens=f"ops:{token}"))
+    try:
+        with grpc.insecure_channel(server.target) as ch:
+            classify = ch.unary_unary(CLASSIFY, request_serializer=_same, response_deserializer=_same)
+            error = rpc_error(lambda: classify(GARBAGE, timeout=10))
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            error = rpc_error(
+                lambda: classify(GARBAGE, timeout=10, metadata=[("authorization", f"Bearer {token}")])
+            )
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.stop()
+        redis_server.stop()
+
+
 def test_log_rate_limit_counts_what_it_suppressed() -> None:
     now = [0.0]
     limiter = status.RateLimiter(10.0, clock=lambda: now[0])
