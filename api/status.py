@@ -252,9 +252,10 @@ class _Method:
             finally:
                 self.record(code, t0)
 
-        return with_behaviour(
-            handler, stream if handler.response_streaming else unary, _tolerant(handler.request_deserializer)
-        )
+        # A response stream is an (async) generator, or a coroutine that writes its
+        # responses with context.write (as grpc's health Watch does) and returns None.
+        streams = handler.response_streaming and not inspect.iscoroutinefunction(inner)
+        return with_behaviour(handler, stream if streams else unary, _tolerant(handler.request_deserializer))
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
