@@ -29,6 +29,7 @@ from typing import Any
 
 import grpc
 
+from api.status import behaviour_of, with_behaviour
 from inferpool.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -92,15 +93,6 @@ def load_tokens(settings: Settings) -> dict[bytes, str]:
     return tokens
 
 
-# (request_streaming, response_streaming) -> the factory for that kind of handler
-_KINDS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
 def _deny(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same kind as the real one that fails the call at once (a
     streaming upload is refused without reading its messages)."""
@@ -117,22 +109,12 @@ def _deny(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethod
 
     if handler is None:  # unknown method: still say nothing to an unauthenticated peer
         return grpc.unary_unary_rpc_method_handler(unary)
-    return _KINDS[(handler.request_streaming, handler.response_streaming)](
-        stream if handler.response_streaming else unary,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return with_behaviour(handler, stream if handler.response_streaming else unary)
 
 
 def _as(handler: grpc.RpcMethodHandler, name: str) -> grpc.RpcMethodHandler:
     """The same handler with its behaviour run under the caller's name."""
-    attr = {
-        (False, False): "unary_unary",
-        (False, True): "unary_stream",
-        (True, False): "stream_unary",
-        (True, True): "stream_stream",
-    }[(handler.request_streaming, handler.response_streaming)]
-    inner = getattr(handler, attr)
+    inner = behaviour_of(handler)
 
     if inspect.isasyncgenfunction(inner):
 
@@ -165,11 +147,7 @@ def _as(handler: grpc.RpcMethodHandler, name: str) -> grpc.RpcMethodHandler:
                 _CALLER.reset(reset)
 
         behaviour = behaviour_sync
-    return _KINDS[(handler.request_streaming, handler.response_streaming)](
-        behaviour,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return with_behaviour(handler, behaviour)
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):

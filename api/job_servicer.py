@@ -9,8 +9,6 @@ import grpc
 
 from api.auth import caller
 from api.jobs import JobPlane
-from api.metrics import instrumented
-from api.status import abort
 from inferpool.v1 import jobs_pb2, jobs_pb2_grpc
 
 
@@ -22,19 +20,16 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def __init__(self, plane: JobPlane) -> None:
         self.plane = plane
 
-    @instrumented("SubmitJob")
     async def SubmitJob(
         self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.SubmitJobResponse:
         return await self.plane.submit(_one(request), caller(context), streamed=False)
 
-    @instrumented("SubmitJobStream")
     async def SubmitJobStream(
         self, request_iterator: AsyncIterator[jobs_pb2.SubmitJobRequest], context: grpc.aio.ServicerContext
     ) -> jobs_pb2.SubmitJobResponse:
         return await self.plane.submit(request_iterator, caller(context), peer=context.peer())
 
-    @instrumented("GetJob")
     async def GetJob(
         self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.Job:
@@ -43,13 +38,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def WatchJob(
         self, request: jobs_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[jobs_pb2.Job]:
-        try:
-            async for job in self.plane.watch(request.job_id, caller(context)):
-                yield job
-        except Exception as exc:
-            await abort(context, exc, "WatchJob")
+        async for job in self.plane.watch(request.job_id, caller(context)):
+            yield job
 
-    @instrumented("CancelJob")
     async def CancelJob(
         self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.Job:

@@ -28,7 +28,6 @@ from grpc_health.v1 import health, health_pb2
 
 import inferpool
 from api.core import DataPlane, Inferred, new_id
-from api.metrics import instrumented
 from inferpool import tensor
 from inferpool.errors import InvalidInput, ModelNotFound
 from inferpool.repository import ModelConfig
@@ -49,6 +48,12 @@ BACKEND = "pytorch"
 CLASSIFICATION = "classification"
 # Response parameter: how many of the request's rows were answered from the cache.
 CACHE_HITS = "inferpool_cache_hits"
+# Triton's request parameters for scheduling: `timeout` in microseconds (0: none), a
+# bound on the request's wait besides its gRPC deadline, and `priority` (0: the
+# model's default), accepted and not used (interactive requests have one priority).
+TIMEOUT = "timeout"
+PRIORITY = "priority"
+MAX_TIMEOUT_US = 24 * 3600 * 10**6
 
 # KServe datatype <-> inferpool.tensor dtype name (the dtypes a model may declare).
 _DATATYPES = {
@@ -238,6 +243,29 @@ def split_rows(cfg: ModelConfig, request: pb.ModelInferRequest) -> list[tensor_p
     return [tensor.to_proto(batch[i : i + 1]) for i in range(rows)]
 
 
+def _int_parameter(request: pb.ModelInferRequest, name: str, limit: int) -> int:
+    """A non-negative integer request parameter (0 when absent), as int64 or uint64."""
+    if name not in request.parameters:
+        return 0
+    param = request.parameters[name]
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidInput(f"parameter {name!r} must be an int64 or uint64 parameter, got {kind}")
+    value: int = getattr(param, kind)
+    if not 0 <= value <= limit:
+        raise InvalidInput(f"parameter {name!r} must be 0..{limit}, got {value}")
+    return value
+
+
+def request_timeout_s(request: pb.ModelInferRequest, remaining_s: float | None) -> float | None:
+    """The request's wait bound: its gRPC deadline, shortened by a `timeout` parameter."""
+    _int_parameter(request, PRIORITY, 2**63 - 1)
+    timeout_us = _int_parameter(request, TIMEOUT, MAX_TIMEOUT_US)
+    if not timeout_us:
+        return remaining_s
+    return timeout_us / 1e6 if remaining_s is None else min(remaining_s, timeout_us / 1e6)
+
+
 def requested_outputs(cfg: ModelConfig, request: pb.ModelInferRequest) -> list[tuple[str, int]]:
     """(name, classification k or 0) per output to answer; none requested means all."""
     if not request.outputs:
@@ -299,13 +327,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.health = health_servicer
         self.stats: defaultdict[tuple[str, int], ModelStats] = defaultdict(ModelStats)
 
-    @instrumented("ServerLive")
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    @instrumented("ServerReady")
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
@@ -315,7 +341,6 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         status = await self.health.Check(health_pb2.HealthCheckRequest(service=""), context)
         return pb.ServerReadyResponse(ready=status.status == health_pb2.HealthCheckResponse.SERVING)
 
-    @instrumented("ServerMetadata")
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
@@ -323,7 +348,6 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             name="inferpool", version=inferpool.__version__, extensions=[CLASSIFICATION]
         )
 
-    @instrumented("ModelReady")
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
@@ -334,21 +358,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
-    @instrumented("ModelMetadata")
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         cfg = self.plane.resolve(request.name, parse_version(request.version))
         return model_metadata(self.plane, cfg)
 
-    @instrumented("ModelConfig")
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         cfg = self.plane.resolve(request.name, parse_version(request.version))
         return pb.ModelConfigResponse(config=model_config(self.plane, cfg))
 
-    @instrumented("ModelStatistics")
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
@@ -366,7 +387,6 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         stats = [self.stats.get((c.name, c.version), ModelStats()).to_proto(c) for c in configs]
         return pb.ModelStatisticsResponse(model_stats=stats)
 
-    @instrumented("ModelInfer")
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
@@ -378,7 +398,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             rows = split_rows(cfg, request)
             outputs = requested_outputs(cfg, request)
             request_id = request.id or new_id()
-            timeout_s = context.time_remaining()
+            timeout_s = request_timeout_s(request, context.time_remaining())
             # One task per row, so each is cached, coalesced and batched on its own; the
             # first failure fails the request and cancels the rows still waiting.
             try:

@@ -11,16 +11,11 @@ are scaled to zero, which is exactly when an autoscaler must still read the back
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import threading
-import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterable, Iterator, Sequence
 from wsgiref.simple_server import WSGIServer
 
-import grpc
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -28,12 +23,9 @@ from prometheus_client.registry import Collector
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from api.status import abort
 from inferpool import metrics as shared
 
 log = logging.getLogger(__name__)
-
-Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 REGISTRY = shared.new_registry()
 
@@ -41,7 +33,8 @@ REGISTRY = shared.new_registry()
 REQUESTS = Counter(
     "inferpool_requests",
     "RPCs answered, by method (Classify, ...) and gRPC status code (OK, INVALID_ARGUMENT, "
-    "NOT_FOUND, DEADLINE_EXCEEDED, UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL).",
+    "NOT_FOUND, DEADLINE_EXCEEDED, UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL, ...); a streaming "
+    "call is counted when its stream ends. Recorded by api/status.py's interceptor.",
     ["rpc", "code"],
     registry=REGISTRY,
 )
@@ -250,42 +243,3 @@ def for_model(model: str) -> ModelMetrics:
     if found is None:
         found = _MODEL_METRICS[model] = ModelMetrics(model)
     return found
-
-
-def instrumented(rpc: str) -> Callable[[Handler], Handler]:
-    """Wraps a unary servicer method: an exception it raises aborts the call with the
-    status api.status maps it to, and each call is counted and timed by its code (OK,
-    the code it aborted with, or CANCELLED when the caller went away)."""
-
-    def decorate(method: Handler) -> Handler:
-        # The labelled children by code, looked up once: labels() costs as much as the rest.
-        children: dict[str, tuple[Any, Any]] = {}
-
-        @functools.wraps(method)
-        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            t0 = time.perf_counter()
-            code = "OK"
-            try:
-                try:
-                    return await method(self, request, context)
-                except grpc.aio.AbortError:
-                    raise  # the method aborted the call itself
-                except Exception as exc:
-                    await abort(context, exc, rpc)
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except BaseException:
-                status = context.code()
-                code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
-                raise
-            finally:
-                pair = children.get(code)
-                if pair is None:
-                    pair = children[code] = (REQUESTS.labels(rpc, code), REQUEST_DURATION.labels(rpc, code))
-                pair[0].inc()
-                pair[1].observe(time.perf_counter() - t0)
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from api import auth, kserve, metrics
+from api import auth, kserve, metrics, status
 from api.cache_reads import CacheReader
 from api.core import DataPlane
 from api.flights import FlightLocks
@@ -48,7 +48,12 @@ class ApiServer:
         # First, so a bad tokens file or certificate (SettingsError) stops start-up
         # before anything connects.
         self.credentials = auth.server_credentials(settings)
-        interceptors = auth.interceptors(settings)
+        # Authentication outermost, so an unauthenticated call is refused before anything
+        # else looks at it; the status interceptor then wraps every registered method.
+        interceptors = [
+            *auth.interceptors(settings),
+            status.StatusInterceptor(counted_services=(SERVICE, JOB_SERVICE, kserve.SERVICE)),
+        ]
         self.repository = Repository.load(settings.model_repository)
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.redis = aioredis.Redis.from_url(

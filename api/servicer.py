@@ -5,7 +5,6 @@ from __future__ import annotations
 import grpc
 
 from api.core import DataPlane
-from api.metrics import instrumented
 from inferpool.v1 import inference_pb2, inference_pb2_grpc
 
 
@@ -13,7 +12,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
 
-    @instrumented("Classify")
     async def Classify(
         self, request: inference_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ClassifyResponse:

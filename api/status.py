@@ -1,17 +1,35 @@
-"""The one place where domain errors become gRPC status codes."""
+"""The one place where domain errors become gRPC status codes, for every RPC kind.
+
+`StatusInterceptor` wraps each registered method's handler once: its behaviour runs
+inside a wrapper that maps a raised domain error (inferpool/errors.py) to its code,
+counts and times the call by its final code (api/metrics.py), and its request
+deserializer is a tolerant one, so undecodable bytes become INVALID_ARGUMENT instead
+of grpc's UNKNOWN/INTERNAL with a traceback per call. Servicers stay thin: they raise
+domain errors and never touch a status code.
+
+Whatever a client can trigger at will (undecodable bytes, a method this server
+does not implement) is logged as one short line, at most once per LOG_INTERVAL_S
+per method and kind, with the count of the lines suppressed since.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
-from typing import NoReturn
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, NoReturn
 
 import grpc
 
+from api import metrics
 from inferpool import errors
 
 log = logging.getLogger(__name__)
 
-_CODES: dict[type[errors.InferpoolError], grpc.StatusCode] = {
+_CODES: dict[type[BaseException], grpc.StatusCode] = {
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
     errors.JobNotFound: grpc.StatusCode.NOT_FOUND,
@@ -19,7 +37,15 @@ _CODES: dict[type[errors.InferpoolError], grpc.StatusCode] = {
     errors.BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.ModelFailed: grpc.StatusCode.INTERNAL,
+    NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
 }
+
+# Status details travel in a trailer, and grpc refuses metadata over 8 KiB by default
+# (the whole call then fails RESOURCE_EXHAUSTED): a message that quotes client text is
+# cut well below that, whatever the raise site did.
+MAX_DETAILS_CHARS = 256
+# How often one method may log the same kind of client mistake.
+LOG_INTERVAL_S = 10.0
 
 
 def code_for(exc: BaseException) -> grpc.StatusCode:
@@ -30,11 +56,247 @@ def code_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: Exception, rpc: str) -> NoReturn:
+def details(message: str, limit: int = MAX_DETAILS_CHARS) -> str:
+    """`message` cut to `limit` characters, saying so when it was cut."""
+    if len(message) <= limit:
+        return message
+    suffix = f"... ({len(message)} chars)"
+    return message[: max(0, limit - len(suffix))] + suffix
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException, rpc: str) -> NoReturn:
     code = code_for(exc)
     if isinstance(exc, errors.InferpoolError):
-        await context.abort(code, str(exc))
+        await context.abort(code, details(str(exc)))
     # Anything else is our bug: log it whole, tell the caller nothing internal.
     log.exception("unhandled error in %s", rpc, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
     raise AssertionError("context.abort returned")  # it raises; this tells the type checker
+
+
+class RateLimiter:
+    """At most one event per key per `interval_s`; the ones in between are counted."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self.clock = clock
+        self._last: dict[tuple[str, str], float] = {}
+        self._suppressed: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: tuple[str, str]) -> int | None:
+        """None to stay quiet, else how many were suppressed since the last allowed one."""
+        now = self.clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval_s:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return None
+            self._last[key] = now
+            return self._suppressed.pop(key, 0)
+
+
+class _Undecodable:
+    """What the tolerant deserializer hands on instead of a message it could not parse."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+# (request_streaming, response_streaming) -> handler factory and the handler's attribute
+_KINDS: dict[tuple[bool, bool], tuple[Callable[..., grpc.RpcMethodHandler], str]] = {
+    (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
+    (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
+    (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
+    (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
+}
+
+
+def behaviour_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    """The function a handler runs, whatever its kind."""
+    return getattr(handler, _KINDS[handler.request_streaming, handler.response_streaming][1])
+
+
+def with_behaviour(
+    handler: grpc.RpcMethodHandler,
+    behaviour: Callable[..., Any],
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and serializers as `handler` that runs `behaviour`."""
+    factory = _KINDS[handler.request_streaming, handler.response_streaming][0]
+    return factory(
+        behaviour,
+        request_deserializer=request_deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def load(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:
+            return _Undecodable(len(data))
+
+    return load
+
+
+class _Method:
+    """One registered method: its labels, and the wrapped behaviour's bookkeeping."""
+
+    def __init__(self, interceptor: StatusInterceptor, method: str, counted: bool) -> None:
+        self.interceptor = interceptor
+        self.method = method
+        self.rpc = method.rsplit("/", 1)[-1]
+        self.counted = counted
+        # The labelled children by code, looked up once: labels() costs as much as the rest.
+        self._children: dict[str, tuple[Any, Any]] = {}
+
+    def record(self, code: str, t0: float) -> None:
+        if not self.counted:
+            return
+        pair = self._children.get(code)
+        if pair is None:
+            pair = self._children[code] = (
+                metrics.REQUESTS.labels(self.rpc, code),
+                metrics.REQUEST_DURATION.labels(self.rpc, code),
+            )
+        pair[0].inc()
+        pair[1].observe(time.perf_counter() - t0)
+
+    def undecodable(self, context: grpc.aio.ServicerContext, size: int) -> errors.Undecodable:
+        self.interceptor.note(self.method, "undecodable", f"{size}-byte message", context)
+        return errors.Undecodable(f"the request message could not be decoded ({size} bytes)")
+
+    async def fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+        if isinstance(exc, NotImplementedError):
+            self.interceptor.note(self.method, "unimplemented", "", context)
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{self.rpc} is not implemented here")
+        await abort(context, exc, self.rpc)
+
+    def requests(self, context: grpc.aio.ServicerContext, source: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async def checked() -> AsyncIterator[Any]:
+            async for message in source:
+                if isinstance(message, _Undecodable):
+                    raise self.undecodable(context, message.size)
+                yield message
+
+        return checked()
+
+    def status(self, context: grpc.aio.ServicerContext) -> str:
+        code = context.code()
+        return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+    def wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        inner = behaviour_of(handler)
+        # grpc.aio calls a plain function on its own loop; the generated servicer base
+        # class's stubs for methods a servicer leaves out are such functions.
+        is_async = inspect.iscoroutinefunction(inner) or inspect.isasyncgenfunction(inner)
+        streaming_in = handler.request_streaming
+
+        def arguments(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if streaming_in:
+                return self.requests(context, request)
+            if isinstance(request, _Undecodable):
+                raise self.undecodable(context, request.size)
+            return request
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            t0 = time.perf_counter()
+            code = "OK"
+            try:
+                try:
+                    if is_async:
+                        return await inner(arguments(request, context), context)
+                    return inner(arguments(request, context), context)
+                except grpc.aio.AbortError:
+                    raise  # the behaviour aborted the call itself
+                except Exception as exc:
+                    await self.fail(context, exc)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except BaseException:
+                code = self.status(context)
+                raise
+            finally:
+                self.record(code, t0)
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            t0 = time.perf_counter()
+            code = "OK"
+            try:
+                try:
+                    responses = inner(arguments(request, context), context)
+                    if is_async:
+                        async for response in responses:
+                            yield response
+                    else:
+                        for response in responses:
+                            yield response
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await self.fail(context, exc)
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"
+                raise
+            except BaseException:
+                code = self.status(context)
+                raise
+            finally:
+                self.record(code, t0)
+
+        # A response stream is an (async) generator, or a coroutine that writes its
+        # responses with context.write (as grpc's health Watch does) and returns None.
+        streams = handler.response_streaming and not inspect.iscoroutinefunction(inner)
+        return with_behaviour(handler, stream if streams else unary, _tolerant(handler.request_deserializer))
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Maps domain errors to status codes and records per-RPC metrics for every method
+    of `counted_services` (full names), whatever its kind; every other registered
+    method (health, reflection) gets the tolerant deserializer and error mapping but no
+    series of its own. Unknown methods are left to grpc, which answers UNIMPLEMENTED
+    without a handler, and are never counted (their names are the client's choice)."""
+
+    def __init__(self, counted_services: Iterable[str] = (), log_interval_s: float | None = None) -> None:
+        self.counted = tuple(f"/{service}/" for service in counted_services)
+        self.limiter = RateLimiter(LOG_INTERVAL_S if log_interval_s is None else log_interval_s)
+        # method -> (the handler grpc resolved, its wrapped twin): handlers are
+        # registered once, so each is wrapped once, not on every call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def note(self, method: str, kind: str, what: str, context: grpc.aio.ServicerContext) -> None:
+        suppressed = self.limiter.allow((method, kind))
+        if suppressed is None:
+            return
+        log.warning(
+            "%s %s%s from %s%s",
+            kind,
+            method,
+            f" ({what})" if what else "",
+            details(context.peer() or "?", 64),
+            f"; {suppressed} more since the last line" if suppressed else "",
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _Method(self, method, method.startswith(self.counted)).wrap(handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped

@@ -6,6 +6,7 @@ The API builds this app only to publish by task name; it never imports `workers`
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -192,8 +193,15 @@ def make_celery(settings: Settings, main: str = "inferpool") -> Celery:
         },
         worker_enable_remote_control=True,
     )
+    scheme = urlsplit(settings.redis_url).scheme
     # Plain redis:// only: for rediss:// kombu derives TLS defaults from the scheme name,
     # which naming a transport class would bypass.
-    if urlsplit(settings.redis_url).scheme == "redis":
+    if scheme == "redis":
         app.conf.broker_transport = f"{__name__}:RedisTransport"
+    elif scheme == "rediss":
+        # For a rediss:// URL that names no ssl_* option, kombu (unlike redis-py, which
+        # the API's own clients use) connects without checking the certificate. This
+        # makes both verify; ssl_* options in the URL replace it whole, so
+        # `ssl_cert_reqs=none` stays an explicit way out.
+        app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,37 @@ from urllib.parse import urlsplit
 ENV_PREFIX = "INFERPOOL_"
 
 
+# Query parameters whose values are secrets wherever they appear in a URL.
+_SECRET_PARAM = re.compile(r"(?i)([?&;](?:password|passwd|pwd|token|secret|access_key)=)[^&;#\s]*")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]*")
+# A malformed URL (`redis//:pw@host`) is not found as a URL; `:secret@` still is.
+_USERINFO_PASSWORD = re.compile(r":[^\s:@'\"/]+@")
+REDACTED = "***"
+
+
+def _redact_url(match: re.Match[str]) -> str:
+    url = match.group(0)
+    scheme, _, rest = url.partition("://")
+    # The authority ends at the first '/', '?' or '#'; its userinfo at the last '@'.
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    userinfo, at, host = rest[:end].rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":" + REDACTED
+    return _SECRET_PARAM.sub(r"\1" + REDACTED, f"{scheme}://{userinfo}{at}{host}{rest[end:]}")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of every URL in it (a password in the userinfo, a
+    password or token in the query) replaced by ***, for messages and log lines."""
+    return _USERINFO_PASSWORD.sub(":" + REDACTED + "@", _URL.sub(_redact_url, text))
+
+
 class SettingsError(ValueError):
-    """One or more settings are invalid; the message lists each of them."""
+    """One or more settings are invalid; the message lists each of them. Credentials in
+    it are redacted, whoever raises it: start-up errors end up in logs."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 def _redis_url(raw: str) -> str:
@@ -170,11 +200,23 @@ class Settings:
             try:
                 values[f.name] = f.metadata["parse"](raw)
             except ValueError as exc:
-                problems.append(f"{var}={raw!r}: {exc} ({f.metadata['doc']})")
+                # A secret is never quoted, not even in part; anything else loses the
+                # credentials a URL in it carries (SettingsError redacts the whole).
+                shown = REDACTED if not f.repr else repr(raw)
+                reason = REDACTED if not f.repr else str(exc)
+                problems.append(f"{var}={shown}: {reason} ({f.metadata['doc']})")
         if problems:
             raise SettingsError("invalid inferpool settings:\n  " + "\n  ".join(problems))
         values.update(overrides)
         return cls(**values)
+
+    def __repr__(self) -> str:
+        # Settings get logged; their URLs may carry a password, and some fields are
+        # secrets (repr=False) that are left out whole.
+        shown = ", ".join(
+            f"{f.name}={redact(repr(getattr(self, f.name)))}" for f in dataclasses.fields(self) if f.repr
+        )
+        return f"Settings({shown})"
 
     def env(self) -> dict[str, str]:
         """The settings as INFERPOOL_* variables, to hand to a child process."""
