@@ -262,7 +262,7 @@ def test_a_wrong_item_count_fails_the_job(
             call()
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details() == "total_items is 3 but the server counted 2 items"
-    assert job_keys(redis_client) == keys
+    assert job_keys(redis_client) <= keys
 
 
 def test_paging_and_watching_a_job_whose_upload_is_open(
@@ -433,8 +433,10 @@ def test_a_watch_of_a_job_that_does_not_change_is_bounded(
         server.stop()
 
 
-def job_keys(redis_client: redis.Redis) -> int:
-    return sum(1 for _ in redis_client.scan_iter(f"{PREFIX}:job:*", count=1000))
+def job_keys(redis_client: redis.Redis) -> set[bytes]:
+    """The job records there are. Results hashes are left out: a worker may still be
+    writing those of an earlier test's job."""
+    return {k for k in redis_client.scan_iter(f"{PREFIX}:job:*", count=1000) if not k.endswith(b":results")}
 
 
 def test_a_shape_its_bytes_do_not_fill_is_one_error_and_stalls_nothing(
@@ -460,7 +462,7 @@ def test_a_shape_its_bytes_do_not_fill_is_one_error_and_stalls_nothing(
         assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error.details().startswith("inputs: ") and "needs 3136000000 bytes" in error.details()
     # The old server wrote a failed result per claimed row (~138 MB) and held its loop 4 s.
-    assert job_keys(redis_client) == keys
+    assert job_keys(redis_client) <= keys
     assert redis_client.info("memory")["used_memory"] - memory < 1 << 20
     assert max(latencies) < 0.25, latencies
 
@@ -482,7 +484,7 @@ def test_inputs_per_message_are_bounded_and_bad_ones_fail_one_item_each(
     error = call.exception(timeout=60)
     assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details().startswith("inputs: a message carries at most 1024 inputs, got 60000")
-    assert job_keys(redis_client) == keys
+    assert job_keys(redis_client) <= keys
     # The old server took ~2 s for it, holding health checks up to ~1.7 s.
     assert max(latencies) < 0.25, latencies
 
@@ -521,7 +523,7 @@ def test_submit_fields_out_of_range_are_refused_and_leave_no_job(
             call()
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details().startswith(field + " ")
-    assert job_keys(redis_client) == keys
+    assert job_keys(redis_client) <= keys
 
 
 def test_job_ids_and_paging_fields_are_checked_and_never_echoed_whole(client: Client) -> None:
