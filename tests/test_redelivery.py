@@ -23,7 +23,7 @@ def test_sigkill_mid_job_then_new_worker_completes_it_exactly_once(
     # Small chunks and a short visibility timeout: the job spans many messages, and the
     # chunks the killed worker held come back within seconds instead of minutes.
     settings = stack_settings(
-        fresh_redis, fresh_memcached, bulk_chunk_items=8, bulk_prefetch_chunks=4, visibility_timeout_s=3.0
+        fresh_redis, fresh_memcached, bulk_chunk_items=8, bulk_prefetch_chunks=4, bulk_lease_s=3.0
     )
     r = redis.Redis.from_url(fresh_redis.url)
     first = Worker(settings, logdir)
