@@ -39,12 +39,13 @@ def lease_key(consumer: str) -> str:
 
 # KEYS: the consumers hash, the consumer's lease (or '' to force), queue1, processing1,
 # ... ARGV: the consumer. Unless its lease is alive, puts every chunk of the consumer
-# back at the head of its queue and forgets the consumer; returns how many chunks.
+# back at the head of its queue, the oldest first in line, and forgets the consumer;
+# returns how many chunks.
 REAP = """
 if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 local n = 0
 for i = 3, #KEYS, 2 do
-  while redis.call('LMOVE', KEYS[i + 1], KEYS[i], 'RIGHT', 'RIGHT') do n = n + 1 end
+  while redis.call('LMOVE', KEYS[i + 1], KEYS[i], 'LEFT', 'RIGHT') do n = n + 1 end
 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 return n
