@@ -1,9 +1,12 @@
-"""Recovery times: how soon the stack answers again after Redis restarts, and how soon a
-dead worker's bulk chunks are back on their queue."""
+"""Recovery: how soon the stack answers again after Redis restarts; what a worker does
+with work for a model version it does not serve; one worker serving two models."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -11,13 +14,19 @@ import grpc
 import numpy as np
 import pytest
 import redis
+import torch
 
 from inferpool.client import Client
-from tests.servers import ApiThread, RedisServer, Worker, stack_settings, wait_until
+from inferpool.jobs import state_name
+from tests.servers import ApiThread, RedisServer, Worker, stack_settings, wait_until, write_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [
     pytest.mark.timeout(180),
+    # The repository format is TorchScript, which torch 2.13 marks deprecated.
     pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning"),
 ]
 
 # How long Redis stays down. Long enough that a client backing off in steps of seconds
@@ -92,3 +101,126 @@ def test_first_ok_soon_after_redis_restarts(fresh_redis: RedisServer, logdir: Pa
         worker.stop()
         if restarted is not None:
             restarted.stop()
+
+
+def _copy_digits(repository: Path, version: int) -> None:
+    target = repository / "digits" / str(version)
+    shutil.copytree(ROOT / "models" / "digits" / "1", target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "version": version}))
+
+
+def test_version_the_worker_does_not_serve_fails_clearly(
+    fresh_redis: RedisServer, logdir: Path, tmp_path: Path
+) -> None:
+    # The API knows digits v1 and v2; the worker was deployed with v1 only.
+    worker_settings = stack_settings(fresh_redis, None)
+    api_repository = tmp_path / "api-models"
+    _copy_digits(api_repository, 1)
+    _copy_digits(api_repository, 2)
+    worker = Worker(worker_settings, logdir)
+    api = ApiThread(dataclasses.replace(worker_settings, model_repository=api_repository))
+    rng = np.random.default_rng(6)
+    try:
+        with Client(api.target) as client:
+            served = client.classify(rng.random((1, 1, 28, 28), dtype=np.float32), "digits", version=1)
+            assert served.version == 1 and len(served.classes) == 1
+            # Answered with the reason, long before the deadline would have ended the wait.
+            with pytest.raises(grpc.RpcError) as info:
+                client.classify(
+                    rng.random((1, 1, 28, 28), dtype=np.float32), "digits", version=2, timeout_s=30
+                )
+            assert info.value.code() == grpc.StatusCode.INTERNAL, info.value
+            assert "does not serve digits v2" in (info.value.details() or ""), info.value.details()
+
+            items = 40
+            job = client.submit(rng.random((items, 1, 28, 28), dtype=np.float32), "digits", version=2)
+            final = job.wait(timeout_s=60)
+            assert (final.counts.total, final.counts.failed) == (items, items), final
+            results = list(job.results())
+            assert [res.index for res in results] == list(range(items))
+            assert all(not res.ok and "does not serve digits v2" in res.error for res in results), results[0]
+        stats = worker.stats()
+        assert stats["items_failed"] == 1 + items, stats
+        assert stats["items_computed"] == 1, stats  # only the v1 request
+    finally:
+        api.stop()
+        worker.stop()
+
+
+class Affine(torch.nn.Module):
+    """A second model, small and exactly known: softmax(x W + b) over three classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, -1.0, 1.0]]))
+            self.linear.bias.copy_(torch.tensor([0.0, -0.5, 0.25]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.linear(x), dim=1)
+
+
+def _affine(x: np.ndarray) -> np.ndarray:
+    w = np.array([[1.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, -1.0, 1.0]])
+    logits = x.astype(np.float64) @ w.T + np.array([0.0, -0.5, 0.25])
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _digits(x: np.ndarray) -> np.ndarray:
+    module = torch.jit.load(str(ROOT / "models" / "digits" / "1" / "model.pt")).eval()
+    with torch.inference_mode():
+        return torch.softmax(module(torch.from_numpy(x)).float(), dim=1).numpy()
+
+
+def test_one_worker_serves_two_models(fresh_redis: RedisServer, logdir: Path, tmp_path: Path) -> None:
+    repository = write_model(
+        tmp_path,
+        "affine",
+        Affine(),
+        {
+            "input": {"name": "x", "dtype": "float32", "shape": [4]},
+            "output": {"name": "p", "kind": "probabilities"},
+            "labels": ["a", "b", "c"],
+            "max_batch_size": 16,
+            "max_delay_ms": 1,
+        },
+    )
+    _copy_digits(repository, 1)
+    settings = dataclasses.replace(stack_settings(fresh_redis, None), model_repository=repository)
+    worker = Worker(settings, logdir)
+    api = ApiThread(settings)
+    rng = np.random.default_rng(7)
+    try:
+        heldout = np.load(ROOT / "models" / "digits" / "heldout.npz")["x"][:64].astype(np.float32)
+        vectors = rng.normal(size=(64, 4)).astype(np.float32)
+        want_digits, want_affine = _digits(heldout), _affine(vectors)
+        with Client(api.target) as client:
+            # Interleaved, so both models' queues and batchers are busy at once.
+            calls = []
+            for i in range(8):
+                calls.append(("digits", i, client.classify_future(heldout[i : i + 1], "digits", top_k=10)))
+                calls.append(("affine", i, client.classify_future(vectors[i : i + 1], "affine", top_k=3)))
+            for model, i, call in calls:
+                response = call.result()
+                assert response.model == model
+                want = (want_digits if model == "digits" else want_affine)[i]
+                got = np.zeros_like(want)
+                for c in response.classes:
+                    got[c.index] = c.score
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{model} item {i}")
+            jobs = {"digits": client.submit(heldout, "digits"), "affine": client.submit(vectors, "affine")}
+            for model, job in jobs.items():
+                final = job.wait(timeout_s=60)
+                assert state_name(final.state) == "SUCCEEDED", final
+                want = want_digits if model == "digits" else want_affine
+                results = list(job.results(include_scores=True))
+                assert [res.index for res in results] == list(range(len(want)))
+                got = np.array([list(res.scores) for res in results])
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=model)
+                assert [res.classes[0].index for res in results] == want.argmax(axis=1).tolist()
+    finally:
+        api.stop()
+        worker.stop()
