@@ -16,8 +16,10 @@ import pytest
 import redis
 import torch
 
+from inferpool.bulkqueue import BulkQueues, processing_key
 from inferpool.client import Client
 from inferpool.jobs import state_name
+from inferpool.names import bulk_queue_name
 from tests.servers import ApiThread, RedisServer, Worker, stack_settings, wait_until, write_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,3 +226,35 @@ def test_one_worker_serves_two_models(fresh_redis: RedisServer, logdir: Path, tm
     finally:
         api.stop()
         worker.stop()
+
+
+def test_consumer_returns_chunks_it_did_not_know_it_held(fresh_redis: RedisServer) -> None:
+    """An LMOVE whose reply was lost with its connection, or an ack that failed with it,
+    leaves a chunk in the processing list of a consumer that does not hold it: nobody
+    would ever finish it (the consumer's lease stays alive). The consumer puts it back."""
+    r = redis.Redis.from_url(fresh_redis.url)
+    queue = bulk_queue_name("digits")
+    processing = processing_key("w", queue)
+    try:
+        consumer = BulkQueues(r, "w", [queue], lease_s=60.0)
+        consumer.renew()
+        r.lpush(queue, b"a", b"b", b"c", b"d")
+        held = [consumer.take(), consumer.take()]
+        assert held == [(queue, b"a"), (queue, b"b")]
+        # What a lost LMOVE reply leaves behind: moved, never seen by the consumer.
+        r.lmove(queue, processing, "RIGHT", "LEFT")
+        assert r.lrange(processing, 0, -1) == [b"c", b"b", b"a"]
+
+        assert consumer.return_unheld(queue, [b"a", b"b"]) == 1
+        assert r.lrange(processing, 0, -1) == [b"b", b"a"]
+        assert r.lrange(queue, 0, -1) == [b"d", b"c"]  # back at the head, first in line
+        # Nothing more to return, looked at in full or not.
+        assert consumer.return_unheld(queue, [b"a", b"b"]) == 0
+        assert consumer.return_unheld(queue, [b"a", b"b"], check_all=True) == 0
+        # A chunk held twice (the same body submitted twice) is matched twice.
+        r.lpush(processing, b"a")
+        assert consumer.return_unheld(queue, [b"a", b"a", b"b"]) == 0
+        assert consumer.return_unheld(queue, [b"a", b"b"], check_all=True) == 1
+        assert r.lrange(processing, 0, -1) == [b"b", b"a"]
+    finally:
+        r.close()
