@@ -35,7 +35,7 @@ pytestmark = [
 # (kombu's stock reconnect waits 2, 4, 6 ... s) is asleep when Redis comes back.
 OUTAGE_S = 3.0
 # From Redis answering PING again to the first Classify answered (measured on a loaded
-# 2-core machine: 0.13-0.24 s; 2.8-3.1 s while workers reconnected at kombu's stock pace).
+# 2-core machine: 0.13-0.25 s; 2.8-3.1 s while workers reconnected at kombu's stock pace).
 FIRST_OK_BOUND_S = 1.0
 # Classify calls are sent this often while waiting for the first OK: the resolution of
 # the measurement.

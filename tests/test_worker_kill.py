@@ -110,8 +110,8 @@ def test_sigkill_mid_batch(fresh_redis: RedisServer, slow_repository: Path, logd
 
 
 # From a worker's SIGKILL to the chunks it held being back on their queue, with another
-# worker alive to take them (the goal; measured on a loaded 2-core machine: 2.1-3.9 s
-# with the default 3 s lease renewed every second, 20-40 s with the former 30 s lease).
+# worker alive to take them (the goal; measured on a loaded 2-core machine: 2.2-3.7 s
+# with the default 3 s lease renewed every second, 27.5 s with the former 30 s lease).
 CHUNKS_BACK_BOUND_S = 5.0
 
 
