@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -258,3 +261,15 @@ def test_consumer_returns_chunks_it_did_not_know_it_held(fresh_redis: RedisServe
         assert r.lrange(processing, 0, -1) == [b"b", b"a"]
     finally:
         r.close()
+
+
+def test_worker_refuses_a_lease_renewed_too_rarely() -> None:
+    # One late renewal would make a live worker look dead: refused at start, by name.
+    env = {**os.environ, "INFERPOOL_BULK_LEASE_S": "3", "INFERPOOL_BULK_LEASE_RENEW_S": "2"}
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.main"], env=env, capture_output=True, timeout=120, check=False
+    )
+    assert done.returncode == 1, done
+    assert (
+        b"INFERPOOL_BULK_LEASE_RENEW_S=2.0: must be at most half of INFERPOOL_BULK_LEASE_S=3.0" in done.stderr
+    ), done.stderr[-2000:]
