@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from inferpool.errors import BackendUnavailable
 from inferpool.v1 import envelope_pb2
@@ -20,12 +23,26 @@ log = logging.getLogger(__name__)
 
 POP_COUNT = 256
 BLOCK_S = 1.0
+# While Redis is unreachable the listener retries several times a second; it says so
+# this often.
+LOST_LOG_EVERY_S = 10.0
+
+
+def _listening_client(client: aioredis.Redis) -> aioredis.Redis:
+    """A client of the listener's own, connected as `client` is (address, credentials,
+    TLS), without redis-py's retries: they wait up to a second between attempts, and a
+    reply list nobody reads for that second after Redis is back holds every answer."""
+    shared = client.connection_pool
+    kwargs = {**shared.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
+    pool = type(shared)(connection_class=shared.connection_class, max_connections=2, **kwargs)
+    return aioredis.Redis(connection_pool=pool)
 
 
 class ReplyListener:
-    def __init__(self, client: aioredis.Redis, key: str) -> None:
-        self.client = client
+    def __init__(self, client: aioredis.Redis, key: str, reconnect_max_s: float = 0.25) -> None:
+        self.client = _listening_client(client)
         self.key = key
+        self.reconnect_max_s = reconnect_max_s
         self._waiting: dict[str, asyncio.Future[envelope_pb2.Reply]] = {}
         self.unmatched = 0
 
@@ -53,27 +70,38 @@ class ReplyListener:
         fut.set_result(reply)
 
     async def run(self) -> None:
-        backoff_s = 0.05
-        while True:
-            try:
-                popped = await self.client.blmpop(BLOCK_S, 1, self.key, direction="LEFT", count=POP_COUNT)
-                backoff_s = 0.05
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError) as exc:
-                log.warning("reply listener lost Redis (%r); failing %d waiters", exc, len(self._waiting))
-                self._fail_all(BackendUnavailable("lost the connection to the reply store"))
-                # Reconnect with a bounded backoff instead of spinning on a dead server.
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 1.0)
-                continue
-            if popped:
-                values: list[bytes] = popped[1]  # type: ignore[assignment]  # [key, [value, ...]]
-                for raw in values:
-                    try:
-                        self._dispatch(raw)
-                    except Exception:
-                        log.exception("undecodable reply on %s", self.key)
+        first_backoff_s = self.reconnect_max_s / 4
+        backoff_s = first_backoff_s
+        logged_at = -LOST_LOG_EVERY_S
+        try:
+            while True:
+                try:
+                    popped = await self.client.blmpop(BLOCK_S, 1, self.key, direction="LEFT", count=POP_COUNT)
+                    backoff_s = first_backoff_s
+                except (RedisError, OSError) as exc:
+                    self._fail_all(BackendUnavailable("lost the connection to the reply store"))
+                    now = time.monotonic()
+                    if now - logged_at >= LOST_LOG_EVERY_S:
+                        logged_at = now
+                        log.warning(
+                            "reply listener lost Redis (%r); retrying every %.2fs or less",
+                            exc,
+                            self.reconnect_max_s,
+                        )
+                    # Short and bounded: a refused connect costs nothing, and each step of
+                    # waiting is time the replies of a restarted Redis go unread.
+                    await asyncio.sleep(backoff_s)
+                    backoff_s = min(backoff_s * 2, self.reconnect_max_s)
+                    continue
+                if popped:
+                    values: list[bytes] = popped[1]  # type: ignore[assignment]  # [key, [value, ...]]
+                    for raw in values:
+                        try:
+                            self._dispatch(raw)
+                        except Exception:
+                            log.exception("undecodable reply on %s", self.key)
+        finally:
+            await self.client.aclose(close_connection_pool=True)
 
     def _fail_all(self, exc: Exception) -> None:
         waiting, self._waiting = self._waiting, {}

@@ -61,7 +61,7 @@ class ApiServer:
         )
         self.cache = Cache.from_settings(settings)
         self.cache_reads = CacheReader(self.cache)
-        self.replies = ReplyListener(self.redis, reply_key(self.instance))
+        self.replies = ReplyListener(self.redis, reply_key(self.instance), settings.redis_reconnect_max_s)
         flight_locks = FlightLocks(self.redis, self.replies.key)
         self.publisher = Publisher(
             make_celery(settings, main="inferpool-api"),

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+import kombu
 import redis
 from celery import Celery
+from celery.app.amqp import AMQP
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
@@ -169,9 +171,54 @@ class RedisTransport(kombu_redis.Transport):
                     log.warning("writing deferred unacked entries failed: %r", exc)
 
 
+class _Connection(kombu.Connection):
+    """kombu's connection, reconnecting at the pace its transport options set.
+
+    Celery's consumer re-establishes a lost broker connection with kombu's default
+    pace: attempts 2, 4, 6 ... up to 30 s apart. A worker whose Redis was down for three
+    seconds slept through its return and answered nothing for about three more (measured:
+    2.8-3.1 s from Redis answering PING to the first Classify answered). kombu already
+    reads `interval_start`/`interval_step`/`interval_max` from the transport options when
+    it connects on its own; this applies them to Celery's reconnect loop too."""
+
+    def ensure_connection(self, *args: Any, **kwargs: Any) -> Any:
+        # Celery passes (errback, max_retries) positionally and the rest by name.
+        if len(args) <= 2:
+            options = self.transport_options or {}
+            for name in ("interval_start", "interval_step", "interval_max"):
+                if name in options:
+                    kwargs.setdefault(name, options[name])
+            if args and args[0] is not None:
+                args = (_now_and_then(args[0]), *args[1:])
+        return super().ensure_connection(*args, **kwargs)
+
+
+# Celery logs an ERROR per failed attempt; at the pace above, that would be several a
+# second for as long as Redis is down.
+RECONNECT_LOG_EVERY_S = 10.0
+
+
+def _now_and_then(errback: Callable[..., Any]) -> Callable[..., Any]:
+    """errback, called for the first failed attempt and then at most every RECONNECT_LOG_EVERY_S."""
+    last = [-RECONNECT_LOG_EVERY_S]
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if now - last[0] < RECONNECT_LOG_EVERY_S:
+            return None
+        last[0] = now
+        return errback(*args, **kwargs)
+
+    return wrapped
+
+
+class _AMQP(AMQP):
+    Connection = _Connection
+
+
 def make_celery(settings: Settings, main: str = "inferpool") -> Celery:
     register_serializer()
-    app = Celery(main, broker=settings.redis_url, set_as_current=False)
+    app = Celery(main, broker=settings.redis_url, set_as_current=False, amqp=f"{__name__}:_AMQP")
     app.conf.update(
         # Envelopes name their serializer on each publish (see api/publisher.py); the
         # default stays json because Celery's control mailbox (ping, inspect) uses it.
@@ -185,11 +232,19 @@ def make_celery(settings: Settings, main: str = "inferpool") -> Celery:
         worker_prefetch_multiplier=settings.worker_prefetch,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
+        # A worker exists to consume: it waits for its broker however long it is gone
+        # (Celery's default gives up after 100 attempts, minutes at the pace below).
+        broker_connection_max_retries=None,
         # Publishing is on the request path: fail fast and let the caller see UNAVAILABLE.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.1},
         broker_transport_options={
             "socket_timeout": 2.0,
             "socket_connect_timeout": 1.0,
+            # Reconnect attempts (see _Connection): a refused connect costs nothing, and
+            # each step of waiting is time a restarted Redis goes unused.
+            "interval_start": 0.0,
+            "interval_step": settings.redis_reconnect_max_s / 4,
+            "interval_max": settings.redis_reconnect_max_s,
         },
         worker_enable_remote_control=True,
     )

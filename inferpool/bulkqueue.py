@@ -9,9 +9,15 @@ here as ~1 in 4 kills losing one chunk). Here a chunk never exists outside Redis
   base64: the body is the protobuf itself);
 - a worker takes it with LMOVE (atomic) into its own processing list, one per
   consumer and queue, and LREMs it from there once every item's result is written;
-- each consumer holds a lease key it renews; when a lease lapses (the worker died),
-  any other consumer's reaper moves that consumer's processing lists back onto their
-  queues, and the job's idempotent result writes absorb the repeat.
+- each consumer holds a short lease key it renews often (seconds, not minutes: a
+  dead worker's chunks wait at most about a lease for another worker to take them
+  back); when a lease lapses (the worker died), any other consumer's reaper moves that
+  consumer's processing lists back onto their queues, and the job's idempotent result
+  writes absorb the repeat. A live consumer's lists are never touched: the lease check
+  and the move are one script;
+- a chunk moved by an LMOVE whose reply was lost with its connection sits in the
+  processing list of a consumer that does not know it holds it; the consumer puts
+  such chunks back itself (`return_unheld`), or its job would never finish.
 """
 
 from __future__ import annotations
@@ -31,14 +37,17 @@ def lease_key(consumer: str) -> str:
     return f"{PREFIX}:bulk:lease:{consumer}"
 
 
-# KEYS: lease (or '' to force), queue1, processing1, ... Puts every chunk of a consumer
-# whose lease lapsed back at the head of its queue; returns how many.
+# KEYS: the consumers hash, the consumer's lease (or '' to force), queue1, processing1,
+# ... ARGV: the consumer. Unless its lease is alive, puts every chunk of the consumer
+# back at the head of its queue, the oldest first in line, and forgets the consumer;
+# returns how many chunks.
 REAP = """
-if KEYS[1] ~= '' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 local n = 0
-for i = 2, #KEYS, 2 do
-  while redis.call('LMOVE', KEYS[i + 1], KEYS[i], 'RIGHT', 'RIGHT') do n = n + 1 end
+for i = 3, #KEYS, 2 do
+  while redis.call('LMOVE', KEYS[i + 1], KEYS[i], 'LEFT', 'RIGHT') do n = n + 1 end
 end
+redis.call('HDEL', KEYS[1], ARGV[1])
 return n
 """
 
@@ -69,13 +78,14 @@ class BulkQueues:
     def _pairs(consumer: str, queues: list[str]) -> list[str]:
         return [k for q in queues for k in (q, processing_key(consumer, q))]
 
-    def register(self) -> None:
-        """Announces this consumer (and its queues, so that any worker can reap them)."""
-        self.renew()
-        self.client.hset(CONSUMERS, self.consumer, ",".join(self.queues))
-
     def renew(self) -> None:
-        self.client.set(lease_key(self.consumer), 1, px=self.lease_ms)
+        """Renews the lease and announces this consumer with its queues, so that any worker
+        can reap them. Announced on each renewal: a consumer a reaper forgot (its lease
+        had lapsed though it lived, or Redis restarted empty) is back a renewal later."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(lease_key(self.consumer), 1, px=self.lease_ms)
+        pipe.hset(CONSUMERS, self.consumer, ",".join(self.queues))
+        pipe.execute()
 
     def take(self, block_s: float = 0.0) -> tuple[str, bytes] | None:
         """The oldest chunk of the first non-empty queue, moved into this consumer's
@@ -118,15 +128,32 @@ class BulkQueues:
             if other == self.consumer:
                 continue
             queues = [q for q in _text(raw_queues).split(",") if q]
-            n = int(self._reap(keys=[lease_key(other), *self._pairs(other, queues)]))
-            moved += n
-            if not self.client.exists(lease_key(other)):
-                self.client.hdel(CONSUMERS, other)
+            keys = [CONSUMERS, lease_key(other), *self._pairs(other, queues)]
+            moved += int(self._reap(keys=keys, args=[other]))
         return moved
+
+    def return_unheld(self, queue: str, held: list[bytes], check_all: bool = False) -> int:
+        """Puts back on `queue` the chunks in this consumer's processing list that it does
+        not hold (`held`: the bodies it does); returns how many. Without check_all, looks
+        only when the list is longer than `held`."""
+        processing = processing_key(self.consumer, queue)
+        if not check_all and int(self.client.llen(processing)) <= len(held):
+            return 0
+        unmatched = list(held)
+        returned = 0
+        listed: list[bytes] = self.client.lrange(processing, 0, -1)  # type: ignore[assignment]
+        for body in listed:
+            if body in unmatched:
+                unmatched.remove(body)
+            else:
+                self.requeue(queue, body)
+                returned += 1
+        return returned
 
     def release(self) -> int:
         """On shutdown: everything this consumer still holds goes back to its queues."""
-        n = int(self._reap(keys=["", *self._pairs(self.consumer, self.queues)]))
+        n = int(
+            self._reap(keys=[CONSUMERS, "", *self._pairs(self.consumer, self.queues)], args=[self.consumer])
+        )
         self.client.delete(lease_key(self.consumer))
-        self.client.hdel(CONSUMERS, self.consumer)
         return n

@@ -132,9 +132,6 @@ class Settings:
     cache_timeout_ms: float = _setting(20.0, _positive_float, "bound on one cache call")
     reply_ttl_s: int = _setting(60, _positive_int, "lifetime of an unread reply list")
     job_ttl_s: int = _setting(86400, _positive_int, "lifetime of a bulk job's record and results")
-    visibility_timeout_s: float = _setting(
-        30.0, _positive_float, "bulk chunks of a worker silent this long go back on their queue"
-    )
     metrics_host: str = _setting("127.0.0.1", str, "address the Prometheus /metrics server binds")
     metrics_port: int = _setting(0, _port, "Prometheus /metrics port; 0 = no metrics server")
     # API.
@@ -182,6 +179,16 @@ class Settings:
     worker_concurrency: int = _setting(8, _positive_int, "envelopes a worker holds at once")
     worker_prefetch: int = _setting(4, _positive_int, "messages reserved per concurrency slot")
     bulk_prefetch_chunks: int = _setting(4, _positive_int, "bulk chunks a worker holds at once")
+    # Recovery: how soon a dead worker's bulk chunks, and a Redis that came back, are noticed.
+    bulk_lease_s: float = _setting(
+        3.0, _positive_float, "a bulk consumer silent this long is dead: its chunks go back on their queue"
+    )
+    bulk_lease_renew_s: float = _setting(
+        1.0, _positive_float, "how often a bulk consumer renews its lease and reaps dead ones (<= lease/2)"
+    )
+    redis_reconnect_max_s: float = _setting(
+        0.25, _positive_float, "longest wait between two attempts to reach a lost Redis"
+    )
     device: str = _setting("auto", _device, "torch device: auto picks CUDA when present")
     torch_threads: int = _setting(
         0, _non_negative_int, "intra-op CPU threads; 0 = the usable cores minus one (at least 1)"

@@ -26,6 +26,8 @@ from celery import signals
 from celery.exceptions import Reject
 from celery.worker import state as worker_state
 from celery.worker.control import inspect_command
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from inferpool import codec
 from inferpool.broker import defer_unacked_while, make_celery
@@ -34,7 +36,7 @@ from inferpool.errors import InvalidInput
 from inferpool.heap import freeze_startup_heap
 from inferpool.names import DEAD_LETTER_MAX, dead_letter_key, queue_name, task_name
 from inferpool.repository import ModelConfig, Repository
-from inferpool.settings import Settings
+from inferpool.settings import Settings, SettingsError
 from inferpool.v1 import envelope_pb2
 from workers import metrics
 from workers.batcher import Batcher, Pending, Ticket
@@ -45,7 +47,19 @@ from workers.strategy import inline_or_stock
 
 log = logging.getLogger("inferpool.worker")
 
-settings = Settings.from_env()
+
+def _checked(settings: Settings) -> Settings:
+    """What the worker needs of its settings beyond each one's own check."""
+    if settings.bulk_lease_renew_s * 2 > settings.bulk_lease_s:
+        # One late renewal must not make a live worker look dead.
+        raise SettingsError(
+            f"invalid inferpool settings:\n  INFERPOOL_BULK_LEASE_RENEW_S={settings.bulk_lease_renew_s}: "
+            f"must be at most half of INFERPOOL_BULK_LEASE_S={settings.bulk_lease_s}"
+        )
+    return settings
+
+
+settings = _checked(Settings.from_env())
 repository = Repository.load(settings.model_repository)
 app = make_celery(settings, main="inferpool-worker")
 
@@ -66,7 +80,13 @@ class Runtime:
         device = pick_device(settings.device)
         log.info("torch on %s with %d intra-op threads", device, threads)
         self.cache = Cache.from_settings(settings)
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
+        # Replies and result writes may be repeated (a reply nobody waits for any more is
+        # dropped, results are written once per index): redis-py's retries stay, at the
+        # reconnect pace of the rest of the worker instead of its default (up to 1 s apart).
+        retry = Retry(ExponentialWithJitterBackoff(cap=settings.redis_reconnect_max_s, base=0.01), 10)
+        client = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0, retry=retry
+        )
         self.sink = ReplySink(client, settings.reply_ttl_s)
         self.jobs = JobSink(client)
         self.batchers: dict[tuple[str, int], Batcher] = {}
@@ -84,7 +104,9 @@ class Runtime:
             self.jobs,
             STATS,
             settings.bulk_prefetch_chunks,
-            lease_s=settings.visibility_timeout_s,
+            lease_s=settings.bulk_lease_s,
+            renew_s=settings.bulk_lease_renew_s,
+            reconnect_max_s=settings.redis_reconnect_max_s,
             hostname=hostname,
             task_events=task_events,
         )

@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 
 Reply = envelope_pb2.Reply
 
+# While Redis is unreachable the consumer retries several times a second; it says so
+# this often.
+LOST_LOG_EVERY_S = 10.0
+
 
 class _Chunk:
     """One chunk held by this worker: where it came from, what it was, when it arrived."""
@@ -71,6 +75,8 @@ class BulkConsumer(threading.Thread):
         stats: WorkerStats,
         prefetch: int,
         lease_s: float,
+        renew_s: float,
+        reconnect_max_s: float,
         drain_s: float = 10.0,
         hostname: str | None = None,
         task_events: bool = False,
@@ -89,11 +95,16 @@ class BulkConsumer(threading.Thread):
         self._worker_events: Any = None
         self.models = sorted({name for name, _ in batchers})
         consumer = f"{hostname or socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        # Its own connection: take() blocks on it.
-        client = redis.Redis.from_url(redis_url, socket_timeout=10.0, socket_connect_timeout=2.0)
+        # Its own connection: take() blocks on it. No retries inside redis-py: a connection
+        # error must reach run(), which reconnects at its own pace and then looks for chunks
+        # an LMOVE moved while its reply was lost (a retried LMOVE would take another).
+        client = redis.Redis.from_url(redis_url, socket_timeout=10.0, socket_connect_timeout=2.0, retry=None)
         self._model_of = {bulk_queue_name(m): m for m in self.models}
         self.queues = BulkQueues(client, consumer, list(self._model_of), lease_s)
-        self.lease_s = lease_s
+        self.renew_s = renew_s
+        self.reconnect_max_s = reconnect_max_s
+        # The chunks this consumer holds (in a batcher, or finished and not yet acknowledged).
+        self._holding: set[_Chunk] = set()
         # Finished chunks, handed back by the batcher threads; acknowledged from here.
         self._finished: queue.SimpleQueue[tuple[_Chunk, Ticket]] = queue.SimpleQueue()
         self._inflight = 0
@@ -106,6 +117,7 @@ class BulkConsumer(threading.Thread):
             )
         self._events: Any = None
         self._stopping = threading.Event()
+        self._connected = False
         self.ready = threading.Event()
 
     def stop(self) -> None:
@@ -124,33 +136,63 @@ class BulkConsumer(threading.Thread):
         return bool(worker.enabled) and (not worker.groups or "task" in worker.groups)
 
     def run(self) -> None:
-        backoff_s = 0.2
+        first_backoff_s = self.reconnect_max_s / 4
+        backoff_s = first_backoff_s
+        reconnecting = False
+        logged_at = -LOST_LOG_EVERY_S
         while not self._stopping.is_set():
             try:
-                self._consume()
-                backoff_s = 0.2
+                self._consume(reconnecting)
             except (redis.RedisError, OSError) as exc:
                 # What this worker held stays in its processing lists: the reaper of the
-                # next worker (or ours, once the lease lapses) puts it back.
-                log.warning("bulk consumer lost Redis (%r); retrying in %.1fs", exc, backoff_s)
+                # next worker (or ours, once the lease lapses) puts it back. Retried at a
+                # short pace (a refused connect costs nothing), logged now and then.
+                if self._connected:
+                    self._connected = False
+                    backoff_s = first_backoff_s
+                now = time.monotonic()
+                if now - logged_at >= LOST_LOG_EVERY_S:
+                    logged_at = now
+                    log.warning(
+                        "bulk consumer lost Redis (%r); retrying every %.2fs or less",
+                        exc,
+                        self.reconnect_max_s,
+                    )
+                reconnecting = True
                 self._stopping.wait(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
+                backoff_s = min(backoff_s * 2, self.reconnect_max_s)
 
-    def _consume(self) -> None:
-        self.queues.register()
+    def _held_bodies(self, queue_name: str) -> list[bytes]:
+        return [c.body for c in self._holding if c.queue == queue_name]
+
+    def _return_unheld(self, check_all: bool) -> None:
+        for queue_name in self.queues.queues:
+            if returned := self.queues.return_unheld(queue_name, self._held_bodies(queue_name), check_all):
+                log.warning(
+                    "put %d bulk chunks this worker did not know it held back on %s", returned, queue_name
+                )
+
+    def _consume(self, reconnected: bool = False) -> None:
+        self.queues.renew()
+        self._connected = True
+        if reconnected:
+            log.warning("bulk consumer reconnected to Redis")
+            self._return_unheld(check_all=True)
         self.ready.set()
-        renew_every_s = self.lease_s / 3
+        # Reaping at start too: a worker that replaces a dead one takes its chunks back
+        # as soon as the dead one's lease has lapsed.
         next_renew = next_reap = 0.0
         try:
             while not self._stopping.is_set():
                 now = time.monotonic()
                 if now >= next_renew:
                     self.queues.renew()
-                    next_renew = now + renew_every_s
+                    self._return_unheld(check_all=False)
+                    next_renew = now + self.renew_s
                 if now >= next_reap:
                     if moved := self.queues.reap():
                         log.warning("put %d chunks of a dead worker back on their queues", moved)
-                    next_reap = now + renew_every_s
+                    next_reap = now + self.renew_s
                 self._ack_finished(block=self._inflight >= self.prefetch)
                 if self._inflight < self.prefetch:
                     # Short blocks: acks and lease renewals must not wait long behind them.
@@ -177,6 +219,7 @@ class BulkConsumer(threading.Thread):
         while True:
             self._inflight -= 1
             self._held[chunk.queue] -= 1
+            self._holding.discard(chunk)
             if ticket.unrecorded:
                 self.queues.requeue(chunk.queue, chunk.body)  # compute it again later
                 metrics.TASKS.labels(chunk.task, "failed").inc()
@@ -257,6 +300,7 @@ class BulkConsumer(threading.Thread):
         )
         self._inflight += 1
         self._held[queue_name] += 1
+        self._holding.add(chunk)
         self._event("task-started", chunk)
         batcher.submit_bulk(BulkWork(indexes, rows, ticket, job_id, _deadline(envelope)))
 
