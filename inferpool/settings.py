@@ -115,6 +115,13 @@ def _file(raw: str) -> str:
     return raw
 
 
+def _command_names(raw: str) -> str:
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    if not all(re.fullmatch(r"[a-z_]{1,40}", n) for n in names):
+        raise ValueError("expected comma-separated command names (e.g. enable_events,heartbeat) or 'all'")
+    return ",".join(names)
+
+
 def _setting(default: Any, parse: Callable[[str], Any], doc: str) -> Any:
     return field(default=default, metadata={"parse": parse, "doc": doc})
 
@@ -188,6 +195,11 @@ class Settings:
     )
     redis_reconnect_max_s: float = _setting(
         0.25, _positive_float, "longest wait between two attempts to reach a lost Redis"
+    )
+    worker_control_commands: str = _setting(
+        "enable_events,disable_events,heartbeat,election",
+        _command_names,
+        "Celery remote-control commands a worker obeys, comma-separated (inspect stays on); 'all' = Celery's",
     )
     device: str = _setting("auto", _device, "torch device: auto picks CUDA when present")
     torch_threads: int = _setting(

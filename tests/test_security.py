@@ -319,3 +319,32 @@ def test_redis_and_memcached_over_tls(logdir: Path, tls: TlsFiles) -> None:
     finally:
         memcached.stop()
         redis_server.stop()
+
+
+def test_worker_obeys_only_the_allowed_control_commands(
+    redis_server: RedisServer, memcached_server: MemcachedServer, logdir: Path
+) -> None:
+    """Anyone who can publish on the broker can broadcast Celery's remote control: by
+    default a worker ignores shutdown and consumer changes, and still answers inspection
+    and the task-event switch Flower needs."""
+    w = Worker(stack_settings(redis_server, memcached_server), logdir)
+    try:
+        control = w.control.control
+        refused = [
+            control.shutdown(destination=[w.name], reply=True, timeout=2.0),
+            control.cancel_consumer("inferpool.digits", destination=[w.name], reply=True, timeout=2.0),
+            control.pool_restart(destination=[w.name], reply=True, timeout=2.0),
+        ]
+        for replies in refused:
+            # Celery answers a command it does not know with an error, and does nothing.
+            assert [set(r) for r in replies] == [{w.name}]
+            assert "error" in replies[0][w.name], replies
+        # Still alive, still inspectable, still consuming its queue.
+        assert control.ping(destination=[w.name], timeout=2.0)
+        queues = control.inspect(destination=[w.name], timeout=2.0).active_queues()
+        assert "inferpool.digits" in {q["name"] for q in queues[w.name]}
+        events = control.enable_events(destination=[w.name], reply=True, timeout=2.0)
+        assert events and w.name in events[0]
+        assert w.popen.poll() is None
+    finally:
+        w.stop()

@@ -124,6 +124,8 @@ def test_sigterm_while_holding_messages_loses_no_request(
         # and holds a few it has not started.
         worker_concurrency=1,
         worker_prefetch=4,
+        # The test holds consumers off until the queue is full.
+        worker_control_commands="enable_events,disable_events,heartbeat,add_consumer,cancel_consumer",
     )
     broker = redis.Redis.from_url(settings.redis_url)
     broker.flushdb()

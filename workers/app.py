@@ -25,7 +25,7 @@ import redis
 from celery import signals
 from celery.exceptions import Reject
 from celery.worker import state as worker_state
-from celery.worker.control import inspect_command
+from celery.worker.control import Panel, inspect_command
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
@@ -126,6 +126,27 @@ class Runtime:
 _runtime: Runtime | None = None
 _runtime_ready = threading.Event()
 
+# Inspection and task-event switches are all Flower and the operators need; the rest
+# (shutdown, pool_restart, cancel_consumer, revoke, ...) would let anyone who can
+# publish on the broker stop or starve the pool. Costly inspections go too.
+_COSTLY_INSPECTIONS = frozenset({"objgraph", "memdump", "memsample"})
+
+
+def restrict_remote_control(allowed: frozenset[str]) -> list[str]:
+    """Removes from Celery's control panel every control command not in `allowed`
+    ('all': Celery's whole set) and the costly inspections; returns what it removed."""
+    if "all" in allowed:
+        return []
+    removed = [
+        name
+        for name, meta in Panel.meta.items()
+        if (meta.type == "control" and name not in allowed) or name in _COSTLY_INSPECTIONS
+    ]
+    for name in removed:
+        Panel.data.pop(name, None)
+        Panel.meta.pop(name, None)
+    return removed
+
 
 @signals.worker_init.connect
 def _start_runtime(sender: Any = None, **_: Any) -> None:
@@ -137,6 +158,9 @@ def _start_runtime(sender: Any = None, **_: Any) -> None:
     sys.setswitchinterval(0.0005)
     # A message delivered while a pool thread is free starts at once: kombu's unacked
     # bookkeeping for it (two Redis round trips) is deferred, and skipped if it did.
+    removed = restrict_remote_control(frozenset(settings.worker_control_commands.split(",")))
+    if removed:
+        log.info("remote control: %d Celery commands off (INFERPOOL_WORKER_CONTROL_COMMANDS)", len(removed))
     concurrency = settings.worker_concurrency
     defer_unacked_while(lambda: len(worker_state.reserved_requests) < concurrency)
     # The sender is the WorkController: whether it sends task events (-E), and the
