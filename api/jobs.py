@@ -21,9 +21,9 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from api import metrics
+from api.auth import caller
 from api.core import DataPlane, top_classes
 from inferpool import jobs
-from inferpool.cache import row_keys
 from inferpool.codec import ENVELOPE_VERSION, encode
 from inferpool.errors import BackendUnavailable, InvalidInput, JobNotFound
 from inferpool.names import bulk_queue_name, job_idempotency_key, job_key, job_results_key
@@ -170,6 +170,7 @@ class JobPlane:
         chunk = envelope.chunk
         chunk.job_indexes[:] = indexes
         chunk.deadline_unix_ns = deadline_ns
+        chunk.cache_scope = self.plane.cache.keys.scope(caller())
         chunk.inputs.dtype = cfg.input_dtype  # type: ignore[assignment]
         chunk.inputs.shape[:] = (len(indexes), *cfg.input_shape)
         chunk.inputs.data = b"".join(piece.data for piece in pieces)
@@ -311,7 +312,9 @@ class _Upload:
                 keep[list(failed)] = False
                 indexes, rows = indexes[keep], rows[keep]
             valid.append((indexes, rows))
-        keys = [key for _, rows in valid for key in row_keys(cfg, rows)]
+        cache_keys = self.p.plane.cache.keys
+        scope = cache_keys.scope(caller())
+        keys = [key for _, rows in valid for key in cache_keys.row_keys(cfg, rows, scope)]
         loop = asyncio.get_running_loop()
         hits = await loop.run_in_executor(None, self.p.plane.cache.get_many, keys) if keys else {}
         at = 0

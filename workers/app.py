@@ -29,7 +29,7 @@ from celery.worker.control import inspect_command
 
 from inferpool import codec
 from inferpool.broker import defer_unacked_while, make_celery
-from inferpool.cache import Cache
+from inferpool.cache import Cache, key_secret
 from inferpool.errors import InvalidInput
 from inferpool.heap import freeze_startup_heap
 from inferpool.names import DEAD_LETTER_MAX, dead_letter_key, queue_name, task_name
@@ -46,6 +46,7 @@ from workers.strategy import inline_or_stock
 log = logging.getLogger("inferpool.worker")
 
 settings = Settings.from_env()
+key_secret(settings)  # a missing cache key secret stops start-up here, before Celery starts
 repository = Repository.load(settings.model_repository)
 app = make_celery(settings, main="inferpool-worker")
 
