@@ -47,7 +47,7 @@ KEY_FORMAT = "v2"
 # The secret `make up` uses (Procfile): public, so it protects nothing; start-up warns.
 DEV_SECRET = "inferpool-local-development-only"
 MIN_SECRET_CHARS = 16
-# Derived keys kept per (model, version, scope): scopes are the tokens file's names,
+# Derived keys kept per model signature and scope: scopes are the tokens file's names,
 # so this only overflows on a misconfiguration; then it starts over.
 MAX_DERIVED_KEYS = 4096
 
@@ -101,7 +101,7 @@ class CacheKeys:
         # Scoped per caller, one tenant's results are neither served to another nor
         # revealed to it (the `cached` flag, a job's cached count).
         self.per_caller = per_caller
-        self._derived: dict[tuple[str, int, str], tuple[bytes, str]] = {}
+        self._derived: dict[tuple[str, int, int, tuple[int, ...], str], tuple[bytes, str]] = {}
 
     def scope(self, caller: str) -> str:
         """The scope an authenticated caller's keys fall under: its name when keys are
@@ -109,7 +109,8 @@ class CacheKeys:
         return caller if self.per_caller else ""
 
     def _parts(self, cfg: ModelConfig, scope: str) -> tuple[bytes, str]:
-        parts = self._derived.get((cfg.name, cfg.version, scope))
+        which = (cfg.name, cfg.version, cfg.input_dtype, cfg.input_shape, scope)
+        parts = self._derived.get(which)
         if parts is None:
             shape = ",".join(map(str, cfg.request_shape))
             # Scope last: every field before it is \0-free, so the header is injective.
@@ -118,7 +119,7 @@ class CacheKeys:
             parts = key, cache_key(KEY_FORMAT, cfg.name, cfg.version, "")
             if len(self._derived) >= MAX_DERIVED_KEYS:
                 self._derived.clear()
-            self._derived[cfg.name, cfg.version, scope] = parts
+            self._derived[which] = parts
         return parts
 
     def input_key(self, cfg: ModelConfig, data: bytes | memoryview, scope: str = "") -> str:
