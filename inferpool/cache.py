@@ -101,14 +101,16 @@ class CacheKeys:
         # Scoped per caller, one tenant's results are neither served to another nor
         # revealed to it (the `cached` flag, a job's cached count).
         self.per_caller = per_caller
-        self._derived: dict[tuple[str, int, int, tuple[int, ...], str], tuple[bytes, str]] = {}
+        self._derived: dict[tuple[str, int, int, tuple[int, ...], str], tuple[hmac.HMAC, str]] = {}
 
     def scope(self, caller: str) -> str:
         """The scope an authenticated caller's keys fall under: its name when keys are
         scoped per caller, else "" (one cache shared by all)."""
         return caller if self.per_caller else ""
 
-    def _parts(self, cfg: ModelConfig, scope: str) -> tuple[bytes, str]:
+    def _parts(self, cfg: ModelConfig, scope: str) -> tuple[hmac.HMAC, str]:
+        """An HMAC under the derived key with nothing hashed yet (copying it skips the
+        key set-up: 3.1 against 3.5 us a 3 KB input), and the keys' prefix."""
         which = (cfg.name, cfg.version, cfg.input_dtype, cfg.input_shape, scope)
         parts = self._derived.get(which)
         if parts is None:
@@ -116,7 +118,7 @@ class CacheKeys:
             # Scope last: every field before it is \0-free, so the header is injective.
             header = f"{KEY_FORMAT}\0{cfg.name}\0{cfg.version}\0{cfg.input_dtype}\0{shape}\0{scope}"
             key = hmac.digest(self._secret, header.encode(), "sha256")
-            parts = key, cache_key(KEY_FORMAT, cfg.name, cfg.version, "")
+            parts = hmac.new(key, digestmod="sha256"), cache_key(KEY_FORMAT, cfg.name, cfg.version, "")
             if len(self._derived) >= MAX_DERIVED_KEYS:
                 self._derived.clear()
             self._derived[which] = parts
@@ -124,22 +126,25 @@ class CacheKeys:
 
     def input_key(self, cfg: ModelConfig, data: bytes | memoryview, scope: str = "") -> str:
         """The key of one validated input given as its bytes."""
-        key, prefix = self._parts(cfg, scope)
-        return prefix + hmac.digest(key, data, "sha256")[:16].hex()
+        base, prefix = self._parts(cfg, scope)
+        mac = base.copy()
+        mac.update(data)
+        return prefix + mac.digest()[:16].hex()
 
     def row_keys(self, cfg: ModelConfig, rows: np.ndarray, scope: str = "") -> list[str]:
         """input_key of each row of validated inputs [n, *input shape], hashed from slices
         of one memoryview (no array or bytes object per row)."""
         if not len(rows):
             return []
-        key, prefix = self._parts(cfg, scope)
+        base, prefix = self._parts(cfg, scope)
         data = np.ascontiguousarray(rows).data.cast("B")
         size = len(data) // len(rows)
-        digest = hmac.digest
-        return [
-            prefix + digest(key, data[at : at + size], "sha256")[:16].hex()
-            for at in range(0, len(data), size)
-        ]
+        keys = []
+        for at in range(0, len(data), size):
+            mac = base.copy()
+            mac.update(data[at : at + size])
+            keys.append(prefix + mac.digest()[:16].hex())
+        return keys
 
 
 class Cache:
