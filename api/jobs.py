@@ -284,6 +284,8 @@ class _Upload:
         self.job_id = job_id
         self.cfg = cfg
         self.deadline_ns = deadline_ns
+        # Read in the call's own context: the hashing may run on an executor thread.
+        self.cache_scope = jobs_plane.plane.cache.keys.scope(caller())
         self.count = 0
         self.chunks = 0
         # Items waiting for a chunk, in job order: blocks of job indexes and their inputs.
@@ -313,8 +315,7 @@ class _Upload:
                 indexes, rows = indexes[keep], rows[keep]
             valid.append((indexes, rows))
         cache_keys = self.p.plane.cache.keys
-        scope = cache_keys.scope(caller())
-        keys = [key for _, rows in valid for key in cache_keys.row_keys(cfg, rows, scope)]
+        keys = [key for _, rows in valid for key in cache_keys.row_keys(cfg, rows, self.cache_scope)]
         loop = asyncio.get_running_loop()
         hits = await loop.run_in_executor(None, self.p.plane.cache.get_many, keys) if keys else {}
         at = 0
