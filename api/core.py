@@ -18,12 +18,13 @@ from typing import NoReturn
 import numpy as np
 
 from api import metrics
+from api.auth import caller
 from api.cache_reads import CacheReader
 from api.flights import FlightLocks, FlightTaken
 from api.local_cache import LocalCache
 from api.publisher import Publisher
 from api.replies import ReplyListener
-from inferpool.cache import Cache, input_key
+from inferpool.cache import Cache
 from inferpool.errors import DeadlineExceeded, InferpoolError, InvalidInput, ModelFailed
 from inferpool.names import MODEL_NAME_RE, flight_key
 from inferpool.repository import ModelConfig, Repository
@@ -151,10 +152,21 @@ class DataPlane:
         """One input through the whole path: validation, cache, queue, worker. Every
         protocol front (inferpool.v1, KServe v2) calls this; it raises domain errors."""
         self.counters.requests += 1
-        # The key covers model, version, dtype, shape and bytes, and only inputs that
-        # passed validation are ever cached: an input found here is valid, and checking
-        # it again would be a third of a hit's handler time.
-        key = input_key(cfg.name, cfg.version, tensor)
+        data = tensor.data  # each read of a bytes field copies it: once
+        # The signature first, before anything is hashed or kept: its cost is bounded by
+        # the model's, whatever shape a client claims (a rank of millions included).
+        shape = tensor.shape
+        if (
+            tensor.dtype != cfg.input_dtype
+            or len(shape) != len(cfg.request_shape)
+            or tuple(shape) != cfg.request_shape
+            or len(data) != cfg.input_nbytes
+        ):
+            cfg.validate(tensor)  # raises, saying what does not fit
+        keys = self.cache.keys
+        key = keys.input_key(cfg, data, keys.scope(caller()))
+        # Only inputs whose values passed validation are ever cached: an input found here
+        # is valid, and checking its values again would be a third of a hit's handler time.
         scores = self.local_cache.get(key)
         if scores is not None:
             metrics.for_model(cfg.name).local_cache_hits.inc()
@@ -282,6 +294,7 @@ class DataPlane:
             deadline_unix_ns=time.time_ns() + int(budget_s * 1e9),
             reply_key=self.replies.key,
             trace_id=request_id,
+            cache_scope=self.cache.keys.scope(caller()),
         )
         published = self.publisher.enqueue(cfg, item, budget_s, flight)
         waiter = self.replies.expect(correlation)

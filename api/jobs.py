@@ -23,9 +23,9 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from api import metrics
+from api.auth import caller
 from api.core import DataPlane, top_classes
 from inferpool import jobs
-from inferpool.cache import row_keys
 from inferpool.codec import ENVELOPE_VERSION, encode
 from inferpool.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, JobNotFound, Overloaded
 from inferpool.names import bulk_queue_name, job_idempotency_key, job_key, job_results_key
@@ -328,6 +328,7 @@ class JobPlane:
         chunk = envelope.chunk
         chunk.job_indexes[:] = indexes
         chunk.deadline_unix_ns = deadline_ns
+        chunk.cache_scope = self.plane.cache.keys.scope(caller())
         chunk.inputs.dtype = cfg.input_dtype  # type: ignore[assignment]
         chunk.inputs.shape[:] = (len(indexes), *cfg.input_shape)
         chunk.inputs.data = b"".join(piece.data for piece in pieces)
@@ -459,6 +460,8 @@ class _Upload:
         self.job_id = job_id
         self.cfg = cfg
         self.deadline_ns = deadline_ns
+        # Read in the call's own context: the hashing may run on an executor thread.
+        self.cache_scope = jobs_plane.plane.cache.keys.scope(caller())
         self.count = 0
         self.chunks = 0
         # Items waiting for a chunk, in job order: blocks of job indexes and their inputs.
@@ -520,7 +523,8 @@ class _Upload:
                 indexes, rows = indexes[keep], rows[keep]
             valid.append((indexes, rows))
         assert at == first_index + added, (at, first_index, added)
-        keys = [key for _, rows in valid for key in row_keys(cfg, rows)]
+        cache_keys = self.p.plane.cache.keys
+        keys = [key for _, rows in valid for key in cache_keys.row_keys(cfg, rows, self.cache_scope)]
         hits = self.p.plane.cache.get_many(keys) if keys else {}
         blocks: list[tuple[np.ndarray, np.ndarray]] = []
         at = 0

@@ -27,6 +27,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2
 
 import inferpool
+from api.auth import caller
 from api.core import DataPlane, Inferred, new_id
 from inferpool import tensor
 from inferpool.errors import InvalidInput, ModelNotFound
@@ -325,7 +326,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane, health_servicer: health.aio.HealthServicer | None = None) -> None:
         self.plane = plane
         self.health = health_servicer
-        self.stats: defaultdict[tuple[str, int], ModelStats] = defaultdict(ModelStats)
+        # By (scope, model, version): with cache keys scoped per caller, each caller sees
+        # only its own calls' statistics (hit counts would tell it about other tenants').
+        self.stats: defaultdict[tuple[str, str, int], ModelStats] = defaultdict(ModelStats)
+
+    def _scope(self) -> str:
+        return self.plane.cache.keys.scope(caller())
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -384,7 +390,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput("a model version needs a model name")
         else:
             configs = repository.all()
-        stats = [self.stats.get((c.name, c.version), ModelStats()).to_proto(c) for c in configs]
+        scope = self._scope()
+        stats = [self.stats.get((scope, c.name, c.version), ModelStats()).to_proto(c) for c in configs]
         return pb.ModelStatisticsResponse(model_stats=stats)
 
     async def ModelInfer(
@@ -394,7 +401,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         stats: ModelStats | None = None
         try:
             cfg = self.plane.resolve(request.model_name, parse_version(request.model_version))
-            stats = self.stats[cfg.name, cfg.version]
+            stats = self.stats[self._scope(), cfg.name, cfg.version]
             rows = split_rows(cfg, request)
             outputs = requested_outputs(cfg, request)
             request_id = request.id or new_id()

@@ -72,7 +72,8 @@ def reply_key(api_instance: str) -> str:
     return f"{PREFIX}:reply:{api_instance}"
 
 
-def cache_key(model: str, version: int, digest: str) -> str:
+def cache_key(key_format: str, model: str, version: int, digest: str) -> str:
     """Memcached key (<= 250 bytes, no spaces): the version is part of the key, so a
-    new model version never serves an old version's answers."""
-    return f"{PREFIX}:v1:{model}:{version}:{digest}"
+    new model version never serves an old version's answers, and so is the key format,
+    so an entry is never read under a key computed another way."""
+    return f"{PREFIX}:{key_format}:{model}:{version}:{digest}"

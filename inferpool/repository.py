@@ -126,9 +126,11 @@ class ModelConfig:
             )
 
     def validate(self, t: tensor_pb2.Tensor) -> np.ndarray:
-        """The request tensor as an array, or InvalidInput saying what is wrong."""
+        """The request tensor as an array, or InvalidInput saying what is wrong. Its cost
+        is bounded by the model's signature: the rank is compared before any dimension."""
         self._check_dtype(t)
-        if tuple(t.shape) != self.request_shape:
+        shape = t.shape
+        if len(shape) != len(self.request_shape) or tuple(shape) != self.request_shape:
             raise InvalidInput(
                 f"model {self.name!r} takes shape {list(self.request_shape)} (batch of 1), "
                 f"got {tensor.shape_text(t.shape)}"

@@ -122,6 +122,14 @@ def _command_names(raw: str) -> str:
     return ",".join(names)
 
 
+def _bool(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
 def _setting(default: Any, parse: Callable[[str], Any], doc: str) -> Any:
     return field(default=default, metadata={"parse": parse, "doc": doc})
 
@@ -166,6 +174,21 @@ class Settings:
     memcached_tls_ca_file: str = _setting("", _file, "PEM CA for memcached's certificate; set = TLS on")
     memcached_tls_cert_file: str = _setting("", _file, "PEM client certificate for memcached (optional)")
     memcached_tls_key_file: str = _setting("", _file, "PEM key of memcached_tls_cert_file")
+    # Cache keys. The secret keys every cache key (inferpool/cache.py): the API and all
+    # workers must share it, and it is required while `memcached` is set. Not in repr;
+    # errors never quote it. A new secret (rotation) starts from an empty cache.
+    cache_key_secret: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "parse": str,
+            "doc": "secret keying cache keys (>= 16 characters), shared by API and workers",
+        },
+    )
+    cache_key_secret_file: str = _setting("", _file, "file whose first line is cache_key_secret")
+    cache_per_caller: bool = _setting(
+        False, _bool, "with auth on, each caller's results are cached apart (no hits across tenants)"
+    )
     bulk_chunk_items: int = _setting(256, _positive_int, "bulk items per queue message")
     max_job_items: int = _setting(10_000_000, _positive_int, "largest bulk job accepted")
     # Bounds on the job service's streams: what one caller can hold open, and for how long.

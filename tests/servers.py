@@ -142,6 +142,10 @@ class MemcachedServer(Proc):
         return f"127.0.0.1:{self.port}"
 
 
+# Shared by every process a test starts (each calls stack_settings on its own).
+TEST_CACHE_KEY_SECRET = "inferpool-tests-cache-key-secret"
+
+
 def stack_settings(redis: RedisServer, memcached: MemcachedServer | None, **overrides: Any) -> Settings:
     return Settings.from_env(
         {},
@@ -149,7 +153,7 @@ def stack_settings(redis: RedisServer, memcached: MemcachedServer | None, **over
         memcached=memcached.address if memcached else "",
         model_repository=ROOT / "models",
         grpc_port=0,
-        **overrides,
+        **{"cache_key_secret": TEST_CACHE_KEY_SECRET, **overrides},
     )
 
 

@@ -17,7 +17,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from inferpool import jobs, tensor
-from inferpool.cache import Cache, input_key, row_key
+from inferpool.cache import Cache
 from inferpool.names import job_key, job_results_key
 from inferpool.repository import Repository
 from inferpool.v1 import envelope_pb2
@@ -104,7 +104,7 @@ def test_bulk_results_and_cache_are_written_before_the_ticket_settles(
     assert reply.status == envelope_pb2.Reply.STATUS_OK and len(reply.scores.values) == 10
     cache = Cache(memcached_server.address, timeout_ms=500, ttl_s=60)
     try:
-        cached = cache.get(input_key("digits", batcher.cfg.version, items[-1].input))
+        cached = cache.get(batcher.cache.keys.input_key(batcher.cfg, items[-1].input.data))
     finally:
         cache.close()
     assert (
@@ -180,8 +180,8 @@ def test_bulk_rows_the_model_failed_on_fail_alone(
             # Each row's own answer: the same probabilities as the model gives it alone.
             alone = runner.run(work.rows[i : i + 1])[0]
             np.testing.assert_allclose(reply.scores.values, alone, rtol=1e-4, atol=1e-6)
-        cached = cache.get_many([row_key(cfg, work.rows[i].data) for i in (4, 5, 6)])
-        assert set(cached) == {row_key(cfg, work.rows[i].data) for i in (4, 6)}
+        cached = cache.get_many([cache.keys.input_key(cfg, work.rows[i].data) for i in (4, 5, 6)])
+        assert set(cached) == {cache.keys.input_key(cfg, work.rows[i].data) for i in (4, 6)}
     finally:
         batcher.stop()
         batcher.join(timeout=30)

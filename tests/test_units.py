@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from api.jobs import WATCH_MIN_INTERVAL_S, next_look_s
 from api.local_cache import LocalCache
 from api.status import code_for
 from inferpool import codec, errors, heap, tensor
-from inferpool.cache import data_key, input_key, row_key, row_keys
+from inferpool.cache import CacheKeys
 from inferpool.repository import ModelConfig, Repository, RepositoryError
 from inferpool.settings import Settings, SettingsError
 from inferpool.v1 import envelope_pb2
@@ -86,19 +87,22 @@ def test_poison_envelopes_are_recognised() -> None:
         codec.decode(envelope_pb2.Envelope(envelope_version=99).SerializeToString())
 
 
-def test_cache_key_covers_model_version_dtype_shape_and_bytes() -> None:
-    a = tensor.to_proto(np.zeros((1, 4), np.float32))
-    keys = {
-        input_key("m", 1, a),
-        input_key("m", 2, a),
-        input_key("n", 1, a),
-        input_key("m", 1, tensor.to_proto(np.zeros((1, 4), np.int32))),  # same bytes, other dtype
-        input_key("m", 1, tensor.to_proto(np.zeros((2, 2), np.float32))),  # same bytes, other shape
-        input_key("m", 1, tensor.to_proto(np.ones((1, 4), np.float32))),
+def test_cache_key_covers_model_version_dtype_shape_scope_and_bytes() -> None:
+    cfg = Repository.load(ROOT / "models").resolve("digits")
+    keys = CacheKeys(b"s" * 32)
+    zeros = bytes(cfg.input_nbytes)
+    found = {
+        keys.input_key(cfg, zeros),
+        keys.input_key(dataclasses.replace(cfg, version=cfg.version + 1), zeros),
+        keys.input_key(dataclasses.replace(cfg, name="other"), zeros),
+        keys.input_key(dataclasses.replace(cfg, input_dtype=tensor.DataType.DATA_TYPE_INT32), zeros),
+        keys.input_key(dataclasses.replace(cfg, input_shape=(784,)), zeros),  # same bytes, other shape
+        keys.input_key(cfg, zeros, "alice"),
+        keys.input_key(cfg, b"\x01" + zeros[1:]),
     }
-    assert len(keys) == 6
-    assert input_key("m", 1, a) == input_key("m", 1, tensor.to_proto(np.zeros((1, 4), np.float32)))
-    assert all(len(k) <= 250 and " " not in k for k in keys)
+    assert len(found) == 7
+    assert keys.input_key(cfg, zeros) == keys.input_key(cfg, bytearray(zeros))
+    assert all(len(k) <= 250 and " " not in k for k in found)
 
 
 def test_repository_loads_digits_and_resolves_versions() -> None:
@@ -205,19 +209,13 @@ def test_validate_blocks_gives_each_input_whole_with_its_failed_rows() -> None:
 def test_row_keys_are_the_keys_of_each_row_sent_alone() -> None:
     cfg = Repository.load(ROOT / "models").resolve("digits")
     x = np.random.default_rng(7).random((5, 1, 28, 28), dtype=np.float32)
-    alone = [input_key(cfg.name, cfg.version, tensor.to_proto(x[i : i + 1])) for i in range(5)]
-    assert row_keys(cfg, x) == alone
-    assert row_keys(cfg, x[1:4]) == alone[1:4]
-    assert row_keys(cfg, x[::2]) == alone[::2]  # strided rows are hashed by their values
-    assert row_keys(cfg, x[:0]) == []
-    assert [row_key(cfg, x[i].data) for i in range(5)] == alone
-
-
-def test_a_rows_data_key_is_the_key_of_the_same_input_sent_alone() -> None:
-    x = np.random.default_rng(5).random((3, 1, 28, 28), dtype=np.float32)
-    keys = [data_key("digits", 1, tensor.to_proto(x[:1]).dtype, (1, 1, 28, 28), x[i].data) for i in range(3)]
-    assert keys == [input_key("digits", 1, tensor.to_proto(x[i : i + 1])) for i in range(3)]
-    assert len(set(keys)) == 3
+    keys = CacheKeys(b"s" * 32)
+    alone = [keys.input_key(cfg, tensor.to_proto(x[i : i + 1]).data) for i in range(5)]
+    assert keys.row_keys(cfg, x) == alone and len(set(alone)) == 5
+    assert keys.row_keys(cfg, x[1:4]) == alone[1:4]
+    assert keys.row_keys(cfg, x[::2]) == alone[::2]  # strided rows are hashed by their values
+    assert keys.row_keys(cfg, x[:0]) == []
+    assert [keys.input_key(cfg, x[i].data) for i in range(5)] == alone
 
 
 def test_large_buffers_stay_in_the_heap_on_glibc() -> None:

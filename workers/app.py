@@ -31,7 +31,7 @@ from redis.retry import Retry
 
 from inferpool import codec
 from inferpool.broker import defer_unacked_while, make_celery
-from inferpool.cache import Cache
+from inferpool.cache import Cache, key_secret
 from inferpool.errors import InvalidInput
 from inferpool.heap import freeze_startup_heap
 from inferpool.names import DEAD_LETTER_MAX, dead_letter_key, queue_name, task_name
@@ -60,6 +60,7 @@ def _checked(settings: Settings) -> Settings:
 
 
 settings = _checked(Settings.from_env())
+key_secret(settings)  # a missing cache key secret stops start-up here, before Celery starts
 repository = Repository.load(settings.model_repository)
 app = make_celery(settings, main="inferpool-worker")
 

@@ -32,7 +32,7 @@ import numpy as np
 import redis
 
 from inferpool import codec, jobs
-from inferpool.cache import Cache, input_key, row_keys
+from inferpool.cache import Cache
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2
 from workers import metrics
@@ -113,6 +113,7 @@ class BulkWork:
     ticket: Ticket
     job_id: str
     deadline_unix_ns: int = 0
+    cache_scope: str = ""  # the tenant its cache keys are scoped to
 
 
 @dataclass
@@ -431,7 +432,7 @@ class Batcher(threading.Thread):
                     reply.scores.MergeFromString(scores)
                     # The key is recomputed here from what was actually computed, never
                     # taken from the message: clients cannot steer what lands in the cache.
-                    key = input_key(self.cfg.name, self.cfg.version, p.item.input)
+                    key = self.cache.keys.input_key(self.cfg, p.item.input.data, p.item.cache_scope)
                     cache_values[key] = scores
                 replies[p.item.reply_key].append(reply.SerializeToString())
             # Cache first, and acknowledged: a caller who got its reply and asks again must hit.
@@ -485,7 +486,9 @@ class Batcher(threading.Thread):
                     indexes, inputs = part.work.job_indexes, part.work.rows
                     entries = results[part.work.job_id]
                     # Keyed by the bytes the model computed, as input_key keys the request.
-                    keys = row_keys(self.cfg, inputs[part.start : part.stop])
+                    keys = self.cache.keys.row_keys(
+                        self.cfg, inputs[part.start : part.stop], part.work.cache_scope
+                    )
                     failed = 0
                     for i, key in zip(range(part.start, part.stop), keys, strict=True):
                         reply = replies[at]

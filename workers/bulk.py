@@ -302,7 +302,8 @@ class BulkConsumer(threading.Thread):
         self._held[queue_name] += 1
         self._holding.add(chunk)
         self._event("task-started", chunk)
-        batcher.submit_bulk(BulkWork(indexes, rows, ticket, job_id, _deadline(envelope)))
+        scope = envelope.chunk.cache_scope
+        batcher.submit_bulk(BulkWork(indexes, rows, ticket, job_id, _deadline(envelope), scope))
 
 
 def _job_indexes(envelope: envelope_pb2.Envelope) -> list[int]:
