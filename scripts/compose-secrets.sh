@@ -8,5 +8,6 @@ hex() { od -An -tx1 -N"$1" /dev/urandom | tr -d ' \n'; }
 for role in API WORKER FLOWER; do
   echo "REDIS_${role}_PASSWORD=$(hex 24)"
 done
+echo "INFERPOOL_CACHE_KEY_SECRET=$(hex 32)"
 echo "FLOWER_BASIC_AUTH=ops:$(hex 12)"
 echo "GRAFANA_PASSWORD=$(hex 12)"

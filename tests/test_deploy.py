@@ -51,6 +51,7 @@ COMPOSE_ENV = {
     "REDIS_API_PASSWORD": "api0pw",
     "REDIS_WORKER_PASSWORD": "worker0pw",
     "REDIS_FLOWER_PASSWORD": "flower0pw",
+    "INFERPOOL_CACHE_KEY_SECRET": "0123456789abcdef0123456789abcdef",
 }
 
 
@@ -458,6 +459,10 @@ def test_redis_clients_get_their_password_from_the_secret() -> None:
     for role in ("api", "worker", "flower", "keda"):
         ref = env[f"REDIS_{role.upper()}_PASSWORD"]["valueFrom"]["secretKeyRef"]
         assert (ref["name"], ref["key"]) == ("inferpool-redis", f"{role}-password")
+    for deployment in ("inferpool-api", "inferpool-worker"):
+        (container,) = objects["Deployment", deployment]["spec"]["template"]["spec"]["containers"]
+        ref = _container_env(container)["INFERPOOL_CACHE_KEY_SECRET"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "inferpool-cache", "key": "key-secret"}
     secret = objects["Secret", "inferpool-redis"]["stringData"]
     assert set(secret) == {f"{r}-password" for r in ("api", "worker", "flower", "keda")}
 
