@@ -201,7 +201,9 @@ def run_one(m: Mutation, files: list[str], python: str, timeout_s: float, keep: 
         run = subprocess.CompletedProcess(args, proc.returncode, out, "")
         m.seconds = time.monotonic() - t0
         tail = (run.stdout + run.stderr).strip().splitlines()
-        m.detail = tail[-1] if tail else ""
+        # The first assertion error shows what the tests saw (a kill for the right reason).
+        errors = [line.strip() for line in tail if line.startswith("E ")]
+        m.detail = (errors[0][:160] + " | " if errors else "") + (tail[-1] if tail else "")
         if run.returncode == 0:
             m.outcome = SURVIVED
         elif run.returncode == 1:
@@ -223,8 +225,8 @@ def report(mutations: list[Mutation], wall_s: float) -> int:
         print(line)
         if m.outcome not in (KILLED, TIMEOUT):
             print(f"    promise: {m.promise}")
-            if m.detail:
-                print("    " + m.detail.replace("\n", "\n    "))
+        if m.detail:
+            print("    " + m.detail.replace("\n", "\n    "))
     per_module: dict[str, list[Mutation]] = defaultdict(list)
     for m in mutations:
         if m.outcome in (KILLED, TIMEOUT, SURVIVED):
