@@ -207,17 +207,16 @@ def test_bulk_results_and_cache_are_written_before_the_ticket_settles(
     assert len(results) == 300
     reply = envelope_pb2.Reply.FromString(results[str(items[0].job_index).encode()])
     assert reply.status == envelope_pb2.Reply.STATUS_OK and len(reply.scores.values) == 10
+    expected = envelope_pb2.Reply.FromString(results[str(items[-1].job_index).encode()]).scores
+    key = input_key("digits", batcher.cfg.version, items[-1].input)
     cache = Cache(memcached_server.address, timeout_ms=500, ttl_s=60)
     try:
-        cached = cache.get(input_key("digits", batcher.cfg.version, items[-1].input))
+        # Bulk cache writes are not acknowledged (noreply): Memcached applies them a moment
+        # after the results are in Redis, so the entry is waited for, bounded.
+        wait_until(lambda: cache.get(key) is not None, 10, "the bulk result's cache entry")
+        assert cache.get(key) == expected.SerializeToString()
     finally:
         cache.close()
-    assert (
-        cached
-        == envelope_pb2.Reply.FromString(
-            results[str(items[-1].job_index).encode()]
-        ).scores.SerializeToString()
-    )
 
 
 def test_items_of_a_job_seen_cancelled_are_not_computed(
