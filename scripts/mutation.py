@@ -267,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="mutations run side by side")
     parser.add_argument("--keep", action="store_true", help="keep each mutated copy (for debugging)")
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="first run every named test on the unmutated tree (CI skips it: `make test` just did)",
+    )
     args = parser.parse_args(argv)
 
     mutations = load(args.file)
@@ -302,6 +307,19 @@ def main(argv: list[str] | None = None) -> int:
 
     files = tree_files()
     todo = [m for m in mutations if not m.outcome]
+    if args.baseline:
+        # A test that fails without any mutation would count every mutation killed.
+        names = sorted({n for m in todo for n in m.tests})
+        print(f"[baseline] {len(names)} tests on the unmutated tree", flush=True)
+        base = subprocess.run(
+            [args.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *names],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            timeout=args.timeout_s * 4,
+        )
+        if base.returncode != 0:
+            print("FAILED: the named tests fail without any mutation; fix them first")
+            return 1
     if args.jobs <= 1:
         for m in todo:
             print(f"[{m.id}] {' '.join(m.tests)}", flush=True)
