@@ -20,6 +20,11 @@ than once (the code drifted: the mutation no longer tests what it says), or when
 test does not exist, unless the entry carries `awaits` (a test another branch adds: it
 is reported as "test missing" until that branch is merged, then `awaits` is removed).
 
+A mutation may list `[[mutation.alt]]` forms (find, replace, and optionally file and
+tests) for code that another branch reshapes: the first form whose snippet occurs
+exactly once is used, and the report names it. Once the branches are merged, keep the
+form that matches and delete the others.
+
 Updating a mutation whose snippet drifted: open the file, find the line the promise
 lives on now, and copy the shortest exact text (indentation inside a multi-line snippet
 included) that occurs once in the file into `find`; keep `replace` the smallest change
@@ -69,6 +74,10 @@ class Mutation:
     promise: str
     tests: list[str]
     awaits: str = ""  # the branch or helper expected to add a missing test
+    # Other forms of the same mutation, for code another branch reshapes: (file, find,
+    # replace, tests); the first whose snippet occurs exactly once is used.
+    alts: list[tuple[str, str, str, list[str]]] = field(default_factory=list)
+    variant: str = ""  # which form was used ("" the main one, "alt N")
     outcome: str = ""
     seconds: float = 0.0
     detail: str = ""
@@ -84,9 +93,21 @@ def load(path: Path) -> list[Mutation]:
     mutations = []
     seen: set[str] = set()
     for raw in data.get("mutation", []):
-        unknown = set(raw) - {"id", "file", "find", "replace", "promise", "tests", "awaits"}
+        unknown = set(raw) - {"id", "file", "find", "replace", "promise", "tests", "awaits", "alt"}
         if unknown:
             raise SystemExit(f"{path}: mutation {raw.get('id')!r} has unknown keys {sorted(unknown)}")
+        alts = []
+        for alt in raw.get("alt", []):
+            if set(alt) - {"file", "find", "replace", "tests"} or not {"find", "replace"} <= set(alt):
+                raise SystemExit(f"{path}: mutation {raw['id']!r}: an alt has find, replace, [file, tests]")
+            alts.append(
+                (
+                    alt.get("file", raw["file"]),
+                    alt["find"],
+                    alt["replace"],
+                    list(alt.get("tests", raw["tests"])),
+                )
+            )
         m = Mutation(
             id=raw["id"],
             file=raw["file"],
@@ -95,6 +116,7 @@ def load(path: Path) -> list[Mutation]:
             promise=raw["promise"],
             tests=list(raw["tests"]),
             awaits=raw.get("awaits", ""),
+            alts=alts,
         )
         if m.id in seen:
             raise SystemExit(f"{path}: duplicate mutation id {m.id!r}")
@@ -107,15 +129,23 @@ def load(path: Path) -> list[Mutation]:
     return mutations
 
 
+def _count(file: str, find: str) -> int:
+    source = ROOT / file
+    return source.read_text().count(find) if source.is_file() else 0
+
+
 def check_snippet(m: Mutation) -> str:
-    """'' when the snippet occurs exactly once, else why not."""
-    source = ROOT / m.file
-    if not source.is_file():
-        return f"{m.file} does not exist"
-    count = source.read_text().count(m.find)
-    if count != 1:
-        return f"snippet occurs {count} times in {m.file} (must be exactly once): {m.find!r}"
-    return ""
+    """'' when the snippet (or one of its alternatives, then used from here on) occurs
+    exactly once, else why not."""
+    count = _count(m.file, m.find)
+    if count == 1:
+        return ""
+    for n, (file, find, replace, tests) in enumerate(m.alts, start=1):
+        if _count(file, find) == 1:
+            m.file, m.find, m.replace, m.tests, m.variant = file, find, replace, tests, f"alt {n}"
+            return ""
+    where = f"{m.file}" + (f" (nor any of its {len(m.alts)} alternatives)" if m.alts else "")
+    return f"snippet occurs {count} times in {where}, must be exactly once: {m.find!r}"
 
 
 def tree_files() -> list[str]:
@@ -222,6 +252,7 @@ def report(mutations: list[Mutation], wall_s: float) -> int:
     width = max(len(m.id) for m in mutations)
     for m in mutations:
         line = f"{m.id:<{width}}  {m.outcome:<16} {m.seconds:6.1f} s  {m.file}"
+        line += f" ({m.variant})" if m.variant else ""
         print(line)
         if m.outcome not in (KILLED, TIMEOUT):
             print(f"    promise: {m.promise}")
@@ -287,10 +318,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t0 = time.monotonic()
-    found = collect(args.python, [n for m in mutations for n in m.tests])
     for m in mutations:
         if why := check_snippet(m):
             m.outcome, m.detail = DRIFTED, why
+    found = collect(args.python, [n for m in mutations if not m.outcome for n in m.tests])
+    for m in mutations:
+        if m.outcome:
             continue
         m.missing = [n for n in m.tests if n not in found]
         if m.missing:
@@ -300,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             m.outcome = m.outcome or "ok"
         bad = [m for m in mutations if m.outcome == DRIFTED or (m.outcome == MISSING and not m.awaits)]
         for m in mutations:
-            print(f"{m.id:<40} {m.outcome}" + (f": {m.detail}" if m.detail else ""))
+            via = f" ({m.variant})" if m.variant else ""
+            print(f"{m.id:<40} {m.outcome}{via}" + (f": {m.detail}" if m.detail else ""))
             if m.missing:
                 print(f"    missing: {', '.join(m.missing)}" + (f" (awaits {m.awaits})" if m.awaits else ""))
         return 1 if bad else 0
