@@ -46,8 +46,9 @@ def test_one_bad_input_fails_alone(fresh_redis: RedisServer, picky_repository: P
     # The API holds the first miss this long for others to join it, so the eight requests
     # leave in one envelope and share one batch. Without it the envelopes follow the
     # answers, and the bad input could land in a batch of its own (then nothing is split).
+    # Two seconds: sending eight calls takes milliseconds even on a loaded machine.
     settings = dataclasses.replace(
-        stack_settings(fresh_redis, None), model_repository=picky_repository, coalesce_window_ms=500.0
+        stack_settings(fresh_redis, None), model_repository=picky_repository, coalesce_window_ms=2000.0
     )
     worker = Worker(settings, logdir)
     api = ApiThread(settings)
