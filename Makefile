@@ -5,13 +5,13 @@ PYTHON ?= python3
 PROTO_SRC := protos/inferpool/v1
 PROTO_OUT := inferpool/v1
 
-.PHONY: help venv servers proto proto-check lint typecheck test mutation demo up flower bench bench-all train clean
+.PHONY: help venv servers proto proto-check lint typecheck test demo up flower bench bench-all train clean
 
 help:
 	@echo "make demo        start the stack on loopback, classify held-out digits, print figures, stop"
 	@echo "make test        lint, type-check, proto drift check and the test suite (real servers)"
-	@echo "make mutation    the curated mutations (tests/mutations.toml): each must fail its named tests"
 	@echo "make up          run redis, memcached, a worker, the API and Flower in the foreground (Ctrl-C stops)"
+	@echo "make mutation    the curated mutations (tests/mutations.toml): each must fail its named tests"
 	@echo "make flower      Flower on 127.0.0.1:5555 for a running broker (FLOWER_BASIC_AUTH=user:password)"
 	@echo "make bench       bounded load test of the miss and hit paths (writes bench/results/*.json)"
 	@echo "make bench-all   issue 6's harness: inferpool against its baselines (~10 min; BENCH_ARGS=--quick ~2)"
@@ -54,6 +54,7 @@ test: venv servers lint typecheck
 # Each curated mutation applied to a copy of the tree, its named tests run against real
 # servers; fails if one survives or its snippet no longer matches. MUTATION_ARGS=--check
 # only verifies snippets and test ids; --only ID,ID runs a few.
+.PHONY: mutation
 mutation: venv servers
 	$(PY) scripts/mutation.py $(MUTATION_ARGS)
 
