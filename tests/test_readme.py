@@ -2,9 +2,10 @@
 Memcached, worker and API).
 
 Convention (what the README's author controls):
-- every fenced block tagged ```python runs, as its own `python` process from the
-  repository root, with the default address `127.0.0.1:50051` replaced by the test
-  API's; it must exit 0 within the time limit;
+- every fenced block tagged ```python runs as a `python` process from the repository
+  root, after the ```python blocks before it in the same section (under the same
+  heading), as a reader would run them in one session, with the default address
+  `127.0.0.1:50051` replaced by the test API's; it must exit 0 within the time limit;
 - every line of a ```sh / ```bash / ```console block that starts with `inferpool `
   runs (through a shell, `#` comments allowed) in a scratch directory holding
   `images.npy` (16 held-out digits), with INFERPOOL_TARGET naming the test API and the
@@ -44,6 +45,7 @@ class Block:
     lang: str
     line: int  # of the opening fence, 1-based
     code: str
+    section: int = 0  # how many headings came before it
 
     @property
     def id(self) -> str:
@@ -54,10 +56,11 @@ def blocks(text: str) -> list[Block]:
     """The fenced blocks of a Markdown text not marked <!-- norun -->."""
     found: list[Block] = []
     lines = text.splitlines()
-    i = 0
+    i = section = 0
     while i < len(lines):
         match = re.match(r"^(\s*)(```+|~~~+)\s*([\w+-]*)", lines[i])
         if not match:
+            section += bool(re.match(r"^#{1,6} ", lines[i]))
             i += 1
             continue
         fence, lang, start = match.group(2), match.group(3).lower(), i
@@ -69,7 +72,7 @@ def blocks(text: str) -> list[Block]:
         i += 1  # the closing fence
         before = next((lines[j].strip() for j in range(start - 1, -1, -1) if lines[j].strip()), "")
         if before != NORUN:
-            found.append(Block(lang, start + 1, "\n".join(body) + "\n"))
+            found.append(Block(lang, start + 1, "\n".join(body) + "\n", section))
     return found
 
 
@@ -96,16 +99,17 @@ def test_the_parser_finds_fenced_blocks_and_honours_norun() -> None:
             "```python",
             "raise SystemExit(1)",
             "```",
+            "## Next",
             "~~~sh",
             "inferpool job JOB_ID  # status",
-            "ls",
+            "# not a heading inside a block",
             "~~~",
         ]
     )
     found = blocks(text)
-    assert [(b.lang, b.line, b.code) for b in found] == [
-        ("python", 1, "print(1)\n"),
-        ("sh", 9, "inferpool job JOB_ID  # status\nls\n"),
+    assert [(b.lang, b.line, b.code, b.section) for b in found] == [
+        ("python", 1, "print(1)\n", 0),
+        ("sh", 10, "inferpool job JOB_ID  # status\n# not a heading inside a block\n", 1),
     ]
     assert cli_lines(found[1]) == ["inferpool job JOB_ID  # status"]
 
@@ -117,8 +121,9 @@ def test_the_readme_has_runnable_examples() -> None:
 
 @pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[b.id for b in PYTHON_BLOCKS])
 def test_python_example(block: Block, api: ApiThread, tmp_path: Path) -> None:
+    before = [b.code for b in PYTHON_BLOCKS if b.section == block.section and b.line < block.line]
     script = tmp_path / "example.py"
-    script.write_text(block.code.replace(DEFAULT_TARGET, api.target))
+    script.write_text("\n".join([*before, block.code]).replace(DEFAULT_TARGET, api.target))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "INFERPOOL_TARGET": api.target}
     run = subprocess.run(
         [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
