@@ -11,6 +11,7 @@ help:
 	@echo "make demo        start the stack on loopback, classify held-out digits, print figures, stop"
 	@echo "make test        lint, type-check, proto and docs drift checks and the test suite (real servers)"
 	@echo "make up          run redis, memcached, a worker, the API and Flower in the foreground (Ctrl-C stops)"
+	@echo "make mutation    the curated mutations (tests/mutations.toml): each must fail its named tests"
 	@echo "make flower      Flower on 127.0.0.1:5555 for a running broker (FLOWER_BASIC_AUTH=user:password)"
 	@echo "make bench       bounded load test of the miss and hit paths (writes bench/results/*.json)"
 	@echo "make bench-all   the harness: inferpool against its baselines (~10 min; BENCH_ARGS=--quick ~2)"
@@ -59,6 +60,13 @@ docs-check: venv
 
 test: venv servers lint typecheck docs-check
 	$(PY) -m pytest
+
+# Each curated mutation applied to a copy of the tree, its named tests run against real
+# servers; fails if one survives or its snippet no longer matches. MUTATION_ARGS=--check
+# only verifies snippets and test ids; --only ID,ID runs a few.
+.PHONY: mutation
+mutation: venv servers
+	$(PY) scripts/mutation.py $(MUTATION_ARGS)
 
 demo: venv servers
 	$(PY) -m bench.demo

@@ -4,6 +4,7 @@ write returns, and stopping writes everything computed."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,9 +22,9 @@ from inferpool.cache import Cache
 from inferpool.names import job_key, job_results_key
 from inferpool.repository import Repository
 from inferpool.v1 import envelope_pb2
-from tests.servers import MemcachedServer
+from tests.servers import MemcachedServer, wait_until
 from workers import metrics
-from workers.batcher import Batcher, BulkWork, Ticket
+from workers.batcher import Batcher, BulkWork, Pending, Ticket
 from workers.runtime import ModelRunner, pick_device
 from workers.sinks import JobSink, ReplySink
 from workers.stats import WorkerStats
@@ -81,11 +82,115 @@ def test_record_returns_the_job_state(redis_client: redis.Redis, parts: tuple[Ba
     _, sinks = parts
     job_id = _job(redis_client)
     assert sinks.record(job_id, [(0, jobs.OK, b"r")]) == (1, "RUNNING")
-    assert sinks.record(job_id, [(0, jobs.OK, b"r")]) == (0, "RUNNING")  # idempotent
+    # A redelivered chunk writing the same index counts nothing and overwrites nothing.
+    assert sinks.record(job_id, [(0, jobs.OK, b"again")]) == (0, "RUNNING")
+    assert redis_client.hget(job_results_key(job_id), "0") == b"r"
     sinks.expire(job_id)
     assert sinks.record(job_id, [(1, jobs.OK, b"r")]) == (1, "EXPIRED")
     assert sinks.record("0" * 32, [(0, jobs.OK, b"r")]) == (-1, "")
     assert sinks.record(job_id, []) == (0, None)
+
+
+def test_seal_and_end_move_only_live_jobs(redis_client: redis.Redis) -> None:
+    seal, end = redis_client.register_script(jobs.SEAL), redis_client.register_script(jobs.END)
+    record = redis_client.register_script(jobs.RECORD)
+    job_id = _job(redis_client)
+    keys = [job_key(job_id), job_results_key(job_id)]
+    assert record(keys=keys, args=jobs.record_args(1, [(0, jobs.OK, b"a"), (1, jobs.FAILED, b"b")])) == [
+        2,
+        b"RUNNING",
+    ]
+    # Every item has a result, but the upload has not ended: still running.
+    assert redis_client.hget(job_key(job_id), "state") == b"RUNNING"
+    assert seal(keys=keys[:1], args=[5, 2]) == b"SUCCEEDED"
+    record_now = redis_client.hgetall(job_key(job_id))
+    assert (record_now[b"state"], record_now[b"total"], record_now[b"finished_ms"]) == (
+        b"SUCCEEDED",
+        b"2",
+        b"5",
+    )
+    # An ended job stays as it ended: a late cancel changes nothing.
+    assert end(keys=keys[:1], args=[9, "CANCELLED", ""]) == b"SUCCEEDED"
+    assert redis_client.hmget(job_key(job_id), "state", "finished_ms") == [b"SUCCEEDED", b"5"]
+    live = _job(redis_client)
+    assert end(keys=[job_key(live)], args=[9, "CANCELLED", ""]) == b"CANCELLED"
+    assert redis_client.hmget(job_key(live), "state", "finished_ms") == [b"CANCELLED", b"9"]
+    # Sealed with items still missing: not ended until they come.
+    assert seal(keys=[job_key(_job(redis_client))], args=[5, 3]) == b"QUEUED"
+
+
+class _Gated:
+    """The digits model; its first batch waits for `release`, and every batch's inputs
+    are kept, so a test knows what the model was asked to compute."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.seen: list[np.ndarray] = []
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        self.seen.append(x.copy())
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(30)
+        return self.runner.run(x)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.runner, name)
+
+
+def test_items_that_expire_inside_the_worker_are_not_computed(
+    redis_client: redis.Redis, memcached_server: MemcachedServer
+) -> None:
+    cache = Cache(memcached_server.address, timeout_ms=500, ttl_s=60)
+    batcher = _batcher(redis_client, cache, _Gated)
+    gate = batcher.runner
+    assert isinstance(gate, _Gated)
+    cfg = batcher.cfg
+    reply_key = f"test.replies.{uuid.uuid4().hex}"
+    rng = np.random.default_rng((0xDEAD11E, 1))
+
+    def pending(ticket: Ticket, deadline_ns: int) -> Pending:
+        t = tensor.to_proto(rng.random((1, 1, 28, 28), dtype=np.float32))
+        item = envelope_pb2.EnvelopeItem(
+            request_id=uuid.uuid4().hex, input=t, deadline_unix_ns=deadline_ns, reply_key=reply_key
+        )
+        return Pending(item, cfg.validate(t), ticket)
+
+    batcher.start()
+    try:
+        far = time.time_ns() + 60 * 10**9
+        slow = Ticket(1, time.time_ns())
+        first = pending(slow, far)
+        batcher.submit([first])
+        assert gate.entered.wait(30)  # the model is busy with that batch
+        # One message behind it: the envelope's latest deadline is far, two of its items'
+        # are near, and pass while they wait for the slow batch.
+        near = time.time_ns() + 50 * 10**6
+        envelope = Ticket(3, time.time_ns())
+        behind = [pending(envelope, near), pending(envelope, far), pending(envelope, near)]
+        batcher.submit(behind)
+        wait_until(lambda: time.time_ns() > near, 5, "the near deadline to pass")
+        gate.release.set()
+        assert slow.done.wait(30) and envelope.done.wait(30)
+        assert (slow.computed, slow.expired) == (1, 0)
+        assert (envelope.computed, envelope.expired) == (1, 2)
+        # The model saw the slow batch, then only the live item.
+        assert [len(x) for x in gate.seen] == [1, 1]
+        np.testing.assert_array_equal(gate.seen[1], behind[1].array)
+        # Only computed items are answered; the API answers the expired ones DEADLINE_EXCEEDED.
+        replies = [envelope_pb2.Reply.FromString(r) for r in redis_client.lrange(reply_key, 0, -1)]
+        assert sorted(r.request_id for r in replies) == sorted(
+            [first.item.request_id, behind[1].item.request_id]
+        )
+        assert all(r.status == envelope_pb2.Reply.STATUS_OK for r in replies)
+        assert batcher.stats.snapshot()["items_expired"] == 2
+    finally:
+        gate.release.set()
+        batcher.stop()
+        batcher.join(timeout=30)
+        cache.close()
 
 
 def test_bulk_results_and_cache_are_written_before_the_ticket_settles(
@@ -102,17 +207,16 @@ def test_bulk_results_and_cache_are_written_before_the_ticket_settles(
     assert len(results) == 300
     reply = envelope_pb2.Reply.FromString(results[str(items[0].job_index).encode()])
     assert reply.status == envelope_pb2.Reply.STATUS_OK and len(reply.scores.values) == 10
+    expected = envelope_pb2.Reply.FromString(results[str(items[-1].job_index).encode()]).scores
+    key = batcher.cache.keys.input_key(batcher.cfg, items[-1].input.data)
     cache = Cache(memcached_server.address, timeout_ms=500, ttl_s=60)
     try:
-        cached = cache.get(batcher.cache.keys.input_key(batcher.cfg, items[-1].input.data))
+        # Bulk cache writes are not acknowledged (noreply): Memcached applies them a moment
+        # after the results are in Redis, so the entry is waited for, bounded.
+        wait_until(lambda: cache.get(key) is not None, 10, "the bulk result's cache entry")
+        assert cache.get(key) == expected.SerializeToString()
     finally:
         cache.close()
-    assert (
-        cached
-        == envelope_pb2.Reply.FromString(
-            results[str(items[-1].job_index).encode()]
-        ).scores.SerializeToString()
-    )
 
 
 def test_items_of_a_job_seen_cancelled_are_not_computed(

@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 import numpy as np
 import pytest
+import redis
 
 from bench.stack import free_port, wait_port
 from inferpool.client import Client
@@ -127,7 +128,9 @@ def test_api_requires_authentication(flower: Flower) -> None:
     assert flower.get("/api/workers", password="wrong")[0] == 401
 
 
-def test_api_lists_worker_tasks_and_queues(flower: Flower, worker: Worker, client: Client) -> None:
+def test_api_lists_worker_tasks_and_queues(
+    flower: Flower, worker: Worker, client: Client, redis_client: redis.Redis
+) -> None:
     n = 5
     _classify_misses(client, n)
 
@@ -152,10 +155,13 @@ def test_api_lists_worker_tasks_and_queues(flower: Flower, worker: Worker, clien
     assert QUEUE in {q["name"] for q in info["active_queues"]}
     assert TASK in info["registered"]
 
-    queues = flower.json("/api/queues/length")["active_queues"]
-    lengths = {q["name"]: q["messages"] for q in queues}
-    assert QUEUE in lengths, queues
-    assert lengths[QUEUE] >= 0
+    # Flower's queue length is the broker's: read both until they agree (the worker may
+    # still be taking the last messages), which they must within the bound.
+    def lengths() -> tuple[int | None, int]:
+        queues = flower.json("/api/queues/length")["active_queues"]
+        return {q["name"]: q["messages"] for q in queues}.get(QUEUE), int(redis_client.llen(QUEUE))
+
+    wait_for(lambda: (pair := lengths())[0] == pair[1], 20, f"Flower's length of {QUEUE} to be Redis's")
 
 
 def test_undecodable_message_is_not_shown_as_success(flower: Flower, worker: Worker) -> None:
