@@ -18,6 +18,7 @@ from typing import NoReturn
 import numpy as np
 
 from api import metrics
+from api.admission import Admission
 from api.cache_reads import CacheReader
 from api.flights import FlightLocks, FlightTaken
 from api.local_cache import LocalCache
@@ -119,8 +120,11 @@ class DataPlane:
         default_deadline_ms: float,
         flight_locks: FlightLocks | None = None,
         local_cache: LocalCache | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.repository = repository
+        # Decides, before anything is queued, whether a miss can be answered in time.
+        self.admission = admission if admission is not None else Admission()
         # Memcached lookups that leave the loop free.
         self.cache_reads = cache_reads
         # Consulted before Memcached, and filled from both Memcached and worker replies.
@@ -288,6 +292,7 @@ class DataPlane:
     ) -> envelope_pb2.Reply:
         """Publishes one miss and waits for its reply (FlightTaken: `flight` is another
         replica's, and nothing was published)."""
+        admitted_at = self.admission.admit(cfg, budget_s)
         # Correlate on our own id: callers' request ids need not be unique.
         correlation = new_id()
         item = envelope_pb2.EnvelopeItem(
@@ -297,7 +302,7 @@ class DataPlane:
             reply_key=self.replies.key,
             trace_id=request_id,
         )
-        published = self.publisher.enqueue(cfg, item, budget_s, flight)
+        published = self.publisher.enqueue(cfg, item, flight)
         waiter = self.replies.expect(correlation)
         answered = False
         model_metrics = metrics.for_model(cfg.name)
@@ -317,7 +322,7 @@ class DataPlane:
         finally:
             inflight.dec()
             self.replies.forget(correlation)
-            self.publisher.settle(cfg, answered)
+            self.admission.settle(cfg, admitted_at, answered)
             if not published.done():
                 published.cancel()
             elif not published.cancelled() and published.exception() is None:

@@ -157,7 +157,7 @@ def test_backlog_past_max_queue_size_is_refused_at_once(fresh_redis: RedisServer
                 for _ in range(8)
             ]
             wait_until(
-                lambda: api.call(lambda: api.server.publisher.rejected) == 0 and _waiting(api) == 8,
+                lambda: api.call(lambda: api.server.admission.rejected) == 0 and _waiting(api) == 8,
                 5,
                 "8 waiting",
             )
@@ -182,4 +182,4 @@ def test_backlog_past_max_queue_size_is_refused_at_once(fresh_redis: RedisServer
 
 
 def _waiting(api: ApiThread) -> int:
-    return int(api.call(lambda: sum(g.waiting for g in api.server.publisher._groups.values())))
+    return int(api.call(lambda: api.server.admission.waiting))

@@ -1,0 +1,175 @@
+"""Admission control: a miss is refused (Overloaded, RESOURCE_EXHAUSTED) before anything
+is queued for it when it could not be answered within its deadline.
+
+A call's wait has parts the handler sees and parts it does not, and admission weighs all:
+
+- Before the handler: the server bounds the RPCs it holds (`max_concurrent_rpcs`, in
+  api/server.py), so excess calls are refused by gRPC itself in microseconds instead of
+  queueing for the event loop until their deadlines pass. What a call did wait is already
+  spent from its budget: gRPC's server deadline runs from the call's arrival (the client's
+  `grpc-timeout` is consumed by the core, never shown to handlers), so the
+  `time_remaining()` the handler passes in is what is left after gRPC's and the loop's
+  queues, and that, not the deadline the client set, is what the rest must fit in.
+- The event loop: every answer waits for the loop, so its current lag is added to every
+  prediction, and while it runs more than `shed_lag_s` behind, new misses are refused
+  outright (a loop that far behind only falls further behind with more work).
+- The backlog: requests of this process still waiting on the model, at the rate workers
+  recently answered them, plus the batch the call would be computed in; and never less
+  than the fastest recent round trip (a call with less left than that cannot make it).
+
+The wait must fit in `admit_share` of what is left: under a sustained overload the backlog
+sits at the admission bound, so the calls let in wait about as long as the bound allows,
+and the margin absorbs the estimate's noise and the hops it leaves out (reply, send).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from inferpool.errors import Overloaded
+from inferpool.repository import ModelConfig
+
+# Answers counted over this window give the service rate admission estimates with.
+RATE_WINDOW_S = 2.0
+# The default share of a caller's remaining budget its predicted wait may take.
+ADMIT_SHARE = 0.8
+
+
+@dataclass
+class _Backlog:
+    """One model version's requests from this process, and how fast they were answered."""
+
+    # Requests admitted whose callers still wait (queued here, on the broker or on a
+    # worker): this process's share of the model's backlog.
+    waiting: int = 0
+    # When recent requests were answered: the model's service rate as this process sees it.
+    answered_at: deque[float] = field(default_factory=deque)
+    # When this process started sending the model requests: until RATE_WINDOW_S has
+    # passed since, answers are counted over that shorter span, not the whole window
+    # (which would read a cold start's first answers as a fraction of the true rate).
+    since: float = field(default_factory=time.monotonic)
+    # The fastest round trip (admission to answer) in this window and the one before:
+    # a floor under any prediction, kept without scanning the answers.
+    window_start: float = field(default_factory=time.monotonic)
+    fastest_now_s: float = float("inf")
+    fastest_before_s: float = float("inf")
+
+    def trim(self, now: float) -> None:
+        while self.answered_at and self.answered_at[0] < now - RATE_WINDOW_S:
+            self.answered_at.popleft()
+
+    def rate(self, now: float) -> float:
+        self.trim(now)
+        span_s = min(RATE_WINDOW_S, now - self.since)
+        return len(self.answered_at) / span_s if span_s > 0 else 0.0
+
+    def answered(self, now: float, took_s: float) -> None:
+        self.answered_at.append(now)
+        self.trim(now)
+        self._roll(now)
+        self.fastest_now_s = min(self.fastest_now_s, took_s)
+
+    def fastest_s(self, now: float) -> float:
+        """The fastest recent round trip; 0 with none in the last two windows."""
+        self._roll(now)
+        fastest = min(self.fastest_now_s, self.fastest_before_s)
+        return 0.0 if fastest == float("inf") else fastest
+
+    def _roll(self, now: float) -> None:
+        if now - self.window_start >= RATE_WINDOW_S:
+            stale = now - self.window_start >= 2 * RATE_WINDOW_S
+            self.fastest_before_s = float("inf") if stale else self.fastest_now_s
+            self.fastest_now_s = float("inf")
+            self.window_start = now
+
+
+class LoopLag:
+    """How far behind the event loop runs: a task that sleeps `interval_s` at a time
+    and measures how late it wakes. `lag_s` is the latest lateness, so it falls back
+    as soon as the loop catches up."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.lag_s = 0.0
+        self.max_lag_s = 0.0  # since start, for operators and benchmarks
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.interval_s
+            await asyncio.sleep(self.interval_s)
+            self.lag_s = max(0.0, loop.time() - due)
+            self.max_lag_s = max(self.max_lag_s, self.lag_s)
+
+
+class Admission:
+    def __init__(
+        self, admit_share: float = ADMIT_SHARE, shed_lag_s: float = 0.0, lag: LoopLag | None = None
+    ) -> None:
+        self.admit_share = admit_share
+        self.shed_lag_s = shed_lag_s  # 0: never shed on lag
+        self.lag = lag if lag is not None else LoopLag()
+        self._backlogs: dict[tuple[str, int], _Backlog] = {}
+        self.admitted = 0
+        self.rejected = 0
+        self.shed_on_lag = 0  # of rejected: while the loop ran behind
+
+    def backlog(self, cfg: ModelConfig) -> _Backlog:
+        backlog = self._backlogs.get((cfg.name, cfg.version))
+        if backlog is None:
+            backlog = self._backlogs[cfg.name, cfg.version] = _Backlog()
+        return backlog
+
+    @property
+    def waiting(self) -> int:
+        """Admitted requests still waiting, over all models."""
+        return sum(b.waiting for b in self._backlogs.values())
+
+    def admit(self, cfg: ModelConfig, budget_s: float | None = None) -> float:
+        """Lets one miss in, or raises Overloaded before anything is queued for it.
+        `budget_s`: what is left of its deadline now (None: only max_queue_size and
+        the loop's lag apply). Returns the admission time, for settle()."""
+        backlog = self.backlog(cfg)
+        if backlog.waiting >= cfg.max_queue_size:
+            self._refuse(
+                f"model {cfg.name!r} has {backlog.waiting} requests waiting for a worker "
+                f"(max_queue_size {cfg.max_queue_size}); retry later"
+            )
+        lag_s = self.lag.lag_s
+        if self.shed_lag_s and lag_s > self.shed_lag_s:
+            self.shed_on_lag += 1
+            self._refuse(f"the server is overloaded (event loop {lag_s * 1000:.0f} ms behind); retry later")
+        now = time.monotonic()
+        if budget_s is not None:
+            wait_s = backlog.fastest_s(now)
+            if backlog.waiting >= cfg.max_batch_size:
+                # Below one batch ahead the rate estimate means nothing; with no recent
+                # answers (cold start, stalled workers) only max_queue_size bounds the backlog.
+                rate = backlog.rate(now)
+                if rate > 0:
+                    wait_s = max(wait_s, (backlog.waiting + cfg.max_batch_size) / rate)
+            wait_s += lag_s
+            if wait_s > self.admit_share * budget_s:
+                self._refuse(
+                    f"model {cfg.name!r} is overloaded: {backlog.waiting} requests ahead would take "
+                    f"~{wait_s * 1000:.0f} ms, too close to the {budget_s * 1000:.0f} ms left of "
+                    "the deadline; retry later"
+                )
+        backlog.waiting += 1
+        self.admitted += 1
+        return now
+
+    def settle(self, cfg: ModelConfig, admitted_at: float, answered: bool = False) -> None:
+        """The caller of one admit() stopped waiting: answered by a worker, or not."""
+        backlog = self.backlog(cfg)
+        backlog.waiting -= 1
+        if answered:
+            now = time.monotonic()
+            backlog.answered(now, now - admitted_at)
+
+    def _refuse(self, message: str) -> None:
+        self.rejected += 1
+        raise Overloaded(message)
