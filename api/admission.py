@@ -27,15 +27,34 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import grpc
+from prometheus_client import Counter
+
+from api.metrics import REGISTRY
 from inferpool.errors import Overloaded
 from inferpool.repository import ModelConfig
 
 # Answers counted over this window give the service rate admission estimates with.
 RATE_WINDOW_S = 2.0
+# With fewer requests than this waiting, the rate says nothing about the wait (see admit).
+QUEUED_MIN = 8
 # The default share of a caller's remaining budget its predicted wait may take.
 ADMIT_SHARE = 0.8
+# A call is refused at the door when it has no more than this left beyond the loop's lag.
+MIN_LEFT_S = 0.001
+
+SHED = Counter(
+    "inferpool_shed",
+    "Inference calls refused RESOURCE_EXHAUSTED before their handler ran, by reason: loop_lag (the "
+    "event loop ran behind), spent (the call waited in gRPC's and the loop's queues until too little "
+    "of its deadline was left). Not in inferpool_requests_total.",
+    ["reason"],
+    registry=REGISTRY,
+)
 
 
 @dataclass
@@ -88,21 +107,30 @@ class _Backlog:
 
 class LoopLag:
     """How far behind the event loop runs: a task that sleeps `interval_s` at a time
-    and measures how late it wakes. `lag_s` is the latest lateness, so it falls back
-    as soon as the loop catches up."""
+    and measures how late it wakes. `lag_s` is the least lateness of the last
+    `SUSTAINED` wakes: a loop that is behind stays behind from one wake to the next,
+    while one stall (a collection, a neighbour taking the core) shows in one wake only
+    and must not refuse calls on an otherwise idle server."""
+
+    SUSTAINED = 3
 
     def __init__(self, interval_s: float = 0.005) -> None:
         self.interval_s = interval_s
         self.lag_s = 0.0
-        self.max_lag_s = 0.0  # since start, for operators and benchmarks
+        self.max_lag_s = 0.0  # the largest single lateness since start, for operators
+        self._recent: deque[float] = deque([0.0] * self.SUSTAINED, maxlen=self.SUSTAINED)
+
+    def sample(self, late_s: float) -> None:
+        self._recent.append(max(0.0, late_s))
+        self.lag_s = min(self._recent)
+        self.max_lag_s = max(self.max_lag_s, late_s)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             due = loop.time() + self.interval_s
             await asyncio.sleep(self.interval_s)
-            self.lag_s = max(0.0, loop.time() - due)
-            self.max_lag_s = max(self.max_lag_s, self.lag_s)
+            self.sample(loop.time() - due)
 
 
 class Admission:
@@ -116,6 +144,26 @@ class Admission:
         self.admitted = 0
         self.rejected = 0
         self.shed_on_lag = 0  # of rejected: while the loop ran behind
+        self.shed_spent = 0  # of rejected: too little of the deadline left on arrival
+
+    def shed(self, left_s: float | None) -> str | None:
+        """Why a call with `left_s` of its deadline left must be refused before any work
+        is done for it, or None. Counted in SHED and `rejected`."""
+        lag_s = self.lag.lag_s
+        if self.shed_lag_s and lag_s > self.shed_lag_s:
+            self.shed_on_lag += 1
+            self.rejected += 1
+            SHED.labels("loop_lag").inc()
+            return f"the server is overloaded (event loop {lag_s * 1000:.0f} ms behind); retry later"
+        if left_s is not None and left_s <= lag_s + MIN_LEFT_S:
+            self.shed_spent += 1
+            self.rejected += 1
+            SHED.labels("spent").inc()
+            return (
+                f"the call waited in the server's queues until {left_s * 1000:.0f} ms of its deadline "
+                "were left; retry later"
+            )
+        return None
 
     def backlog(self, cfg: ModelConfig) -> _Backlog:
         backlog = self._backlogs.get((cfg.name, cfg.version))
@@ -144,13 +192,16 @@ class Admission:
             self._refuse(f"the server is overloaded (event loop {lag_s * 1000:.0f} ms behind); retry later")
         now = time.monotonic()
         if budget_s is not None:
+            # Its own computation, at least; with a queue, the requests waiting over the
+            # recent answer rate: by Little's law, how long a request now waits. A few
+            # waiting say little (at a low load the rate is the offered load, not what
+            # the pool can do); with no recent answers (cold start, stalled workers)
+            # only max_queue_size bounds the backlog.
             wait_s = backlog.fastest_s(now)
-            if backlog.waiting >= cfg.max_batch_size:
-                # Below one batch ahead the rate estimate means nothing; with no recent
-                # answers (cold start, stalled workers) only max_queue_size bounds the backlog.
+            if backlog.waiting >= min(QUEUED_MIN, cfg.max_batch_size):
                 rate = backlog.rate(now)
                 if rate > 0:
-                    wait_s = max(wait_s, (backlog.waiting + cfg.max_batch_size) / rate)
+                    wait_s = max(wait_s, backlog.waiting / rate)
             wait_s += lag_s
             if wait_s > self.admit_share * budget_s:
                 self._refuse(
@@ -173,3 +224,46 @@ class Admission:
     def _refuse(self, message: str) -> None:
         self.rejected += 1
         raise Overloaded(message)
+
+
+class SheddingInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses inference calls at the door, before their handler does any work (no cache
+    lookup, no validation), while the event loop runs behind or when a call has already
+    spent its deadline waiting in gRPC's and the loop's queues. Only the methods named
+    are guarded: health checks, job queries and reflection are always served."""
+
+    def __init__(self, admission: Admission, methods: frozenset[str]) -> None:
+        self.admission = admission
+        self.methods = methods
+        # Per method: the handler as found, and its guarded form (built once).
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method not in self.methods or handler.unary_unary is None:
+            return handler
+        cached = self._guarded.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._guarded[method] = (handler, self._guard(handler))
+        return cached[1]
+
+    def _guard(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        behaviour = handler.unary_unary
+        admission = self.admission
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            reason = admission.shed(context.time_remaining())
+            if reason is not None:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+            return await behaviour(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

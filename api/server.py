@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from api import auth, kserve, metrics
-from api.admission import Admission, LoopLag
+from api.admission import Admission, LoopLag, SheddingInterceptor
 from api.cache_reads import CacheReader
 from api.core import DataPlane
 from api.flights import FlightLocks
@@ -91,8 +91,12 @@ class ApiServer:
             settings.max_job_items,
         )
         self.health = health.aio.HealthServicer()
+        # Inner to auth: a caller without credentials is told so, not that we are busy.
+        shedding = SheddingInterceptor(
+            self.admission, frozenset({f"/{SERVICE}/Classify", f"/{kserve.SERVICE}/ModelInfer"})
+        )
         self.server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=[*interceptors, shedding],
             # Calls past the bound are refused by gRPC before any handler or queue sees
             # them: cheaper, and sooner, than letting them wait out their deadlines.
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,

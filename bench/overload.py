@@ -147,58 +147,86 @@ async def generate(spec: dict[str, Any]) -> dict[str, Any]:
         cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         await asyncio.gather(probe(), *(caller() for _ in range(spec["inflight"])))
         wall_s, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
-    calls = sum(codes.values())
     return {
-        "calls": calls,
         "wall_s": wall_s,
         "codes": dict(codes),
+        "ok_ms": ok_ms,
+        "refused_ms": refused_ms,
+        "refused_by_rpc_limit": limit_refusals,
+        "cpu_s": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime,
+        "lag_p99_ms": _pct(lag_ms, 99),
+    }
+
+
+def run_generator(spec: dict[str, Any], processes: int, cpus: set[int] | None) -> dict[str, Any]:
+    """One closed loop split over `processes` child processes, each in a process group
+    of its own, bounded in time; their reports merged (lag: the worst process's p99)."""
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        # Reports go through files: a report is larger than a pipe holds, and the event
+        # loop may have left stdout non-blocking.
+        outs = [Path(tmp) / f"generator-{i}.json" for i in range(processes)]
+        try:
+            for i in range(processes):
+                share = spec["inflight"] // processes + (i < spec["inflight"] % processes)
+                part = {**spec, "inflight": share, "seed": spec["seed"] * 100 + i, "out": str(outs[i])}
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "bench.overload", "--generate", json.dumps(part)],
+                    cwd=ROOT,
+                    start_new_session=True,
+                )
+                procs.append(proc)
+                if cpus:
+                    pin(proc.pid, cpus)
+            for proc in procs:
+                proc.wait(timeout=spec["seconds"] + 60)
+        except BaseException:
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 9)
+                proc.wait()
+            raise
+        if any(proc.returncode for proc in procs):
+            raise RuntimeError(f"a generator failed: {[proc.returncode for proc in procs]}")
+        parts = [json.loads(out.read_text()) for out in outs]
+    codes: Counter[str] = Counter()
+    for part in parts:
+        codes.update(part["codes"])
+    wall_s = max(part["wall_s"] for part in parts)
+    ok_ms = [v for part in parts for v in part["ok_ms"]]
+    refused_ms = [v for part in parts for v in part["refused_ms"]]
+    return {
+        "calls": sum(codes.values()),
+        "wall_s": wall_s,
+        "codes": dict(codes),
+        "generators": processes,
         "ok_p50_ms": _pct(ok_ms, 50),
         "ok_p99_ms": _pct(ok_ms, 99),
         "refused_p50_ms": _pct(refused_ms, 50),
         "refused_p99_ms": _pct(refused_ms, 99),
-        "refused_by_rpc_limit": limit_refusals,
-        "generator_cpu": (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / wall_s,
-        "generator_lag_p50_ms": _pct(lag_ms, 50),
-        "generator_lag_p99_ms": _pct(lag_ms, 99),
+        "refused_by_rpc_limit": sum(part["refused_by_rpc_limit"] for part in parts),
+        "generator_cpu": sum(part["cpu_s"] for part in parts) / wall_s,
+        "generator_lag_p99_ms": max(part["lag_p99_ms"] or 0.0 for part in parts),
     }
-
-
-def run_generator(spec: dict[str, Any], cpus: set[int] | None) -> dict[str, Any]:
-    """One closed loop in a child process of its own group, bounded in time."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.overload", "--generate", json.dumps(spec)],
-        stdout=subprocess.PIPE,
-        cwd=ROOT,
-        start_new_session=True,
-    )
-    try:
-        if cpus:
-            pin(proc.pid, cpus)
-        out, _ = proc.communicate(timeout=spec["seconds"] + 60)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)
-        proc.wait()
-        raise
-    if proc.returncode != 0:
-        raise RuntimeError(f"the generator exited with {proc.returncode}")
-    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-    return result
 
 
 # --- Server side: the API's own counts, from /metrics.
 
 _REQUESTS = re.compile(r'^inferpool_requests_total\{code="(?P<code>[A-Z_]+)",rpc="Classify"\} (?P<n>\S+)$')
+_SHED = re.compile(r'^inferpool_shed_total\{reason="(?P<reason>[a-z_]+)"\} (?P<n>\S+)$')
 
 
 def server_counts(metrics_url: str | None) -> Counter[str]:
-    """Classify calls the API's handler answered, by status code (cumulative)."""
+    """Classify calls the API's handler answered, by status code, and those refused
+    before it (`shed_<reason>`), cumulative."""
     counts: Counter[str] = Counter()
     if metrics_url:
         text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
         for line in text.splitlines():
             if m := _REQUESTS.match(line):
                 counts[m["code"]] = int(float(m["n"]))
+            elif m := _SHED.match(line):
+                counts[f"shed_{m['reason']}"] = int(float(m["n"]))
     return counts
 
 
@@ -222,7 +250,8 @@ def measure_run(
     }
     for attempt in range(1, args.tries + 1):
         before = server_counts(metrics_url)
-        gen = run_generator(spec, args.generator_cpus)
+        processes = max(1, -(-inflight // args.callers_per_generator))
+        gen = run_generator(spec, processes, args.generator_cpus)
         after = server_counts(metrics_url)
         server = {code: after[code] - before[code] for code in after if after[code] - before[code]}
         gen["server"] = server
@@ -237,10 +266,11 @@ def measure_run(
 
 def row(capacity: float, inflight: int, run: dict[str, Any]) -> dict[str, Any]:
     server, codes, wall = run["server"], run["codes"], run["wall_s"]
+    shed = sum(n for code, n in server.items() if code.startswith("shed_"))
     refused_by_handler = server.get("RESOURCE_EXHAUSTED", 0)
     lapsed = server.get("DEADLINE_EXCEEDED", 0) + server.get("CANCELLED", 0)
-    # Every call the handler did not refuse was let in: it had its chance to be answered.
-    accepted = sum(server.values()) - refused_by_handler
+    # Every call the handler ran and did not refuse was let in: it had its chance.
+    accepted = sum(server.values()) - shed - refused_by_handler
     return {
         "inflight": inflight,
         "offered_rps": run["calls"] / wall,
@@ -251,12 +281,15 @@ def row(capacity: float, inflight: int, run: dict[str, Any]) -> dict[str, Any]:
         "server_lapsed": lapsed,
         "lapsed_share": lapsed / accepted if accepted else 0.0,
         "refused_by_handler": refused_by_handler,
+        "shed": shed,
         "refused_by_rpc_limit": run["refused_by_rpc_limit"],
         "refused_p99_ms": run["refused_p99_ms"],
         "client_deadline_exceeded": codes.get("DEADLINE_EXCEEDED", 0),
         "generator_lag_p99_ms": run["generator_lag_p99_ms"],
         "generator_cpu": run["generator_cpu"],
         "valid": run["valid"],
+        "server": server,
+        "codes": codes,
     }
 
 
@@ -289,14 +322,15 @@ def print_table(result: dict[str, Any], args: argparse.Namespace) -> None:
         print(
             f"{r['inflight']:>8}{r['offered_rps']:>10,.0f}{r['offered_x_capacity']:>7.1f}"
             f"{r['goodput_rps']:>7,.0f}{r['goodput_share']:>8.0%}{r['server_ok']:>8}{r['server_lapsed']:>8}"
-            f"{r['lapsed_share']:>8.1%}{r['refused_by_handler'] + r['refused_by_rpc_limit']:>9}"
+            f"{r['lapsed_share']:>8.1%}{r['refused_by_handler'] + r['shed'] + r['refused_by_rpc_limit']:>9}"
             f"{r['refused_by_rpc_limit']:>9}{ms(r['refused_p99_ms']):>9}{ms(r['generator_lag_p99_ms']):>9}"
             f"{r['generator_cpu']:>9.0%}{'' if r['valid'] else '  (generator lagged)'}"
         )
     print(
         "lapsed: accepted calls answered DEADLINE_EXCEEDED or CANCELLED (server side); of acc: their "
-        "share of accepted calls; refused: RESOURCE_EXHAUSTED, (limit): of those, by the concurrent-RPC "
-        "bound; ref p99: refusals' latency at the client (ms); gen lag: the generator's loop lag p99 (ms)"
+        "share of accepted calls; refused: RESOURCE_EXHAUSTED at the door or by the handler, (limit): of "
+        "those, by the concurrent-RPC bound; ref p99: refusals' latency at the client (ms);\n"
+        "gen lag: the worst generator process's loop lag p99 (ms); gen cpu: the generators' CPU"
     )
 
 
@@ -315,6 +349,9 @@ def main() -> None:
     parser.add_argument("--deadline-ms", type=float, default=100.0)
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each run")
     parser.add_argument("--backoff-ms", type=float, default=0.0, help="a refused caller's pause")
+    parser.add_argument(
+        "--callers-per-generator", type=int, default=512, help="callers per generator process at most"
+    )
     parser.add_argument("--tries", type=int, default=3, help="runs per point at most (generator lag)")
     parser.add_argument("--max-generator-lag-ms", type=float, default=20.0)
     parser.add_argument("--target", help="host:port of a running API; default starts a stack")
@@ -325,6 +362,12 @@ def main() -> None:
         default=False,
         help="the worker alone on the last CPU, everything else on the others",
     )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        help="NAME=VALUE for the stack (INFERPOOL_* settings); repeatable",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "overload.json")
     args = parser.parse_args()
     if args.generate:
@@ -332,7 +375,8 @@ def main() -> None:
             import uvloop
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        print(json.dumps(asyncio.run(generate(json.loads(args.generate)))))
+        spec = json.loads(args.generate)
+        Path(spec["out"]).write_text(json.dumps(asyncio.run(generate(spec))))
         return
     args.generator_cpus = None
     if args.target:
@@ -342,6 +386,7 @@ def main() -> None:
             repository = make_repository(Path(tmp), models=(args.model,)) if args.model != "digits" else None
             # One torch thread for the worker's one core: more would only contend.
             env = {"INFERPOOL_TORCH_THREADS": "1"} if args.pin else {}
+            env.update(item.split("=", 1) for item in args.env)
             with LocalStack(flower=False, model_repository=repository, extra_env=env) as stack:
                 assert stack.proc is not None
                 if args.pin:
