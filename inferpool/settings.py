@@ -131,7 +131,7 @@ class Settings:
         0.8, _share, "share of a call's remaining deadline its predicted wait may take"
     )
     shed_loop_lag_ms: float = _setting(
-        50.0, _non_negative_float, "refuse new misses while the event loop lags more; 0 = never"
+        100.0, _non_negative_float, "refuse inference calls while the event loop lags more; 0 = never"
     )
     # Security (issue 5). Files are checked when read from the environment; api/auth.py
     # reads them at start-up (a missing or unreadable one stops the server there too).
