@@ -192,17 +192,17 @@ class Admission:
             self._refuse(f"the server is overloaded (event loop {lag_s * 1000:.0f} ms behind); retry later")
         now = time.monotonic()
         if budget_s is not None:
-            # Its own computation, at least; with a queue, the requests waiting over the
-            # recent answer rate: by Little's law, how long a request now waits. A few
-            # waiting say little (at a low load the rate is the offered load, not what
-            # the pool can do); with no recent answers (cold start, stalled workers)
-            # only max_queue_size bounds the backlog.
-            wait_s = backlog.fastest_s(now)
+            # Its own computation and the loop's lag, at least; with a queue, the requests
+            # waiting over the recent answer rate: by Little's law, how long a request now
+            # takes, the loop's lag and the reply path included. A few waiting say little
+            # (at a low load the rate is the offered load, not what the pool can do); with
+            # no recent answers (cold start, stalled workers) only max_queue_size bounds
+            # the backlog.
+            wait_s = backlog.fastest_s(now) + lag_s
             if backlog.waiting >= min(QUEUED_MIN, cfg.max_batch_size):
                 rate = backlog.rate(now)
                 if rate > 0:
                     wait_s = max(wait_s, backlog.waiting / rate)
-            wait_s += lag_s
             if wait_s > self.admit_share * budget_s:
                 self._refuse(
                     f"model {cfg.name!r} is overloaded: {backlog.waiting} requests ahead would take "
