@@ -10,12 +10,14 @@ A call's wait has parts the handler sees and parts it does not, and admission we
   `grpc-timeout` is consumed by the core, never shown to handlers), so the
   `time_remaining()` the handler passes in is what is left after gRPC's and the loop's
   queues, and that, not the deadline the client set, is what the rest must fit in.
+  A call with no more left than the loop's lag is refused at the door (SheddingInterceptor),
+  before any lookup or validation.
 - The event loop: every answer waits for the loop, so its current lag is added to every
-  prediction, and while it runs more than `shed_lag_s` behind, new misses are refused
-  outright (a loop that far behind only falls further behind with more work).
-- The backlog: requests of this process still waiting on the model, at the rate workers
-  recently answered them, plus the batch the call would be computed in; and never less
-  than the fastest recent round trip (a call with less left than that cannot make it).
+  prediction, and while it runs more than `shed_lag_s` behind, inference calls are refused
+  at the door (a loop that far behind only falls further behind with more work).
+- The backlog: once a batch or more waits, the requests of this process still waiting on
+  the model, plus the batch the call would be computed in, at the rate workers recently
+  answered them.
 
 The wait must fit in `admit_share` of what is left: under a sustained overload the backlog
 sits at the admission bound, so the calls let in wait about as long as the bound allows,
@@ -40,8 +42,6 @@ from inferpool.repository import ModelConfig
 
 # Answers counted over this window give the service rate admission estimates with.
 RATE_WINDOW_S = 2.0
-# With fewer requests than this waiting, the rate says nothing about the wait (see admit).
-QUEUED_MIN = 8
 # The default share of a caller's remaining budget its predicted wait may take.
 ADMIT_SHARE = 0.8
 # A call is refused at the door when it has no more than this left beyond the loop's lag.
@@ -70,11 +70,6 @@ class _Backlog:
     # passed since, answers are counted over that shorter span, not the whole window
     # (which would read a cold start's first answers as a fraction of the true rate).
     since: float = field(default_factory=time.monotonic)
-    # The fastest round trip (admission to answer) in this window and the one before:
-    # a floor under any prediction, kept without scanning the answers.
-    window_start: float = field(default_factory=time.monotonic)
-    fastest_now_s: float = float("inf")
-    fastest_before_s: float = float("inf")
 
     def trim(self, now: float) -> None:
         while self.answered_at and self.answered_at[0] < now - RATE_WINDOW_S:
@@ -85,24 +80,9 @@ class _Backlog:
         span_s = min(RATE_WINDOW_S, now - self.since)
         return len(self.answered_at) / span_s if span_s > 0 else 0.0
 
-    def answered(self, now: float, took_s: float) -> None:
+    def answered(self, now: float) -> None:
         self.answered_at.append(now)
         self.trim(now)
-        self._roll(now)
-        self.fastest_now_s = min(self.fastest_now_s, took_s)
-
-    def fastest_s(self, now: float) -> float:
-        """The fastest recent round trip; 0 with none in the last two windows."""
-        self._roll(now)
-        fastest = min(self.fastest_now_s, self.fastest_before_s)
-        return 0.0 if fastest == float("inf") else fastest
-
-    def _roll(self, now: float) -> None:
-        if now - self.window_start >= RATE_WINDOW_S:
-            stale = now - self.window_start >= 2 * RATE_WINDOW_S
-            self.fastest_before_s = float("inf") if stale else self.fastest_now_s
-            self.fastest_now_s = float("inf")
-            self.window_start = now
 
 
 class LoopLag:
@@ -176,10 +156,10 @@ class Admission:
         """Admitted requests still waiting, over all models."""
         return sum(b.waiting for b in self._backlogs.values())
 
-    def admit(self, cfg: ModelConfig, budget_s: float | None = None) -> float:
+    def admit(self, cfg: ModelConfig, budget_s: float | None = None) -> None:
         """Lets one miss in, or raises Overloaded before anything is queued for it.
         `budget_s`: what is left of its deadline now (None: only max_queue_size and
-        the loop's lag apply). Returns the admission time, for settle()."""
+        the loop's lag apply)."""
         backlog = self.backlog(cfg)
         if backlog.waiting >= cfg.max_queue_size:
             self._refuse(
@@ -192,17 +172,21 @@ class Admission:
             self._refuse(f"the server is overloaded (event loop {lag_s * 1000:.0f} ms behind); retry later")
         now = time.monotonic()
         if budget_s is not None:
-            # Its own computation and the loop's lag, at least; with a queue, the requests
-            # waiting over the recent answer rate: by Little's law, how long a request now
-            # takes, the loop's lag and the reply path included. A few waiting say little
-            # (at a low load the rate is the offered load, not what the pool can do); with
-            # no recent answers (cold start, stalled workers) only max_queue_size bounds
-            # the backlog.
-            wait_s = backlog.fastest_s(now) + lag_s
-            if backlog.waiting >= min(QUEUED_MIN, cfg.max_batch_size):
+            # The loop's lag, at least: the answer waits for the loop too. With a batch
+            # or more waiting, workers are busy and the recent answer rate is what the
+            # pool can do: the requests ahead, and the batch this one is computed in, at
+            # that rate. Below that the rate is the offered load, not the pool's (and a
+            # rate that admission itself holds down would keep refusing: measured, with
+            # the requests waiting over the rate from eight up, goodput fell to a
+            # tenth); with no recent answers (cold start, stalled workers) only
+            # max_queue_size bounds the backlog. (Nor is the fastest recent round trip a
+            # floor: one slow answer, a cold worker's first, refused every short
+            # deadline until it aged out, and refused calls bring no faster answers.)
+            wait_s = lag_s
+            if backlog.waiting >= cfg.max_batch_size:
                 rate = backlog.rate(now)
                 if rate > 0:
-                    wait_s = max(wait_s, backlog.waiting / rate)
+                    wait_s += (backlog.waiting + cfg.max_batch_size) / rate
             if wait_s > self.admit_share * budget_s:
                 self._refuse(
                     f"model {cfg.name!r} is overloaded: {backlog.waiting} requests ahead would take "
@@ -211,15 +195,13 @@ class Admission:
                 )
         backlog.waiting += 1
         self.admitted += 1
-        return now
 
-    def settle(self, cfg: ModelConfig, admitted_at: float, answered: bool = False) -> None:
+    def settle(self, cfg: ModelConfig, answered: bool = False) -> None:
         """The caller of one admit() stopped waiting: answered by a worker, or not."""
         backlog = self.backlog(cfg)
         backlog.waiting -= 1
         if answered:
-            now = time.monotonic()
-            backlog.answered(now, now - admitted_at)
+            backlog.answered(time.monotonic())
 
     def _refuse(self, message: str) -> None:
         self.rejected += 1

@@ -292,7 +292,7 @@ class DataPlane:
     ) -> envelope_pb2.Reply:
         """Publishes one miss and waits for its reply (FlightTaken: `flight` is another
         replica's, and nothing was published)."""
-        admitted_at = self.admission.admit(cfg, budget_s)
+        self.admission.admit(cfg, budget_s)
         # Correlate on our own id: callers' request ids need not be unique.
         correlation = new_id()
         item = envelope_pb2.EnvelopeItem(
@@ -322,7 +322,7 @@ class DataPlane:
         finally:
             inflight.dec()
             self.replies.forget(correlation)
-            self.admission.settle(cfg, admitted_at, answered)
+            self.admission.settle(cfg, answered)
             if not published.done():
                 published.cancel()
             elif not published.cancelled() and published.exception() is None:

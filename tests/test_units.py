@@ -260,16 +260,17 @@ def test_admission_refuses_when_the_backlog_cannot_meet_the_deadline() -> None:
     cfg = Repository.load(ROOT / "models").resolve("digits", 0)
     batch = cfg.max_batch_size
     admission = Admission()
-    admitted = [admission.admit(cfg) for _ in range(2 * batch)]  # no deadline: only max_queue_size
+    for _ in range(2 * batch):  # no deadline: only max_queue_size applies
+        admission.admit(cfg)
     # As if this process had been sending for a whole rate window already.
     admission.backlog(cfg).since -= 2.0
-    for at in admitted[:batch]:  # half of them answered within the 2 s rate window
-        admission.settle(cfg, at, answered=True)
-    # `batch` still waiting at `batch / 2` answers/s: a new call waits 2 s for them to
-    # drain, and is let in only with 2 s <= ADMIT_SHARE * budget.
-    fits_s = batch / (batch / 2.0) / ADMIT_SHARE
-    at = admission.admit(cfg, budget_s=fits_s * 1.05)
-    admission.settle(cfg, at)  # that caller gave up: `batch` waiting again
+    for _ in range(batch):  # half of them answered within the 2 s rate window
+        admission.settle(cfg, answered=True)
+    # `batch` still waiting at `batch / 2` answers/s: a new call waits for them and
+    # its own batch, 4 s, and is let in only with 4 s <= ADMIT_SHARE * budget.
+    fits_s = (batch + batch) / (batch / 2.0) / ADMIT_SHARE
+    admission.admit(cfg, budget_s=fits_s * 1.05)
+    admission.settle(cfg)  # that caller gave up: `batch` waiting again
     with pytest.raises(errors.Overloaded, match="too close to the"):
         admission.admit(cfg, budget_s=fits_s * 0.95)
     assert admission.rejected == 1 and admission.backlog(cfg).waiting == batch
