@@ -18,6 +18,7 @@ from typing import NoReturn
 import numpy as np
 
 from api import metrics
+from api.admission import Admission
 from api.auth import caller
 from api.cache_reads import CacheReader
 from api.flights import FlightLocks, FlightTaken
@@ -120,8 +121,11 @@ class DataPlane:
         default_deadline_ms: float,
         flight_locks: FlightLocks | None = None,
         local_cache: LocalCache | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.repository = repository
+        # Decides, before anything is queued, whether a miss can be answered in time.
+        self.admission = admission if admission is not None else Admission()
         # Memcached lookups that leave the loop free.
         self.cache_reads = cache_reads
         # Consulted before Memcached, and filled from both Memcached and worker replies.
@@ -209,23 +213,37 @@ class DataPlane:
     async def _single_flight(
         self, key: str, cfg: ModelConfig, tensor: tensor_pb2.Tensor, request_id: str, budget_s: float
     ) -> envelope_pb2.Reply:
-        """Identical concurrent misses share one computation: the first caller computes,
-        the others wait for its reply (each within its own deadline). A follower whose
-        leader failed, e.g. on the leader's shorter deadline, computes for itself."""
-        leader = self._flights.get(key)
-        if leader is not None:
-            self.counters.coalesced += 1
+        """Identical concurrent misses share one computation: the first caller leads, the
+        others follow (each within its own deadline). A leader that fails for a reason of
+        its own (its shorter deadline, its caller gone, its admission) must not fail
+        followers with time left, nor send them all off to compute: the first follower to
+        wake takes the flight over and the others follow it, so a failed leader costs one
+        more publish, not one per follower, whether or not the cache is up."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget_s
+        following = False
+        while (leader := self._flights.get(key)) is not None:
+            if not following:
+                self.counters.coalesced += 1
+                following = True
             try:
-                async with asyncio.timeout(budget_s):
-                    return await asyncio.shield(leader)
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.shield(leader)
             except TimeoutError:
                 self._deadline_exceeded(cfg)
             except InferpoolError:
-                pass
-        flight: asyncio.Future[envelope_pb2.Reply] = asyncio.get_running_loop().create_future()
+                # The leader's flight was removed with its failure: whoever of its
+                # followers runs first finds none and leads; the rest find its flight.
+                if self._flights.get(key) is leader:  # never spin on a failed flight
+                    del self._flights[key]
+                continue
+            return leader.result()
+        if (left_s := deadline - loop.time()) <= 0:
+            self._deadline_exceeded(cfg)
+        flight: asyncio.Future[envelope_pb2.Reply] = loop.create_future()
         self._flights[key] = flight
         try:
-            reply = await self._across_replicas(key, cfg, tensor, request_id, budget_s)
+            reply = await self._across_replicas(key, cfg, tensor, request_id, left_s)
         except BaseException as exc:
             flight.set_exception(exc if isinstance(exc, InferpoolError) else ModelFailed("leader failed"))
             flight.exception()  # retrieved: followers may be gone
@@ -286,6 +304,7 @@ class DataPlane:
     ) -> envelope_pb2.Reply:
         """Publishes one miss and waits for its reply (FlightTaken: `flight` is another
         replica's, and nothing was published)."""
+        self.admission.admit(cfg, budget_s)
         # Correlate on our own id: callers' request ids need not be unique.
         correlation = new_id()
         item = envelope_pb2.EnvelopeItem(
@@ -296,7 +315,7 @@ class DataPlane:
             trace_id=request_id,
             cache_scope=self.cache.keys.scope(caller()),
         )
-        published = self.publisher.enqueue(cfg, item, budget_s, flight)
+        published = self.publisher.enqueue(cfg, item, flight)
         waiter = self.replies.expect(correlation)
         answered = False
         model_metrics = metrics.for_model(cfg.name)
@@ -316,7 +335,7 @@ class DataPlane:
         finally:
             inflight.dec()
             self.replies.forget(correlation)
-            self.publisher.settle(cfg, answered)
+            self.admission.settle(cfg, answered)
             if not published.done():
                 published.cancel()
             elif not published.cancelled() and published.exception() is None:

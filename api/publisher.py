@@ -30,7 +30,7 @@ from api import metrics
 from api.flights import FlightLocks, FlightTaken
 from inferpool import codec
 from inferpool.codec import ENVELOPE_VERSION
-from inferpool.errors import BackendUnavailable, Overloaded
+from inferpool.errors import BackendUnavailable
 from inferpool.names import queue_name, task_name
 from inferpool.repository import ModelConfig
 from inferpool.taskwire import task_payload
@@ -38,13 +38,6 @@ from inferpool.v1 import envelope_pb2
 
 log = logging.getLogger(__name__)
 
-# Answers counted over this window give the service rate admission control estimates with.
-RATE_WINDOW_S = 2.0
-# Admit a call only if its predicted wait fits in this share of its deadline. Under a
-# sustained overload the backlog sits right at the admission bound, so the calls let in
-# wait about as long as the bound allows: the margin absorbs the rate estimate's noise
-# and the hops the prediction leaves out (gRPC, publish, reply).
-ADMIT_SHARE = 0.8
 # A publish that Redis does not confirm within this fails its callers with UNAVAILABLE
 # (the redis client's own reconnect retries could otherwise hold them to their deadline).
 PUBLISH_TIMEOUT_S = 2.0
@@ -77,15 +70,6 @@ class _Group:
     pending: deque[_Entry] = field(default_factory=deque)
     inflight: int = 0
     flushing: bool = False
-    # Requests enqueued whose callers still wait (queued here, on the broker or on a
-    # worker): this process's share of the model's backlog.
-    waiting: int = 0
-    # When recent requests were answered: the model's service rate as this process sees it.
-    answered_at: deque[float] = field(default_factory=deque)
-    # When this process started sending the model requests: until RATE_WINDOW_S has
-    # passed since, answers are counted over that shorter span, not the whole window
-    # (which would read a cold start's first answers as a fraction of the true rate).
-    since: float = field(default_factory=time.monotonic)
 
 
 class Publisher:
@@ -110,67 +94,22 @@ class Publisher:
         self._flushers: set[asyncio.Task[None]] = set()
         self.messages = 0
         self.items = 0
-        self.rejected = 0
 
     def enqueue(
-        self,
-        cfg: ModelConfig,
-        item: envelope_pb2.EnvelopeItem,
-        budget_s: float | None = None,
-        flight: str = "",
+        self, cfg: ModelConfig, item: envelope_pb2.EnvelopeItem, flight: str = ""
     ) -> asyncio.Future[Published]:
         """Resolves once the item is on the broker (BackendUnavailable if it cannot be;
         FlightTaken if `flight`, a lock key taken until the item's deadline, is held by
         another replica: the item is then not published). Cancel it to withdraw an item
-        that has not left yet; call settle() once the
-        caller stops waiting. Raises Overloaded, before anything is queued, when the
-        model's backlog from this process is at its max_queue_size, or when at the
-        recent answer rate the requests ahead, plus the batch this one is computed in,
-        would take longer than ADMIT_SHARE of `budget_s`."""
+        that has not left yet. Whether the item may be queued at all is api.admission's
+        question, asked before this."""
         group = self._groups.get((cfg.name, cfg.version))
         if group is None:
             group = self._groups[cfg.name, cfg.version] = _Group(cfg)
-        if group.waiting >= cfg.max_queue_size:
-            self.rejected += 1
-            raise Overloaded(
-                f"model {cfg.name!r} has {group.waiting} requests waiting for a worker "
-                f"(max_queue_size {cfg.max_queue_size}); retry later"
-            )
-        if budget_s is not None and group.waiting >= cfg.max_batch_size:
-            rate = self._answer_rate(group)
-            # Below one batch ahead the estimate means nothing; with no recent answers
-            # (cold start, stalled workers) only max_queue_size bounds the backlog.
-            wait_s = (group.waiting + cfg.max_batch_size) / rate if rate > 0 else 0.0
-            if wait_s > ADMIT_SHARE * budget_s:
-                self.rejected += 1
-                raise Overloaded(
-                    f"model {cfg.name!r} is overloaded: {group.waiting} requests ahead at ~{rate:.0f}/s "
-                    f"would take {wait_s * 1000:.0f} ms, too close to the {budget_s * 1000:.0f} ms "
-                    "deadline; retry later"
-                )
-        group.waiting += 1
         done: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
         group.pending.append((item, done, flight))
         self._kick(group)
         return done
-
-    def settle(self, cfg: ModelConfig, answered: bool = False) -> None:
-        """The caller of one enqueue() stopped waiting: answered by a worker, or not."""
-        group = self._groups[cfg.name, cfg.version]
-        group.waiting -= 1
-        if answered:
-            now = time.monotonic()
-            group.answered_at.append(now)
-            while group.answered_at and group.answered_at[0] < now - RATE_WINDOW_S:
-                group.answered_at.popleft()
-
-    @staticmethod
-    def _answer_rate(group: _Group) -> float:
-        now = time.monotonic()
-        while group.answered_at and group.answered_at[0] < now - RATE_WINDOW_S:
-            group.answered_at.popleft()
-        span_s = min(RATE_WINDOW_S, now - group.since)
-        return len(group.answered_at) / span_s if span_s > 0 else 0.0
 
     def _envelope_items(self, cfg: ModelConfig) -> int:
         if self.max_envelope_items:

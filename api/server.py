@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from api import auth, kserve, metrics, status
+from api.admission import Admission, LoopLag, SheddingInterceptor
 from api.cache_reads import CacheReader
 from api.core import DataPlane
 from api.flights import FlightLocks
@@ -71,6 +72,8 @@ class ApiServer:
             settings.max_envelope_items,
             flight_locks,
         )
+        self.loop_lag = LoopLag()
+        self.admission = Admission(settings.admit_share, settings.shed_loop_lag_ms / 1000, self.loop_lag)
         self.plane = DataPlane(
             self.repository,
             self.cache,
@@ -83,6 +86,7 @@ class ApiServer:
             local_cache=LocalCache(
                 settings.local_cache_items if self.cache.enabled else 0, settings.cache_ttl_s
             ),
+            admission=self.admission,
         )
         self.jobs = JobPlane(
             self.plane,
@@ -97,8 +101,15 @@ class ApiServer:
             watch_max_duration_s=settings.watch_max_duration_s,
         )
         self.health = health.aio.HealthServicer()
+        # Inner to auth: a caller without credentials is told so, not that we are busy.
+        shedding = SheddingInterceptor(
+            self.admission, frozenset({f"/{SERVICE}/Classify", f"/{kserve.SERVICE}/ModelInfer"})
+        )
         self.server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=[*interceptors, shedding],
+            # Calls past the bound are refused by gRPC before any handler or queue sees
+            # them: cheaper, and sooner, than letting them wait out their deadlines.
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -135,6 +146,7 @@ class ApiServer:
         self._tasks = [
             asyncio.create_task(self.replies.run(), name="replies"),
             asyncio.create_task(self._probe_forever(), name="health-probe"),
+            asyncio.create_task(self.loop_lag.run(), name="loop-lag"),
         ]
         await self.server.start()
         log.info(

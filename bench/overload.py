@@ -1,28 +1,26 @@
-"""Overload: an open-loop burst far past the pool's capacity, then recovery.
+"""Overload with short deadlines: are excess calls refused, fast, instead of lapsing?
 
-Starts the stack on loopback (or targets `--target`), measures capacity (closed loop
-at 64 in flight on fresh inputs), then offers `--factor` x that rate for `--burst-s`
-seconds with a `--deadline-ms` deadline per call, then a calm phase at half the
-capacity. Reports: how fast rejections (RESOURCE_EXHAUSTED) come back, whether
-accepted calls met their deadline, the API and worker RSS over time, and the calm
-phase's latency per second (recovery). The generator is one asyncio process: when it
-cannot offer the requested rate, the table says what it did offer.
+Starts the stack on loopback (or targets `--target`), measures capacity (closed loop at
+64 in flight with a long deadline), then sweeps closed loops of `--inflight` callers
+(64/128/256/512 by default) whose calls carry a `--deadline-ms` deadline (100 ms). Each
+run's load comes from a generator in its own process group (`--generate`, started by this
+one) that reports its own CPU and event-loop lag: a run where the generator lagged more
+than `--max-generator-lag-ms` at p99 measured the generator, not the server, and is
+discarded and tried again (at most `--tries` times; the table marks a run that never got
+under the bound).
 
-`--model resnet28` drives a heavier net behind digits-sized inputs (bench/heavy.py, made
-in a temporary model repository): its pool capacity is low enough that one generator
-process on a 2-core machine can offer 10x of it, which it cannot for the digits model.
-(resnet64 is there too, but its 48 KB requests make the API's receiving, not the pool,
-the limit under a 10x burst.)
+Per run the table gives, from the API's /metrics (server side): calls answered OK, calls
+accepted that lapsed (DEADLINE_EXCEEDED, or CANCELLED when the client's deadline fired
+first) as a share of the calls accepted, and refusals (RESOURCE_EXHAUSTED, whether the
+handler refused or the server's concurrent-RPC bound did before it); from the generator:
+calls offered per second as a multiple of capacity, goodput (OK/s) as a share of
+capacity, and the refusals' p99 latency as the client saw it.
 
-On one small machine the burst's generator and the API's rejecting would take the
-worker's CPU, so capacity would collapse during the burst for a reason a deployment
-(workers on their own machines) does not have. `--pin` (the default with >= 2 CPUs)
-gives the worker its own core with one torch thread and keeps everything else,
-generator included, on the others: capacity is then measured and overloaded under the
-same split.
+    python -m bench.overload [--inflight 64,128,256,512] [--deadline-ms 100] [--seconds 5]
+                             [--tries 3] [--model digits|resnet28|resnet64] [--pin]
 
-    python -m bench.overload [--model digits|resnet28|resnet64] [--factor 10] [--burst-s 30]
-                             [--deadline-ms 1000]
+A rejected caller retries after `--backoff-ms` (default 0: at once), so a closed loop
+of N callers offers far more than capacity once refusals come back in microseconds.
 """
 
 from __future__ import annotations
@@ -34,7 +32,9 @@ import json
 import os
 import platform
 import re
+import resource
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -46,11 +46,14 @@ import grpc
 import numpy as np
 
 from bench.heavy import HEAVY_MODEL, HEAVY_SHAPE, OVERLOAD_MODEL, OVERLOAD_SHAPE, make_repository
-from bench.load import SHAPE, closed_loop, unique_images
+from bench.load import SHAPE, unique_images
 from bench.stack import ROOT, LocalStack
 from inferpool.client import AsyncClient
 
 RESULTS = ROOT / "bench" / "results"
+SHAPES = {"digits": SHAPE, HEAVY_MODEL: (1, *HEAVY_SHAPE), OVERLOAD_MODEL: (1, *OVERLOAD_SHAPE)}
+# How often the generator's lag probe wakes.
+LAG_PROBE_S = 0.005
 
 
 def rss_mb(pid: int) -> float:
@@ -96,248 +99,312 @@ def stack_pids(root_pid: int) -> dict[str, int]:
     return found
 
 
-SHAPES = {"digits": SHAPE, HEAVY_MODEL: (1, *HEAVY_SHAPE), OVERLOAD_MODEL: (1, *OVERLOAD_SHAPE)}
+# --- The generator: its own process (and process group), one closed loop, a JSON line out.
 
 
-async def open_loop(
-    target: str,
-    rate: float,
-    seconds: float,
-    deadline_s: float,
-    seed: int,
-    max_outstanding: int = 512,
-    model: str = "digits",
-) -> tuple[list[tuple[float, str, float]], float]:
-    """Starts one call every 1/rate s regardless of answers; returns (start offset,
-    status, latency s) per call and the rate actually offered."""
-    results: list[tuple[float, str, float]] = []
-    next_image = unique_images(seed, SHAPES[model])
-    async with AsyncClient(target) as client:
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def one(offset: float) -> None:
-            t0 = time.perf_counter()
-            try:
-                await client.classify(next_image(0), model, timeout_s=deadline_s)
-                status = "OK"
-            except grpc.aio.AioRpcError as exc:
-                status = exc.code().name
-            results.append((offset, status, time.perf_counter() - t0))
-
-        start = time.perf_counter()
-        sent = skipped = 0
-        while (now := time.perf_counter() - start) < seconds:
-            due = int(now * rate) + 1
-            while sent + skipped < due:
-                if len(tasks) >= max_outstanding:
-                    # The generator itself is saturated: past this its own queueing, not
-                    # the server, would dominate every latency it records.
-                    skipped += 1
-                    continue
-                task = asyncio.create_task(one(now))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                sent += 1
-            await asyncio.sleep(0.002)
-        offered = sent / (time.perf_counter() - start)
-        if tasks:
-            await asyncio.wait(tasks)
-    return results, offered
+def _pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
 
 
-_BUCKET = re.compile(
-    r"^inferpool_request_duration_seconds_bucket"
-    r'\{code="(?P<code>[A-Z_]+)",le="(?P<le>[^"]+)",rpc="Classify"\} (?P<n>\S+)$'
-)
+async def generate(spec: dict[str, Any]) -> dict[str, Any]:
+    """`inflight` callers, each sending its next call when the last one returns, for
+    `seconds`; reports codes, latencies, its own CPU time and event-loop lag."""
+    loop = asyncio.get_running_loop()
+    next_image = unique_images(spec["seed"], tuple(spec["shape"]))
+    deadline_s, backoff_s = spec["deadline_ms"] / 1000, spec["backoff_ms"] / 1000
+    codes: Counter[str] = Counter()
+    ok_ms: list[float] = []
+    refused_ms: list[float] = []
+    lag_ms: list[float] = []
+    limit_refusals = 0
+    stop_at = loop.time() + spec["seconds"]
 
+    async def probe() -> None:
+        while loop.time() < stop_at:
+            due = loop.time() + LAG_PROBE_S
+            await asyncio.sleep(LAG_PROBE_S)
+            lag_ms.append(max(0.0, loop.time() - due) * 1000)
 
-def server_histograms(metrics_url: str | None) -> dict[str, dict[float, float]]:
-    """Cumulative Classify latency buckets by status code, from the API's /metrics."""
-    if not metrics_url:
-        return {}
-    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    out: dict[str, dict[float, float]] = {}
-    for line in text.splitlines():
-        m = _BUCKET.match(line)
-        if m:
-            out.setdefault(m["code"], {})[float(m["le"])] = float(m["n"])
-    return out
+    async with AsyncClient(spec["target"]) as client:
 
+        async def caller() -> None:
+            nonlocal limit_refusals
+            while loop.time() < stop_at:
+                t0 = time.perf_counter()
+                try:
+                    await client.classify(next_image(0), spec["model"], timeout_s=deadline_s)
+                    codes["OK"] += 1
+                    ok_ms.append((time.perf_counter() - t0) * 1000)
+                except grpc.aio.AioRpcError as exc:
+                    codes[exc.code().name] += 1
+                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        refused_ms.append((time.perf_counter() - t0) * 1000)
+                        # grpc's own words when the server's concurrent-RPC bound refused it.
+                        limit_refusals += "Concurrent RPC limit" in (exc.details() or "")
+                        if backoff_s:
+                            await asyncio.sleep(backoff_s)
 
-def server_quantiles(
-    before: dict[str, dict[float, float]], after: dict[str, dict[float, float]]
-) -> dict[str, dict[str, float | None]]:
-    """Per status code: calls, and the bucket bounds holding p50 and p99 (server side)."""
-    result: dict[str, dict[str, float | None]] = {}
-    for code, buckets in after.items():
-        delta = {le: n - before.get(code, {}).get(le, 0.0) for le, n in sorted(buckets.items())}
-        total = delta.get(float("inf"), 0.0)
-        if total <= 0:
-            continue
-
-        def bound(q: float, delta: dict[float, float] = delta, total: float = total) -> float | None:
-            for le, n in delta.items():
-                if n >= q * total:
-                    return le * 1000
-            return None
-
-        result[code] = {"calls": total, "p50_ms_at_most": bound(0.5), "p99_ms_at_most": bound(0.99)}
-    return result
-
-
-def summarize(results: list[tuple[float, str, float]], deadline_s: float) -> dict[str, Any]:
-    codes = Counter(status for _, status, _ in results)
-    ok = np.array([lat for _, s, lat in results if s == "OK"]) * 1000
-    rejected = np.array([lat for _, s, lat in results if s == "RESOURCE_EXHAUSTED"]) * 1000
-
-    def pct(a: np.ndarray, q: float) -> float | None:
-        return float(np.percentile(a, q)) if len(a) else None
-
+        cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        await asyncio.gather(probe(), *(caller() for _ in range(spec["inflight"])))
+        wall_s, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
     return {
-        "calls": len(results),
+        "wall_s": wall_s,
         "codes": dict(codes),
-        "ok_p50_ms": pct(ok, 50),
-        "ok_p99_ms": pct(ok, 99),
-        "ok_over_deadline": int((ok > deadline_s * 1000).sum()),
-        "rejected_p50_ms": pct(rejected, 50),
-        "rejected_p99_ms": pct(rejected, 99),
+        "ok_ms": ok_ms,
+        "refused_ms": refused_ms,
+        "refused_by_rpc_limit": limit_refusals,
+        "cpu_s": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime,
+        "lag_p99_ms": _pct(lag_ms, 99),
     }
 
 
-async def measure(
-    target: str, pids: dict[str, int], args: argparse.Namespace, metrics_url: str | None = None
-) -> dict[str, Any]:
-    model, shape = args.model, SHAPES[args.model]
-    await closed_loop(target, unique_images(1, shape), 16, 1.0, model=model)  # warm-up
-    capacity_run = await closed_loop(target, unique_images(2, shape), 64, 3.0, model=model)
-    capacity = capacity_run.rps
-    rss: list[dict[str, float]] = []
-    stop = asyncio.Event()
-
-    async def sample() -> None:
-        t0 = time.perf_counter()
-        while not stop.is_set():
-            rss.append({"t": time.perf_counter() - t0, **{k: rss_mb(p) for k, p in pids.items()}})
-            await asyncio.sleep(1.0)
-
-    sampler = asyncio.create_task(sample())
-    deadline_s = args.deadline_ms / 1000
-    before = server_histograms(metrics_url)
-    burst, offered = await open_loop(
-        target, capacity * args.factor, args.burst_s, deadline_s, 3, args.max_outstanding, model
-    )
-    server_burst = server_quantiles(before, server_histograms(metrics_url))
-    calm, calm_offered = await open_loop(
-        target, capacity * 0.5, args.calm_s, deadline_s, 4, args.max_outstanding, model
-    )
-    stop.set()
-    await sampler
-    per_second = []
-    for second in range(int(args.calm_s)):
-        lat = [lat * 1000 for t, s, lat in calm if s == "OK" and second <= t < second + 1]
-        errors = sum(1 for t, s, _ in calm if s != "OK" and second <= t < second + 1)
-        per_second.append(
-            {
-                "second": second,
-                "ok": len(lat),
-                "errors": errors,
-                "p50_ms": float(np.median(lat)) if lat else None,
-            }
-        )
+def run_generator(spec: dict[str, Any], processes: int, cpus: set[int] | None) -> dict[str, Any]:
+    """One closed loop split over `processes` child processes, each in a process group
+    of its own, bounded in time; their reports merged (lag: the worst process's p99)."""
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        # Reports go through files: a report is larger than a pipe holds, and the event
+        # loop may have left stdout non-blocking.
+        outs = [Path(tmp) / f"generator-{i}.json" for i in range(processes)]
+        try:
+            for i in range(processes):
+                share = spec["inflight"] // processes + (i < spec["inflight"] % processes)
+                part = {**spec, "inflight": share, "seed": spec["seed"] * 100 + i, "out": str(outs[i])}
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "bench.overload", "--generate", json.dumps(part)],
+                    cwd=ROOT,
+                    start_new_session=True,
+                )
+                procs.append(proc)
+                if cpus:
+                    pin(proc.pid, cpus)
+            for proc in procs:
+                proc.wait(timeout=spec["seconds"] + 60)
+        except BaseException:
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 9)
+                proc.wait()
+            raise
+        if any(proc.returncode for proc in procs):
+            raise RuntimeError(f"a generator failed: {[proc.returncode for proc in procs]}")
+        parts = [json.loads(out.read_text()) for out in outs]
+    codes: Counter[str] = Counter()
+    for part in parts:
+        codes.update(part["codes"])
+    wall_s = max(part["wall_s"] for part in parts)
+    ok_ms = [v for part in parts for v in part["ok_ms"]]
+    refused_ms = [v for part in parts for v in part["refused_ms"]]
     return {
-        "capacity_rps": capacity,
-        "capacity_p50_ms": capacity_run.p50_ms,
-        "burst": {
-            "target_rps": capacity * args.factor,
-            "offered_rps": offered,
-            **summarize(burst, deadline_s),
-            "server_side": server_burst,
-        },
-        "calm": {"target_rps": capacity * 0.5, "offered_rps": calm_offered, **summarize(calm, deadline_s)},
-        "calm_per_second": per_second,
-        "rss_mb": rss,
+        "calls": sum(codes.values()),
+        "wall_s": wall_s,
+        "codes": dict(codes),
+        "generators": processes,
+        "ok_p50_ms": _pct(ok_ms, 50),
+        "ok_p99_ms": _pct(ok_ms, 99),
+        "refused_p50_ms": _pct(refused_ms, 50),
+        "refused_p99_ms": _pct(refused_ms, 99),
+        "refused_by_rpc_limit": sum(part["refused_by_rpc_limit"] for part in parts),
+        "generator_cpu": sum(part["cpu_s"] for part in parts) / wall_s,
+        "generator_lag_p99_ms": max(part["lag_p99_ms"] or 0.0 for part in parts),
     }
+
+
+# --- Server side: the API's own counts, from /metrics.
+
+_REQUESTS = re.compile(r'^inferpool_requests_total\{code="(?P<code>[A-Z_]+)",rpc="Classify"\} (?P<n>\S+)$')
+_SHED = re.compile(r'^inferpool_shed_total\{reason="(?P<reason>[a-z_]+)"\} (?P<n>\S+)$')
+
+
+def server_counts(metrics_url: str | None) -> Counter[str]:
+    """Classify calls the API's handler answered, by status code, and those refused
+    before it (`shed_<reason>`), cumulative."""
+    counts: Counter[str] = Counter()
+    if metrics_url:
+        text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+        for line in text.splitlines():
+            if m := _REQUESTS.match(line):
+                counts[m["code"]] = int(float(m["n"]))
+            elif m := _SHED.match(line):
+                counts[f"shed_{m['reason']}"] = int(float(m["n"]))
+    return counts
+
+
+def measure_run(
+    args: argparse.Namespace,
+    target: str,
+    metrics_url: str | None,
+    inflight: int,
+    deadline_ms: float,
+    seed: int,
+) -> dict[str, Any]:
+    spec = {
+        "target": target,
+        "model": args.model,
+        "shape": SHAPES[args.model],
+        "inflight": inflight,
+        "deadline_ms": deadline_ms,
+        "seconds": args.seconds,
+        "seed": seed,
+        "backoff_ms": args.backoff_ms,
+    }
+    for attempt in range(1, args.tries + 1):
+        before = server_counts(metrics_url)
+        processes = max(1, -(-inflight // args.callers_per_generator))
+        gen = run_generator(spec, processes, args.generator_cpus)
+        after = server_counts(metrics_url)
+        server = {code: after[code] - before[code] for code in after if after[code] - before[code]}
+        gen["server"] = server
+        gen["attempt"] = attempt
+        lag = gen["generator_lag_p99_ms"] or 0.0
+        gen["valid"] = lag <= args.max_generator_lag_ms
+        if gen["valid"]:
+            break
+        print(f"  {inflight} in flight: generator lag p99 {lag:.1f} ms, discarded (try {attempt})")
+    return gen
+
+
+def row(capacity: float, inflight: int, run: dict[str, Any]) -> dict[str, Any]:
+    server, codes, wall = run["server"], run["codes"], run["wall_s"]
+    shed = sum(n for code, n in server.items() if code.startswith("shed_"))
+    refused_by_handler = server.get("RESOURCE_EXHAUSTED", 0)
+    lapsed = server.get("DEADLINE_EXCEEDED", 0) + server.get("CANCELLED", 0)
+    # Every call the handler ran and did not refuse was let in: it had its chance.
+    accepted = sum(server.values()) - shed - refused_by_handler
+    return {
+        "inflight": inflight,
+        "offered_rps": run["calls"] / wall,
+        "offered_x_capacity": run["calls"] / wall / capacity,
+        "goodput_rps": codes.get("OK", 0) / wall,
+        "goodput_share": codes.get("OK", 0) / wall / capacity,
+        "server_ok": server.get("OK", 0),
+        "server_lapsed": lapsed,
+        "lapsed_share": lapsed / accepted if accepted else 0.0,
+        "refused_by_handler": refused_by_handler,
+        "shed": shed,
+        "refused_by_rpc_limit": run["refused_by_rpc_limit"],
+        "refused_p99_ms": run["refused_p99_ms"],
+        "client_deadline_exceeded": codes.get("DEADLINE_EXCEEDED", 0),
+        "generator_lag_p99_ms": run["generator_lag_p99_ms"],
+        "generator_cpu": run["generator_cpu"],
+        "valid": run["valid"],
+        "server": server,
+        "codes": codes,
+    }
+
+
+def sweep(args: argparse.Namespace, target: str, metrics_url: str | None) -> dict[str, Any]:
+    # Warm-up, then capacity: enough callers to keep the pool busy, deadlines it never meets.
+    measure_run(args, target, metrics_url, 16, 5000, 1)
+    cap = measure_run(args, target, metrics_url, 64, 5000, 2)
+    capacity = cap["codes"].get("OK", 0) / cap["wall_s"]
+    rows = [
+        row(capacity, n, measure_run(args, target, metrics_url, n, args.deadline_ms, 10 + i))
+        for i, n in enumerate(args.inflight)
+    ]
+    return {"capacity_rps": capacity, "capacity_run": cap, "rows": rows}
+
+
+def print_table(result: dict[str, Any], args: argparse.Namespace) -> None:
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    print(
+        f"\n{args.model}: capacity {result['capacity_rps']:,.0f} req/s (closed loop, 64 in flight); "
+        f"{args.deadline_ms:.0f} ms deadlines, {args.seconds:.0f} s per run"
+    )
+    head = (
+        f"{'inflight':>8}{'offered/s':>10}{'x cap':>7}{'OK/s':>7}{'of cap':>8}{'srv OK':>8}"
+        f"{'lapsed':>8}{'of acc':>8}{'refused':>9}{'(limit)':>9}{'ref p99':>9}{'gen lag':>9}{'gen cpu':>9}"
+    )
+    print(head)
+    for r in result["rows"]:
+        print(
+            f"{r['inflight']:>8}{r['offered_rps']:>10,.0f}{r['offered_x_capacity']:>7.1f}"
+            f"{r['goodput_rps']:>7,.0f}{r['goodput_share']:>8.0%}{r['server_ok']:>8}{r['server_lapsed']:>8}"
+            f"{r['lapsed_share']:>8.1%}{r['refused_by_handler'] + r['shed'] + r['refused_by_rpc_limit']:>9}"
+            f"{r['refused_by_rpc_limit']:>9}{ms(r['refused_p99_ms']):>9}{ms(r['generator_lag_p99_ms']):>9}"
+            f"{r['generator_cpu']:>9.0%}{'' if r['valid'] else '  (generator lagged)'}"
+        )
+    print(
+        "lapsed: accepted calls answered DEADLINE_EXCEEDED or CANCELLED (server side); of acc: their "
+        "share of accepted calls; refused: RESOURCE_EXHAUSTED at the door or by the handler, (limit): of "
+        "those, by the concurrent-RPC bound; ref p99: refusals' latency at the client (ms);\n"
+        "gen lag: the worst generator process's loop lag p99 (ms); gen cpu: the generators' CPU"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--generate", help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=sorted(SHAPES), default="digits", help="the model to overload")
-    parser.add_argument("--factor", type=float, default=10.0, help="burst rate as a multiple of capacity")
-    parser.add_argument("--burst-s", type=float, default=30.0)
-    parser.add_argument("--calm-s", type=float, default=10.0)
-    parser.add_argument("--deadline-ms", type=float, default=1000.0)
     parser.add_argument(
-        "--max-outstanding", type=int, default=2048, help="calls the generator keeps in flight at most"
+        "--inflight",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[64, 128, 256, 512],
+        help="comma-separated callers in flight, one run each",
     )
-    parser.add_argument("--target", help="host:port of a running API (no RSS then); default starts a stack")
+    parser.add_argument("--deadline-ms", type=float, default=100.0)
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each run")
+    parser.add_argument("--backoff-ms", type=float, default=0.0, help="a refused caller's pause")
+    parser.add_argument(
+        "--callers-per-generator", type=int, default=512, help="callers per generator process at most"
+    )
+    parser.add_argument("--tries", type=int, default=3, help="runs per point at most (generator lag)")
+    parser.add_argument("--max-generator-lag-ms", type=float, default=20.0)
+    parser.add_argument("--target", help="host:port of a running API; default starts a stack")
+    parser.add_argument("--metrics", help="the running API's /metrics URL (with --target)")
     parser.add_argument(
         "--pin",
         action=argparse.BooleanOptionalAction,
-        default=(os.cpu_count() or 1) >= 2,
+        default=False,
         help="the worker alone on the last CPU, everything else on the others",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        help="NAME=VALUE for the stack (INFERPOOL_* settings); repeatable",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "overload.json")
     args = parser.parse_args()
+    if args.generate:
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        spec = json.loads(args.generate)
+        Path(spec["out"]).write_text(json.dumps(asyncio.run(generate(spec))))
+        return
+    args.generator_cpus = None
     if args.target:
-        result = asyncio.run(measure(args.target, {}, args))
+        result = sweep(args, args.target, args.metrics)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             repository = make_repository(Path(tmp), models=(args.model,)) if args.model != "digits" else None
             # One torch thread for the worker's one core: more would only contend.
             env = {"INFERPOOL_TORCH_THREADS": "1"} if args.pin else {}
+            env.update(item.split("=", 1) for item in args.env)
             with LocalStack(flower=False, model_repository=repository, extra_env=env) as stack:
                 assert stack.proc is not None
-                pids = stack_pids(stack.proc.pid)
                 if args.pin:
+                    pids = stack_pids(stack.proc.pid)
                     cpus = sorted(os.sched_getaffinity(0))
                     worker_cpus, rest = set(cpus[-1:]), set(cpus[:-1])
                     for pid in [os.getpid(), *all_pids(stack.proc.pid)]:
                         pin(pid, worker_cpus if pid == pids["worker"] else rest)
+                    args.generator_cpus = rest
                     print(f"pinned: worker on CPU {sorted(worker_cpus)}, the rest on {sorted(rest)}")
-                result = asyncio.run(measure(stack.target, pids, args, stack.metrics_urls.get("api")))
-
-    b, c = result["burst"], result["calm"]
-    print(f"\n{args.model}: capacity (closed loop, 64 in flight): {result['capacity_rps']:,.0f} req/s")
-    print(f"{'phase':<7}{'target/s':>10}{'offered/s':>11}{'calls':>8}  codes")
-    for name, phase in (("burst", b), ("calm", c)):
-        print(
-            f"{name:<7}{phase['target_rps']:>10,.0f}{phase['offered_rps']:>11,.0f}{phase['calls']:>8}"
-            f"  {phase['codes']}"
-        )
-
-    def ms(v: float | None) -> str:
-        return "-" if v is None else f"{v:.1f}"
-
-    print(
-        f"\nburst: rejections p50 {ms(b['rejected_p50_ms'])} ms, p99 {ms(b['rejected_p99_ms'])} ms; "
-        f"accepted p50 {ms(b['ok_p50_ms'])} ms, p99 {ms(b['ok_p99_ms'])} ms, "
-        f"{b['ok_over_deadline']} answered past the deadline"
-    )
-    for code, q in b.get("server_side", {}).items():
-        print(
-            f"  server side {code}: {q['calls']:.0f} calls, p50 <= {ms(q['p50_ms_at_most'])} ms, "
-            f"p99 <= {ms(q['p99_ms_at_most'])} ms (histogram bucket bounds)"
-        )
-    print(
-        "calm, per second (ok / errors / p50 ms): "
-        + ", ".join(f"{s['ok']}/{s['errors']}/{ms(s['p50_ms'])}" for s in result["calm_per_second"])
-    )
-    if result["rss_mb"]:
-        first, peak, last = result["rss_mb"][0], {}, result["rss_mb"][-1]
-        for k in first:
-            if k != "t":
-                peak[k] = max(r[k] for r in result["rss_mb"])
-        print(
-            "RSS MB (start / peak / end): "
-            + ", ".join(f"{k} {first[k]:.0f} / {peak[k]:.0f} / {last[k]:.0f}" for k in peak)
-        )
+                result = sweep(args, stack.target, stack.metrics_urls.get("api"))
+    print_table(result, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
-        **{k: v for k, v in vars(args).items() if k != "out"},
+        "loadavg": os.getloadavg(),
+        **{k: v for k, v in vars(args).items() if k not in ("out", "generate", "generator_cpus")},
     }
     args.out.write_text(json.dumps({"meta": meta, **result}, indent=2, default=str))
     print(f"\nwrote {args.out}")

@@ -96,6 +96,13 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
+def _share(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value <= 1:
+        raise ValueError("must be > 0 and <= 1")
+    return value
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 <= value < 65536:
@@ -158,6 +165,16 @@ class Settings:
     max_envelope_items: int = _setting(0, _non_negative_int, "misses per queue message; 0 = max_batch_size")
     max_message_bytes: int = _setting(4 * 1024 * 1024, _positive_int, "largest gRPC message accepted")
     health_interval_s: float = _setting(1.0, _positive_float, "period of the Redis health probe")
+    # Admission (api/admission.py): refuse what cannot be answered in time, before it waits.
+    max_concurrent_rpcs: int = _setting(
+        512, _non_negative_int, "RPCs the server holds at once; more are refused at once; 0 = no bound"
+    )
+    admit_share: float = _setting(
+        0.8, _share, "share of a call's remaining deadline its predicted wait may take"
+    )
+    shed_loop_lag_ms: float = _setting(
+        100.0, _non_negative_float, "refuse inference calls while the event loop lags more; 0 = never"
+    )
     # Security (issue 5). Files are checked when read from the environment; api/auth.py
     # reads them at start-up (a missing or unreadable one stops the server there too).
     # Tokens: `name:token` entries; the name is the identity bulk jobs are scoped to.

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import redis
 
+from bench.stack import free_port
 from inferpool import tensor
 from inferpool.client import Client
 from inferpool.codec import SERIALIZER
 from inferpool.names import dead_letter_key, queue_name, task_name
+from inferpool.settings import Settings
 from inferpool.v1 import envelope_pb2, inference_pb2, tensor_pb2
-from tests.servers import ApiThread, Worker, wait_until
+from tests.servers import ROOT, ApiThread, MemcachedServer, RedisServer, Worker, stack_settings, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -174,3 +178,73 @@ def test_poison_message_is_dead_lettered_and_batch_mates_answered(
     wait_until(lambda: worker.stats()["messages_poison"] == before + 2, 10, "both poison messages counted")
     assert redis_client.llen(dead) >= 2
     assert client.classify(rng.random((1, 1, 28, 28), dtype=np.float32), "digits").classes  # still serving
+
+
+def _expected_scores(image: np.ndarray) -> np.ndarray:
+    """The digits model's class probabilities for one input, computed here with torch."""
+    import torch  # tests only: the API side never needs it
+
+    module = torch.jit.load(str(ROOT / "models" / "digits" / "1" / "model.pt")).eval()
+    with torch.inference_mode():
+        return torch.softmax(module(torch.from_numpy(image)).float(), dim=1)[0].numpy()
+
+
+def _followers_outlive_a_short_leader(settings: Settings, logdir: Path, followers: int = 20) -> None:
+    """One caller with a short deadline leads a miss while no worker runs; `followers`
+    identical callers with long deadlines follow it. When the leader's deadline passes,
+    exactly one follower must take its flight over (one more item published, not one
+    per follower), and once a worker runs every follower gets the model's answer."""
+    api = ApiThread(settings)
+    worker: Worker | None = None
+    queue = redis.Redis.from_url(settings.redis_url)
+    try:
+        publisher, counters = api.server.publisher, api.server.plane.counters
+        image = np.random.default_rng(2828).random((1, 1, 28, 28), dtype=np.float32)
+        with Client(api.target) as client:
+            leader = client.classify_future(image, "digits", timeout_s=2.0)
+            wait_until(lambda: api.call(lambda: publisher.items) == 1, 10, "the leader's publish")
+            waiting = [client.classify_future(image, "digits", timeout_s=120) for _ in range(followers)]
+            wait_until(
+                lambda: api.call(lambda: counters.coalesced) == followers, 10, "followers behind the leader"
+            )
+            with pytest.raises(grpc.RpcError) as info:
+                leader.result()
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # The follower that took over published the input once more, and nobody else did.
+            wait_until(lambda: api.call(lambda: publisher.items) >= 2, 10, "a follower to take over")
+            assert api.call(lambda: (publisher.items, publisher.messages)) == (2, 2)
+            assert queue.llen(queue_name("digits")) == 2
+            assert not any(f.done() for f in waiting)  # none failed with its leader
+            worker = Worker(settings, logdir)
+            responses = [f.result() for f in waiting]
+        expected = _expected_scores(image)
+        for r in responses:
+            assert r.classes[0].index == int(expected.argmax())
+            assert r.classes[0].score == pytest.approx(float(expected.max()), abs=1e-4)
+        assert api.call(lambda: publisher.items) == 2
+        assert worker.stats()["items_computed"] == 1  # the leader's item expired unseen
+    finally:
+        queue.close()
+        api.stop()
+        if worker is not None:
+            worker.stop()
+
+
+@pytest.mark.timeout(240)
+def test_followers_outlive_a_short_leader(
+    fresh_redis: RedisServer, fresh_memcached: MemcachedServer, logdir: Path
+) -> None:
+    _followers_outlive_a_short_leader(stack_settings(fresh_redis, fresh_memcached), logdir)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("memcached", ["off", "down"])
+def test_single_flight_without_memcached(fresh_redis: RedisServer, logdir: Path, memcached: str) -> None:
+    if memcached == "off":
+        settings = stack_settings(fresh_redis, None)
+    else:
+        # Configured, but nothing listens there: every lookup fails, the cache counts as down.
+        settings = dataclasses.replace(
+            stack_settings(fresh_redis, None), memcached=f"127.0.0.1:{free_port()}"
+        )
+    _followers_outlive_a_short_leader(settings, logdir)

@@ -261,32 +261,25 @@ def test_status_mapping() -> None:
 def test_admission_refuses_when_the_backlog_cannot_meet_the_deadline() -> None:
     """Deadline-aware admission: the requests ahead plus one batch, at the recent answer
     rate, must fit in ADMIT_SHARE of the caller's budget."""
-    import asyncio
-
-    from api.publisher import ADMIT_SHARE, Publisher
+    from api.admission import ADMIT_SHARE, Admission
 
     cfg = Repository.load(ROOT / "models").resolve("digits", 0)
     batch = cfg.max_batch_size
-
-    async def scenario() -> None:
-        publisher = Publisher(celery=None, broker=None, max_inflight=0)  # never publishes
-        item = envelope_pb2.EnvelopeItem()
-        for _ in range(2 * batch):  # no deadline: only max_queue_size applies
-            publisher.enqueue(cfg, item)
-        # As if this process had been sending for a whole rate window already.
-        publisher._groups[cfg.name, cfg.version].since -= 2.0
-        for _ in range(batch):  # half of them answered within the 2 s rate window
-            publisher.settle(cfg, answered=True)
-        # `batch` still waiting at `batch / 2` answers/s: a new call waits for them and
-        # its own batch, 4 s, and is let in only with 4 s <= ADMIT_SHARE * budget.
-        fits_s = (batch + batch) / (batch / 2.0) / ADMIT_SHARE
-        publisher.enqueue(cfg, item, budget_s=fits_s * 1.05)
-        publisher.settle(cfg)  # that caller gave up: `batch` waiting again
-        with pytest.raises(errors.Overloaded, match="too close to the"):
-            publisher.enqueue(cfg, item, budget_s=fits_s * 0.95)
-        assert publisher.rejected == 1
-
-    asyncio.run(scenario())
+    admission = Admission()
+    for _ in range(2 * batch):  # no deadline: only max_queue_size applies
+        admission.admit(cfg)
+    # As if this process had been sending for a whole rate window already.
+    admission.backlog(cfg).since -= 2.0
+    for _ in range(batch):  # half of them answered within the 2 s rate window
+        admission.settle(cfg, answered=True)
+    # `batch` still waiting at `batch / 2` answers/s: a new call waits for them and
+    # its own batch, 4 s, and is let in only with 4 s <= ADMIT_SHARE * budget.
+    fits_s = (batch + batch) / (batch / 2.0) / ADMIT_SHARE
+    admission.admit(cfg, budget_s=fits_s * 1.05)
+    admission.settle(cfg)  # that caller gave up: `batch` waiting again
+    with pytest.raises(errors.Overloaded, match="too close to the"):
+        admission.admit(cfg, budget_s=fits_s * 0.95)
+    assert admission.rejected == 1 and admission.backlog(cfg).waiting == batch
 
 
 def test_result_bytes_are_the_messages_serialized() -> None:
