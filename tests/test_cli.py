@@ -142,6 +142,47 @@ def _renders(text: str) -> list[str]:
     return [part for part in re.split(r"[\r\n]+", text) if part.strip()]
 
 
+def _watch_the_open_job(
+    api: ApiThread,
+    client: Client,
+    redis_client: redis.Redis,
+    key: str,
+    chunk: int,
+    outbox: queue.Queue[jobs_pb2.SubmitJobRequest | None],
+) -> tuple[str, list[str]]:
+    """Waits for the open upload's first chunk to finish, runs `inferpool watch` on a
+    terminal until its bar shows the job RUNNING, then ends the upload; returns the
+    watch's stdout and the RUNNING renders."""
+    deadline = time.monotonic() + 60
+    job_id = None
+    while job_id is None or client.job(job_id).status().counts.done < chunk:
+        assert time.monotonic() < deadline, "the first chunk did not finish"
+        raw = redis_client.get(job_idempotency_key("", key))
+        job_id = raw.decode() if raw else None
+        time.sleep(0.05)  # polling the job's state, not ordering
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 200, 0, 0))
+    watch = subprocess.Popen(
+        argv(api, "watch", job_id, "--timeout-s", "60"), stdout=subprocess.PIPE, stderr=follower, text=True
+    )
+    os.close(follower)
+    screen = ""
+    try:
+        while not any("state=RUNNING" in r for r in _renders(screen)):
+            ready, _, _ = select.select([leader], [], [], 60)
+            assert ready, f"no progress bar drawn: {screen!r}"
+            screen += os.read(leader, 4096).decode(errors="replace")
+        outbox.put(jobs_pb2.SubmitJobRequest(last=True, total_items=chunk))
+        outbox.put(None)
+        out, _ = watch.communicate(timeout=60)
+        assert watch.returncode == 0, out
+    finally:
+        watch.kill()
+        os.close(leader)
+    return out, [r for r in _renders(screen) if "state=RUNNING" in r]
+
+
 def test_watch_joining_a_running_job_counts_its_rate_from_the_join(
     api: ApiThread, heldout: tuple[np.ndarray, np.ndarray], redis_client: redis.Redis
 ) -> None:
@@ -162,39 +203,13 @@ def test_watch_joining_a_running_job_counts_its_rate_from_the_join(
     )
     with Client(api.target) as client:
         upload = client.jobs.SubmitJobStream.future(requests(), timeout=120)
-        deadline = time.monotonic() + 60
-        job_id = None
-        while job_id is None or client.job(job_id).status().counts.done < chunk:
-            assert time.monotonic() < deadline, "the first chunk did not finish"
-            raw = redis_client.get(job_idempotency_key("", key))
-            job_id = raw.decode() if raw else None
-            time.sleep(0.05)  # polling the job's state, not ordering
-        assert job_id is not None
-
-        leader, follower = pty.openpty()
-        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 200, 0, 0))
-        watch = subprocess.Popen(
-            argv(api, "watch", job_id, "--timeout-s", "60"),
-            stdout=subprocess.PIPE,
-            stderr=follower,
-            text=True,
-        )
-        os.close(follower)
-        screen = ""
         try:
-            while not any("state=RUNNING" in r for r in _renders(screen)):
-                ready, _, _ = select.select([leader], [], [], 60)
-                assert ready, f"no progress bar drawn: {screen!r}"
-                screen += os.read(leader, 4096).decode(errors="replace")
-            running = [r for r in _renders(screen) if "state=RUNNING" in r]
-            outbox.put(jobs_pb2.SubmitJobRequest(last=True, total_items=chunk))
-            outbox.put(None)
-            assert upload.result(timeout=60).job_id == job_id
-            out, _ = watch.communicate(timeout=60)
+            out, running = _watch_the_open_job(api, client, redis_client, key, chunk, outbox)
+            assert upload.result(timeout=60).created
         finally:
-            watch.kill()
-            os.close(leader)
-    assert watch.returncode == 0 and json.loads(out)["state"] == "SUCCEEDED"
+            outbox.put(None)  # ends the upload if the test stopped before its last message
+            upload.cancel()
+    assert json.loads(out)["state"] == "SUCCEEDED"
     # Counted from the join: 256 items shown, none of them finished during this watch.
     assert running and all(f"{chunk}item" in r for r in running), running
     assert all("?item/s" in r for r in running), running
