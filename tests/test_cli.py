@@ -158,7 +158,7 @@ def _watch_the_open_job(
     while job_id is None or client.job(job_id).status().counts.done < chunk:
         assert time.monotonic() < deadline, "the first chunk did not finish"
         raw = redis_client.get(job_idempotency_key("", key))
-        job_id = raw.decode() if raw else None
+        job_id = raw.decode() if isinstance(raw, bytes) else None
         time.sleep(0.05)  # polling the job's state, not ordering
 
     leader, follower = pty.openpty()
