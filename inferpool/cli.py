@@ -29,7 +29,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from tqdm import tqdm
 
-from inferpool.client import Client, Job
+from inferpool.client import Client, Job, JobTimeout
 from inferpool.jobs import TERMINAL, state_name
 from inferpool.v1 import jobs_pb2
 
@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
             except grpc.RpcError as exc:
                 print(f"inferpool: {exc.code().name}: {exc.details()}", file=sys.stderr)
                 code = 2
+            except JobTimeout as exc:  # --timeout-s passed: the job goes on, the command ends
+                print(f"inferpool: {exc}", file=sys.stderr)
+                code = 1
         # Flushed here, so that a reader gone by now is seen here too, not at exit.
         sys.stdout.flush()
     except BrokenPipeError:

@@ -183,8 +183,11 @@ def submit_requests(
 
 class JobTimeout(TimeoutError):
     def __init__(self, job: jobs_pb2.Job | None, timeout_s: float | None) -> None:
-        state = state_name(job.state) if job is not None else "unknown"
-        super().__init__(f"job still {state} after {timeout_s}s")
+        within = "" if timeout_s is None else f" within {timeout_s:g} s"
+        if job is None:
+            super().__init__(f"no status of the job came{within}")
+        else:
+            super().__init__(f"job still {state_name(job.state)}: it did not end{within}")
         self.job = job
 
 

@@ -105,6 +105,18 @@ def test_submit_wait_prints_counts_as_numbers(
     assert isinstance(status["counts"]["cached"], int) and isinstance(status["version"], int)
 
 
+def test_a_wait_that_times_out_says_so_without_a_traceback(
+    api: ApiThread, heldout: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    x, _ = heldout
+    np.save(tmp_path / "some.npy", x[:5])
+    # A zero wait has always passed when the watch starts, however fast the job is.
+    run = cli(api, "submit", str(tmp_path / "some.npy"), "--model", "digits", "--wait", "--timeout-s", "0")
+    assert run.returncode == 1, run.stderr
+    assert len(run.stdout.strip()) == 32  # the job id, for a later `inferpool watch`
+    assert run.stderr.strip() == "inferpool: no status of the job came within 0 s", run.stderr
+
+
 def test_a_reader_that_stops_early_ends_the_cli_quietly(
     api: ApiThread, heldout: tuple[np.ndarray, np.ndarray], tmp_path: Path
 ) -> None:
