@@ -8,7 +8,6 @@ has the same calls as coroutines, with `AsyncJob` handles.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -200,6 +199,42 @@ def _changed(a: jobs_pb2.Job, b: jobs_pb2.Job) -> bool:
     )
 
 
+class _Watch:
+    """What `Job.wait` and `AsyncJob.wait` share: the deadline across the watch streams
+    (the server ends each after its own bound), the last status, and when to stop."""
+
+    def __init__(self, timeout_s: float | None, on_update: Callable[[jobs_pb2.Job], None] | None) -> None:
+        self.timeout_s = timeout_s
+        self.on_update = on_update
+        self.ends = None if timeout_s is None else time.monotonic() + timeout_s
+        self.last: jobs_pb2.Job | None = None
+
+    def left(self) -> float | None:
+        """The next stream's deadline in seconds (None: unbounded); JobTimeout when spent."""
+        if self.ends is None:
+            return None
+        left = self.ends - time.monotonic()
+        if left <= 0:
+            raise JobTimeout(self.last, self.timeout_s)
+        return left
+
+    def see(self, job: jobs_pb2.Job) -> None:
+        if self.on_update is not None and (self.last is None or _changed(self.last, job)):
+            self.on_update(job)
+        self.last = job
+
+    def check(self, exc: grpc.RpcError) -> None:
+        """JobTimeout for a stream that ran out of the caller's time; other errors are the caller's."""
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise JobTimeout(self.last, self.timeout_s) from None
+
+    def ended(self) -> jobs_pb2.Job | None:
+        """After a stream ends: the final status, or None to watch again."""
+        if self.last is None:  # the stream ended before the job's first status
+            raise JobTimeout(None, self.timeout_s)
+        return self.last if state_name(self.last.state) in TERMINAL else None
+
+
 def _results_request(
     job_id: str, offset: int, page_size: int, include_scores: bool
 ) -> jobs_pb2.GetJobRequest:
@@ -243,25 +278,19 @@ class Job:
         """Follows the job until it ends and returns its final status; raises JobTimeout
         when it has not ended within `timeout_s` (None: wait as long as it takes). The
         server ends a watch after its own bound; the watch is then opened again."""
-        ends = None if timeout_s is None else time.monotonic() + timeout_s
-        last: jobs_pb2.Job | None = None
+        watch = _Watch(timeout_s, on_update)
         while True:
-            left = None if ends is None else ends - time.monotonic()
-            if left is not None and left <= 0:
-                raise JobTimeout(last, timeout_s)
             try:
-                for job in self.client.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=self.id), timeout=left):
-                    if on_update is not None and (last is None or _changed(last, job)):
-                        on_update(job)
-                    last = job
+                for job in self.client.jobs.WatchJob(
+                    jobs_pb2.WatchJobRequest(job_id=self.id), timeout=watch.left()
+                ):
+                    watch.see(job)
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise JobTimeout(last, timeout_s) from None
+                watch.check(exc)
                 raise
-            if last is not None and state_name(last.state) in TERMINAL:
-                return last
-            if last is None:
-                raise JobTimeout(last, timeout_s)
+            final = watch.ended()
+            if final is not None:
+                return final
 
     def results(
         self, page_size: int = 1000, include_scores: bool = False, timeout_s: float = 30.0
@@ -383,28 +412,19 @@ class AsyncJob:
         self, timeout_s: float | None = None, on_update: Callable[[jobs_pb2.Job], None] | None = None
     ) -> jobs_pb2.Job:
         """As `Job.wait`: the final status, or JobTimeout after `timeout_s` (None: no bound)."""
-        loop = asyncio.get_running_loop()
-        ends = None if timeout_s is None else loop.time() + timeout_s
-        last: jobs_pb2.Job | None = None
+        watch = _Watch(timeout_s, on_update)
         while True:
-            left = None if ends is None else ends - loop.time()
-            if left is not None and left <= 0:
-                raise JobTimeout(last, timeout_s)
             try:
                 async for job in self.client.jobs.WatchJob(
-                    jobs_pb2.WatchJobRequest(job_id=self.id), timeout=left
+                    jobs_pb2.WatchJobRequest(job_id=self.id), timeout=watch.left()
                 ):
-                    if on_update is not None and (last is None or _changed(last, job)):
-                        on_update(job)
-                    last = job
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise JobTimeout(last, timeout_s) from None
+                    watch.see(job)
+            except grpc.RpcError as exc:
+                watch.check(exc)
                 raise
-            if last is not None and state_name(last.state) in TERMINAL:
-                return last
-            if last is None:
-                raise JobTimeout(last, timeout_s)
+            final = watch.ended()
+            if final is not None:
+                return final
 
     async def results(
         self, page_size: int = 1000, include_scores: bool = False, timeout_s: float = 30.0
