@@ -21,11 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import redis
 
 from inferpool import tensor
 from inferpool.cli import EXIT_BROKEN_PIPE
-from inferpool.client import AsyncClient, Client
+from inferpool.client import AsyncClient, Client, JobTimeout
 from inferpool.names import job_idempotency_key
 from inferpool.v1 import jobs_pb2
 from tests.servers import ApiThread
@@ -240,6 +241,8 @@ def test_async_client_job_calls(api: ApiThread, heldout: tuple[np.ndarray, np.nd
             status = await client.job(job.id).status()
             results = [r async for r in client.job(job.id).results(page_size=128)]
             cancelled = await job.cancel()  # the job has ended: cancelling changes nothing
+            with pytest.raises(JobTimeout):  # no time at all to wait: said at once
+                await client.job(job.id).wait(timeout_s=0)
             return updates, final, status, results, cancelled
 
     updates, final, status, results, cancelled = asyncio.run(run())
