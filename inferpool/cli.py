@@ -24,10 +24,12 @@ from typing import Any, TextIO
 
 import grpc
 import numpy as np
+from google.protobuf import descriptor
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 from tqdm import tqdm
 
-from inferpool.client import Client, Job
+from inferpool.client import Client, Job, JobTimeout
 from inferpool.jobs import TERMINAL, state_name
 from inferpool.v1 import jobs_pb2
 
@@ -43,8 +45,37 @@ def _classes(classes: Iterable[Any]) -> list[dict[str, Any]]:
     return [{"index": c.index, "label": c.label, "score": round(c.score, 6)} for c in classes]
 
 
+_INT64 = {
+    descriptor.FieldDescriptor.TYPE_INT64,
+    descriptor.FieldDescriptor.TYPE_UINT64,
+    descriptor.FieldDescriptor.TYPE_SINT64,
+    descriptor.FieldDescriptor.TYPE_FIXED64,
+    descriptor.FieldDescriptor.TYPE_SFIXED64,
+}
+
+
+def _int64_as_numbers(message: Message, out: dict[str, Any]) -> dict[str, Any]:
+    """Turns the 64-bit integers of MessageToDict's output back into numbers: the proto3
+    JSON mapping writes them as strings (for JavaScript's sake), which a shell user piping
+    to `jq '.counts.total > 0'` does not expect."""
+    for field in message.DESCRIPTOR.fields:
+        value = out.get(field.name)
+        if value is None:
+            continue
+        repeated = field.is_repeated
+        if field.type in _INT64:
+            out[field.name] = [int(v) for v in value] if repeated else int(value)
+        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            items = getattr(message, field.name)
+            for sub, sub_out in zip(items, value, strict=True) if repeated else [(items, value)]:
+                if isinstance(sub_out, dict):  # well-known types (Timestamp) are strings
+                    _int64_as_numbers(sub, sub_out)
+    return out
+
+
 def _status(job: jobs_pb2.Job) -> dict[str, Any]:
     out = MessageToDict(job, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    _int64_as_numbers(job, out)
     out["state"] = state_name(job.state)
     out.pop("results", None)
     out.pop("next_offset", None)
@@ -83,9 +114,20 @@ def _write_results(job: Job, total: int, out: Path) -> int:
 
 def _follow(job: Job, timeout_s: float | None) -> jobs_pb2.Job:
     """Shows a progress bar while the job runs; returns its final status."""
-    bar = tqdm(desc=f"job {job.id[:8]}", unit="item", disable=None)
+    bar: tqdm | None = None
 
     def update(status: jobs_pb2.Job) -> None:
+        nonlocal bar
+        if bar is None:
+            # Made at the first status and started from its count: a bar from 0 would count
+            # the items finished before this watch joined as done in the first instant
+            # (a job joined at 27k items showed 2M items/s). The rate is this watch's own.
+            bar = tqdm(
+                desc=f"job {job.id[:8]}",
+                unit="item",
+                disable=None,
+                initial=status.counts.done + status.counts.failed,
+            )
         bar.total = status.counts.total or None
         bar.n = status.counts.done + status.counts.failed
         bar.set_postfix(
@@ -96,7 +138,8 @@ def _follow(job: Job, timeout_s: float | None) -> jobs_pb2.Job:
     try:
         return job.wait(timeout_s=timeout_s, on_update=update)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
 
 def cmd_classify(client: Client, args: argparse.Namespace) -> int:
@@ -113,17 +156,18 @@ def cmd_classify(client: Client, args: argparse.Namespace) -> int:
             return {"index": i, "ok": False, "error": f"{exc.code().name}: {exc.details()}"}
         return {"index": i, "ok": True, "cached": r.cached, "classes": _classes(r.classes)}
 
+    pool = ThreadPoolExecutor(args.concurrency)
     try:
-        with (
-            ThreadPoolExecutor(args.concurrency) as pool,
-            tqdm(total=len(x), unit="item", disable=None) as bar,
-        ):
+        with tqdm(total=len(x), unit="item", disable=None) as bar:
             # map() keeps index order while `concurrency` calls are in flight.
             for row in pool.map(one, range(len(x))):
                 failed += not row["ok"]
                 out.write(json.dumps(row) + "\n")
                 bar.update(1)
     finally:
+        # When the output fails (a reader that went away: `| head`), the calls not started
+        # yet are dropped rather than run for nobody.
+        pool.shutdown(cancel_futures=True)
         if out is not sys.stdout:
             out.close()
     return 1 if failed else 0
@@ -233,15 +277,32 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# A command whose reader went away exits as one killed by SIGPIPE does in a shell (128 + 13).
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     roots = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-    with Client(args.target, token=args.token, root_certificates=roots) as client:
-        try:
-            code = args.run(client, args)
-        except grpc.RpcError as exc:
-            print(f"inferpool: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            code = 2
+    try:
+        with Client(args.target, token=args.token, root_certificates=roots) as client:
+            try:
+                code = args.run(client, args)
+            except grpc.RpcError as exc:
+                print(f"inferpool: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                code = 2
+            except JobTimeout as exc:  # --timeout-s passed: the job goes on, the command ends
+                print(f"inferpool: {exc}", file=sys.stderr)
+                code = 1
+        # Flushed here, so that a reader gone by now is seen here too, not at exit.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `inferpool classify ... | head -1`: stop quietly, as Unix tools do. Python
+        # flushes stdout again at exit; pointed at devnull, that flush cannot fail too.
+        # (Not SIG_DFL for SIGPIPE: a write to a closed socket would then kill the process.)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
     sys.exit(code)
 
 
