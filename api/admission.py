@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from prometheus_client import Counter
 
-from api.metrics import REGISTRY
+from api.metrics import SHED
 from inferpool.errors import Overloaded
 from inferpool.repository import ModelConfig
 
@@ -46,15 +45,6 @@ RATE_WINDOW_S = 2.0
 ADMIT_SHARE = 0.8
 # A call is refused at the door when it has no more than this left beyond the loop's lag.
 MIN_LEFT_S = 0.001
-
-SHED = Counter(
-    "inferpool_shed",
-    "Inference calls refused RESOURCE_EXHAUSTED before their handler ran, by reason: loop_lag (the "
-    "event loop ran behind), spent (the call waited in gRPC's and the loop's queues until too little "
-    "of its deadline was left). Not in inferpool_requests_total.",
-    ["reason"],
-    registry=REGISTRY,
-)
 
 
 @dataclass

@@ -97,6 +97,14 @@ ENVELOPE_ITEMS = Histogram(
     buckets=shared.SIZE_BUCKETS,
     registry=REGISTRY,
 )
+SHED = Counter(
+    "inferpool_shed",
+    "Inference calls refused RESOURCE_EXHAUSTED at the door, before any cache lookup or validation, "
+    "by reason: loop_lag (the event loop ran behind), spent (the call waited in gRPC's and the "
+    "loop's queues until too little of its deadline was left).",
+    ["reason"],
+    registry=REGISTRY,
+)
 PUBLISH_FAILURES = Counter(
     "inferpool_publish_failures",
     "Envelopes that could not be put on the broker; their requests were answered UNAVAILABLE.",

@@ -114,6 +114,18 @@ class ApiServer:
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                # Every connection, and so every stream on it (health Watch included),
+                # ends in bounded time; a client that vanished is found by keepalive.
+                ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+                ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+                ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
+                (
+                    "grpc.http2.min_ping_interval_without_data_ms",
+                    int(settings.min_client_ping_interval_s * 1000),
+                ),
+                ("grpc.http2.max_ping_strikes", 2),
             ],
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.plane), self.server)

@@ -175,7 +175,23 @@ class Settings:
     shed_loop_lag_ms: float = _setting(
         100.0, _non_negative_float, "refuse inference calls while the event loop lags more; 0 = never"
     )
-    # Security (issue 5). Files are checked when read from the environment; api/auth.py
+    # Connections: how long one may live, and how a vanished peer is noticed.
+    max_connection_age_s: float = _setting(
+        1800.0, _positive_float, "a client connection is asked to close (GOAWAY) after this long"
+    )
+    max_connection_age_grace_s: float = _setting(
+        3600.0, _positive_float, "calls still open on a closing connection get this long, then are cut"
+    )
+    keepalive_time_s: float = _setting(
+        60.0, _positive_float, "the server pings an idle connection this often to find vanished clients"
+    )
+    keepalive_timeout_s: float = _setting(
+        20.0, _positive_float, "a ping unanswered this long closes the connection (its calls end)"
+    )
+    min_client_ping_interval_s: float = _setting(
+        10.0, _positive_float, "clients pinging more often than this are disconnected"
+    )
+    # Security. Files are checked when read from the environment; api/auth.py
     # reads them at start-up (a missing or unreadable one stops the server there too).
     # Tokens: `name:token` entries; the name is the identity bulk jobs are scoped to.
     # Not in repr, and parsed by api/auth.py, whose errors never quote a token.

@@ -8,12 +8,14 @@ interceptor, certificate checks of a rediss:// broker, and credentials in errors
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kombu.exceptions import OperationalError
 
 from api import metrics, status
@@ -147,6 +149,31 @@ def test_authentication_comes_before_decoding(logdir: Path, memcached_server: Me
                 lambda: classify(GARBAGE, timeout=10, metadata=[("authorization", f"Bearer {token}")])
             )
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.stop()
+        redis_server.stop()
+
+
+def test_streams_end_with_their_connection_age(logdir: Path, memcached_server: MemcachedServer) -> None:
+    """An unauthenticated health Watch (it needs no token) cannot hold a connection
+    forever: past max_connection_age plus its grace the server cuts it."""
+    redis_server = RedisServer(logdir)
+    settings = stack_settings(
+        redis_server, memcached_server, max_connection_age_s=0.5, max_connection_age_grace_s=0.5
+    )
+    server = ApiThread(settings)
+    try:
+        with grpc.insecure_channel(server.target) as ch:
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+            first = next(watch)
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in watch:
+                    pass
+            # Cut by the server, long before the client's own 60 s deadline.
+            assert info.value.code() != grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - t0 < 30
     finally:
         server.stop()
         redis_server.stop()
