@@ -28,12 +28,12 @@ def test_deadline_without_worker_and_late_worker_skips_it(
     try:
         with Client(api.target) as client:
             img = np.random.default_rng(7).random((1, 1, 28, 28), dtype=np.float32)
-            t0 = time.perf_counter()
+            assert client.health() == "SERVING"  # connected: the deadline is all the call's
             with pytest.raises(grpc.RpcError) as info:
-                client.classify(img, "digits", timeout_s=0.3)
-            elapsed = time.perf_counter() - t0
+                client.classify(img, "digits", timeout_s=1.0)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert elapsed < 0.4, elapsed
+        # The server itself gave up on it (the client enforces its deadline either way).
+        wait_until(lambda: api.server.plane.counters.deadline_exceeded == 1, 5, "the API's deadline count")
         assert r.llen(queue_name("digits")) == 1  # published, waiting for a worker
         worker = Worker(settings, logdir)
         try:

@@ -279,7 +279,7 @@ def test_redis_password_stack(logdir: Path) -> None:
             with Client(api.target) as client:
                 assert client.health() == "SERVING"
                 # No worker here: the miss is published and waits, until the deadline.
-                assert code_of(lambda: client.classify(image(106), "digits", timeout_s=0.3)) == (
+                assert code_of(lambda: client.classify(image(106), "digits", timeout_s=1.0)) == (
                     grpc.StatusCode.DEADLINE_EXCEEDED
                 )
             assert r.llen(queue_name("digits")) == 1
