@@ -27,11 +27,12 @@ import numpy as np
 import pytest
 import redis
 
+from api import metrics as api_metrics
 from bench.stack import free_port, wait_port
 from inferpool.client import Client
 from inferpool.codec import SERIALIZER
 from inferpool.names import queue_name, task_name
-from tests.servers import Proc, RedisServer, Worker
+from tests.servers import ApiThread, Proc, RedisServer, Worker
 
 T = TypeVar("T")
 
@@ -232,3 +233,52 @@ def test_dashboard_in_headless_chromium(flower: Flower, worker: Worker, tmp_path
         assert worker.name in run.stdout, f"{page}: worker not on the page\n{run.stdout[:2000]}"
         assert "Access denied" not in run.stdout
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{page}: no screenshot at {shot}"
+
+
+def test_every_count_of_one_scenario_agrees(
+    flower: Flower, worker: Worker, client: Client, api: ApiThread
+) -> None:
+    """One scenario, counted by the API (its own counters and its Prometheus series), the
+    worker and Flower: n distinct misses, one message each, then the same n again as hits.
+    Each count is of the same events, so they must agree exactly."""
+    n = 6
+    registry = api_metrics.REGISTRY
+
+    def sample(name: str) -> float:
+        return registry.get_sample_value(name, {"model": "digits"}) or 0.0
+
+    counters = api.server.plane.counters
+    before = (
+        counters.misses,
+        counters.hits,
+        sample("inferpool_cache_misses_total"),
+        sample("inferpool_cache_hits_total"),
+        worker.stats()["items_computed"],
+    )
+    since = time.time()
+    rng = np.random.default_rng()
+    images = [rng.random((1, 1, 28, 28), dtype=np.float32) for _ in range(n)]
+    first = [client.classify(image, "digits", timeout_s=10) for image in images]
+    again = [client.classify(image, "digits", timeout_s=10) for image in images]
+    assert not any(r.cached for r in first) and all(r.cached for r in again)
+    assert [r.classes[0].index for r in again] == [r.classes[0].index for r in first]
+
+    after = (
+        counters.misses,
+        counters.hits,
+        sample("inferpool_cache_misses_total"),
+        sample("inferpool_cache_hits_total"),
+        worker.stats()["items_computed"],
+    )
+    assert [a - b for a, b in zip(after, before, strict=True)] == [n, n, n, n, n]
+
+    def computed_since() -> int | None:
+        tasks: dict[str, Any] = flower.json(
+            f"/api/tasks?taskname={TASK}&state=SUCCESS&workername={worker.name}"
+        )
+        mine = [t for t in tasks.values() if (t.get("received") or 0) >= since]
+        total = sum(ast.literal_eval(t["result"])["computed"] for t in mine)
+        return total if len(mine) >= n else None
+
+    # Flower learns of the tasks from events, a moment after the answers.
+    assert wait_for(computed_since, 20, f"{n} succeeded tasks in Flower") == n
