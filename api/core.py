@@ -65,6 +65,8 @@ def new_id() -> str:
 # Up to this many classes a plain sort beats numpy, whose per-call cost dominates on
 # tiny arrays (measured: 2 µs against 10 µs for ten classes).
 SMALL_OUTPUT = 64
+# The longest any call waits for a worker, whatever deadline it brings.
+MAX_WAIT_S = 86400.0
 
 
 def top_classes(
@@ -187,7 +189,9 @@ class DataPlane:
         self.counters.misses += 1
         metrics.for_model(cfg.name).cache_misses.inc()
 
-        budget_s = self.default_timeout_s if timeout_s is None else timeout_s
+        # A deadline centuries away (gRPC allows ~11,000 years) would overflow the
+        # envelope's int64 nanoseconds: no wait here is longer than a day anyway.
+        budget_s = min(MAX_WAIT_S, self.default_timeout_s if timeout_s is None else timeout_s)
         if budget_s <= 0:
             self._deadline_exceeded(cfg)
         reply = await self._single_flight(key, cfg, tensor, request_id, budget_s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 from pathlib import Path
@@ -249,3 +250,13 @@ def test_single_flight_without_memcached(fresh_redis: RedisServer, logdir: Path,
             stack_settings(fresh_redis, None), memcached=f"127.0.0.1:{free_port()}"
         )
     _followers_outlive_a_short_leader(settings, logdir)
+
+
+def test_a_deadline_centuries_away_is_served(api: ApiThread, worker: Worker) -> None:
+    """gRPC lets a client ask for a deadline ~11,000 years away (a Python client cannot
+    send one, others can): the miss is still published and answered, not INTERNAL."""
+    image = np.random.default_rng(2024).random((1, 1, 28, 28), dtype=np.float32)
+    request = inference_pb2.ClassifyRequest(model="digits", input=tensor.to_proto(image))
+    future = asyncio.run_coroutine_threadsafe(api.server.plane.classify(request, 3e11), api.loop)
+    response = future.result(30)
+    assert not response.cached and len(response.classes) == 1
