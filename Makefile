@@ -80,7 +80,7 @@ flower: venv
 	@# Flower's kombu skips certificate checks for a rediss:// URL naming no ssl_cert_reqs.
 	@case "$${INFERPOOL_REDIS_URL:-}" in rediss://*ssl_cert_reqs=*|rediss://*ssl_ca_certs=*) ;; \
 	  rediss://*) echo "add ?ssl_cert_reqs=required (and ssl_ca_certs=...) to INFERPOOL_REDIS_URL" >&2; exit 1;; esac
-	$(VENV)/bin/celery --broker="$${INFERPOOL_REDIS_URL:-redis://127.0.0.1:6379/0}" flower --address=127.0.0.1 --port="$${FLOWER_PORT:-5555}" --read_only
+	$(VENV)/bin/celery --broker="$${INFERPOOL_REDIS_URL:-redis://127.0.0.1:6379/0}" flower --address=127.0.0.1 --port="$${FLOWER_PORT:-5555}" --read_only --conf=scripts/flowerconfig.py
 
 bench: venv servers
 	$(PY) -m bench.load

@@ -32,7 +32,7 @@ from bench.stack import free_port, wait_port
 from inferpool.client import Client
 from inferpool.codec import SERIALIZER
 from inferpool.names import queue_name, task_name
-from tests.servers import ApiThread, Proc, RedisServer, Worker
+from tests.servers import ROOT, ApiThread, Proc, RedisServer, Worker
 
 T = TypeVar("T")
 
@@ -68,6 +68,8 @@ class Flower(Proc):
                 "flower",
                 "--address=127.0.0.1",
                 f"--port={self.port}",
+                # As the Procfile and compose start it: /metrics needs the password too.
+                "--conf=" + str(ROOT / "scripts" / "flowerconfig.py"),
             ],
             logdir / f"flower-{self.port}.log",
             env=env,
@@ -127,6 +129,24 @@ def _classify_misses(client: Client, n: int) -> None:
 def test_api_requires_authentication(flower: Flower) -> None:
     assert flower.get("/api/workers", auth=False)[0] == 401
     assert flower.get("/api/workers", password="wrong")[0] == 401
+
+
+def test_metrics_require_authentication(flower: Flower) -> None:
+    def status(headers: dict[str, str]) -> tuple[int, bytes]:
+        request = urllib.request.Request(flower.url + "/metrics", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, b""
+
+    def basic(password: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"{flower.user}:{password}".encode()).decode()}
+
+    assert status({})[0] == 401
+    assert status(basic("wrong"))[0] == 401
+    code, body = status(basic(flower.password))
+    assert code == 200 and b"flower_events_total" in body
 
 
 def test_api_lists_worker_tasks_and_queues(

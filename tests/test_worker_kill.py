@@ -81,21 +81,15 @@ def test_sigkill_mid_batch(fresh_redis: RedisServer, slow_repository: Path, logd
             rng = np.random.default_rng(4)
             sent = []
             for _ in range(6):
-                sent.append(
-                    (
-                        time.monotonic(),
-                        client.classify_future(
-                            rng.random((1, 4), dtype=np.float32), "slow", timeout_s=DEADLINE_S
-                        ),
-                    )
-                )
+                image = rng.random((1, 4), dtype=np.float32)
+                sent.append(client.classify_future(image, "slow", timeout_s=DEADLINE_S))
                 # Each its own envelope, published before the next is sent.
                 wait_until(functools.partial(_published, api, len(sent)), 10, "the publish")
             wait_until(lambda: first.stats()["batches"] >= 1, 30, "a first batch to finish")
             first.kill()
             second = Worker(settings, logdir)
             answered = failed = 0
-            for t0, future in sent:
+            for future in sent:
                 try:
                     future.result()
                     answered += 1
