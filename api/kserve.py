@@ -206,8 +206,13 @@ def split_rows(cfg: ModelConfig, request: pb.ModelInferRequest) -> list[tensor_p
     want = kserve_datatype(cfg.input_dtype)
     if spec.datatype != want:
         raise InvalidInput(f"input {spec.name!r} takes {want}, got {spec.datatype[:16]!r}")
+    # The rank first: a claimed shape of millions of dimensions is neither copied nor echoed.
+    if len(spec.shape) != len(cfg.input_shape) + 1:
+        raise InvalidInput(
+            f"input {spec.name!r} takes shape {[-1, *cfg.input_shape]}, got {len(spec.shape)} dimensions"
+        )
     shape = tuple(spec.shape)
-    if len(shape) != len(cfg.input_shape) + 1 or shape[1:] != cfg.input_shape:
+    if shape[1:] != cfg.input_shape:
         raise InvalidInput(f"input {spec.name!r} takes shape {[-1, *cfg.input_shape]}, got {list(shape)}")
     rows = shape[0]
     # Each row is its own cache lookup and queue item: bound the fan-out like Triton does.

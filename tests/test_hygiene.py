@@ -336,3 +336,14 @@ def test_settings_errors_redact_credentials() -> None:
 def test_redact_leaves_urls_without_credentials_alone() -> None:
     for text in ("redis://127.0.0.1:6379/0", "unix:///run/redis.sock?db=2", "no url: at all@here"):
         assert redact(text) == text
+
+
+def test_a_giant_kserve_shape_is_refused_by_its_rank(channel: grpc.Channel) -> None:
+    """2M claimed dimensions through KServe: refused on the rank alone, neither copied
+    nor echoed back."""
+    request = _infer_request()
+    del request.inputs[0].shape[:]
+    request.inputs[0].shape.extend([1] * 2_000_000)
+    error = rpc_error(lambda: pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "input 'image' takes shape [-1, 1, 28, 28], got 2000000 dimensions"
