@@ -32,8 +32,6 @@ def test_deadline_without_worker_and_late_worker_skips_it(
             with pytest.raises(grpc.RpcError) as info:
                 client.classify(img, "digits", timeout_s=1.0)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        # The server itself gave up on it (the client enforces its deadline either way).
-        wait_until(lambda: api.server.plane.counters.deadline_exceeded == 1, 5, "the API's deadline count")
         assert r.llen(queue_name("digits")) == 1  # published, waiting for a worker
         worker = Worker(settings, logdir)
         try:
