@@ -268,13 +268,17 @@ def test_every_count_of_one_scenario_agrees(
         return registry.get_sample_value(name, {"model": "digits"}) or 0.0
 
     counters = api.server.plane.counters
-    before = (
-        counters.misses,
-        counters.hits,
-        sample("inferpool_cache_misses_total"),
-        sample("inferpool_cache_hits_total"),
-        worker.stats()["items_computed"],
-    )
+
+    def counts() -> tuple[float, ...]:
+        return (
+            counters.misses,
+            counters.hits,
+            sample("inferpool_cache_misses_total"),
+            sample("inferpool_cache_hits_total"),
+            worker.stats()["items_computed"],
+        )
+
+    before = counts()
     since = time.time()
     rng = np.random.default_rng()
     images = [rng.random((1, 1, 28, 28), dtype=np.float32) for _ in range(n)]
@@ -283,14 +287,7 @@ def test_every_count_of_one_scenario_agrees(
     assert not any(r.cached for r in first) and all(r.cached for r in again)
     assert [r.classes[0].index for r in again] == [r.classes[0].index for r in first]
 
-    after = (
-        counters.misses,
-        counters.hits,
-        sample("inferpool_cache_misses_total"),
-        sample("inferpool_cache_hits_total"),
-        worker.stats()["items_computed"],
-    )
-    assert [a - b for a, b in zip(after, before, strict=True)] == [n, n, n, n, n]
+    assert [a - b for a, b in zip(counts(), before, strict=True)] == [n, n, n, n, n]
 
     def computed_since() -> int | None:
         tasks: dict[str, Any] = flower.json(
