@@ -24,7 +24,8 @@ from inferpool.repository import Repository
 from inferpool.v1 import envelope_pb2
 from tests.servers import MemcachedServer, wait_until
 from workers import metrics
-from workers.batcher import Batcher, BulkWork, Pending, Ticket
+from workers.batcher import Batcher, BulkWork, Pending
+from workers.results import Ticket
 from workers.runtime import ModelRunner, pick_device
 from workers.sinks import JobSink, ReplySink
 from workers.stats import WorkerStats

@@ -7,10 +7,11 @@ batcher thread fills each batch with interactive items first and tops it up with
 bulk items, so a waiting Classify is delayed by at most the batch in progress.
 It waits up to `max_delay_ms` for more only while other interactive messages for
 the model are still being decoded (a lone request is not held back for nothing),
-drops items whose deadline passed and items of jobs that were cancelled, runs one
-batch, then writes the cache, every reply and every job result in bulk. Bulk batches
-are written by a second thread (`results-<model>-<version>`) while the model runs the
-next one: Redis and Memcached round trips no longer stall the model.
+drops items whose deadline passed and items of jobs that were cancelled, and runs
+one batch (`RowFallback`: row by row when the batch fails). Its `ResultWriter`
+(workers/results.py) writes the cache, every reply and every job result: an
+interactive batch's from this thread, bulk batches' from its results thread while
+the model runs the next one.
 
 Interactive items travel one by one (`Pending`); a bulk chunk travels whole
 (`BulkWork`: its inputs as one array) and is cut into row ranges (`BulkSlice`) as
@@ -21,76 +22,29 @@ building each result and its cache entry.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from collections import defaultdict, deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import redis
 
-from inferpool import codec, jobs
 from inferpool.cache import Cache
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2
 from workers import metrics
-from workers.runtime import ModelRunner
+from workers.results import Computed, EndedJobs, Outcome, ResultWriter, Ticket
+from workers.runtime import ModelRunner, RowFallback
 from workers.sinks import JobSink, ReplySink
 from workers.stats import WorkerStats
 
 log = logging.getLogger(__name__)
 
-Reply = envelope_pb2.Reply
-
 # While interactive requests arrived this recently, bulk-only batches hold at most an
 # eighth of max_batch_size: a Classify that lands while one runs then waits for a short
 # batch, not a full one. With no interactive traffic bulk runs full batches.
 INTERACTIVE_RECENT_S = 0.1
-# Bulk batches the model may run ahead of their results being written: enough to keep it
-# busy while the results thread waits on Memcached and Redis, few enough that a job
-# cancelled mid-way (seen in the state its next result write returns) stops within a
-# few batches.
-WRITER_DEPTH = 2
-# Ended jobs remembered, so items of theirs still queued here are dropped.
-ENDED_REMEMBERED = 4096
-
-
-@dataclass
-class Ticket:
-    """The items of one queue message; `done` is set (and `on_done(ticket)` called) once
-    every item is answered or dropped: at construction when there are none."""
-
-    count: int
-    enqueued_unix_ns: int
-    on_done: Callable[[Ticket], None] | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    computed: int = 0
-    expired: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    unrecorded: int = 0  # bulk results that could not be written: the chunk must come back
-    _left: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __post_init__(self) -> None:
-        self._left = self.count
-        if self.count == 0:
-            self._finish()
-
-    def settle(self, outcome: str, n: int = 1) -> None:
-        with self._lock:
-            setattr(self, outcome, getattr(self, outcome) + n)
-            self._left -= n
-            finished = self._left == 0
-        if finished:
-            self._finish()
-
-    def _finish(self) -> None:
-        self.done.set()
-        if self.on_done is not None:
-            self.on_done(self)
 
 
 @dataclass
@@ -129,26 +83,13 @@ class BulkSlice:
         return self.stop - self.start
 
 
-# A batch's output: the model's [N, classes] array when the whole batch ran, else row
-# by row with None for each row the model failed on.
-Rows = np.ndarray | list[np.ndarray | None]
-
-
-@dataclass
-class Computed:
-    """One bulk batch through the model: its slices, their output rows in order (None:
-    the model failed on it), how long the model took, and when the batch started."""
-
-    live: list[BulkSlice]
-    rows: Rows
-    compute_s: float
-    started_unix_ns: int
-
-
 Batch = list[Pending] | list[BulkSlice]
 
 
 class Batcher(threading.Thread):
+    """The scheduler of one model version: takes batches, drops dead items, runs the
+    model, and hands the rows to its ResultWriter."""
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -161,7 +102,6 @@ class Batcher(threading.Thread):
         super().__init__(name=f"batcher-{cfg.name}-{cfg.version}", daemon=True)
         self.cfg = cfg
         self.runner = runner
-        self.sink = sink
         self.jobs = jobs_sink
         self.cache = cache
         self.stats = stats
@@ -172,20 +112,11 @@ class Batcher(threading.Thread):
         self._stopping = False
         self._arriving = 0
         self._last_interactive = -INTERACTIVE_RECENT_S
-        # Computed bulk batches waiting for the results thread; bounded, so the model
-        # runs at most WRITER_DEPTH batches ahead of the writes.
-        self._computed: queue.Queue[Computed | None] = queue.Queue(maxsize=WRITER_DEPTH)
-        self._writer = threading.Thread(
-            target=self._write_results, name=f"results-{cfg.name}-{cfg.version}", daemon=True
-        )
-        # Jobs seen ended (insertion-ordered, bounded): their queued items are dropped.
-        self._ended: dict[str, None] = {}
+        self._model = RowFallback(cfg, runner, stats)
+        # Filled by the writer from the states its job writes return, and by expiry here.
+        self._ended = EndedJobs()
+        self._writer = ResultWriter(cfg, sink, jobs_sink, cache, stats, self._ended)
         name = cfg.name
-        self._m_queue = metrics.QUEUE_DURATION.labels(name)
-        self._m_batch = metrics.BATCH_SIZE.labels(name)
-        self._m_compute = metrics.COMPUTE_DURATION.labels(name)
-        self._m_ok = metrics.COMPUTED.labels(name, "ok")
-        self._m_failed = metrics.COMPUTED.labels(name, "failed")
         self._m_expired = metrics.DROPPED.labels(name, "expired")
         self._m_cancelled = metrics.DROPPED.labels(name, "cancelled")
 
@@ -284,13 +215,12 @@ class Batcher(threading.Thread):
                     for part in batch:
                         if isinstance(part, BulkSlice):
                             if not part.work.ticket.done.is_set():
-                                part.work.ticket.settle("failed", part.size)
+                                part.work.ticket.settle(Outcome.FAILED, part.size)
                         elif not part.ticket.done.is_set():
-                            part.ticket.settle("failed")
+                            part.ticket.settle(Outcome.FAILED)
         finally:
             # Stopping: the results thread writes what was computed, then ends.
-            self._computed.put(None)
-            self._writer.join()
+            self._writer.close()
 
     def _dropped(self, expired: int, cancelled: int, expired_jobs: set[str]) -> None:
         if expired:
@@ -300,7 +230,7 @@ class Batcher(threading.Thread):
             self.stats.add("items_cancelled", cancelled)
             self._m_cancelled.inc(cancelled)
         for job_id in expired_jobs:
-            self._job_ended(job_id)
+            self._ended.add(job_id)
             try:
                 self.jobs.expire(job_id)
             except redis.RedisError as exc:
@@ -314,7 +244,7 @@ class Batcher(threading.Thread):
         live: list[Pending] = []
         for p in batch:
             if p.item.deadline_unix_ns and p.item.deadline_unix_ns <= now_ns:
-                p.ticket.settle("expired")
+                p.ticket.settle(Outcome.EXPIRED)
             else:
                 live.append(p)
         self._dropped(len(batch) - len(live), 0, set())
@@ -332,40 +262,16 @@ class Batcher(threading.Thread):
         for part in batch:
             work = part.work
             if work.job_id in self._ended:
-                work.ticket.settle("cancelled", part.size)
+                work.ticket.settle(Outcome.CANCELLED, part.size)
                 cancelled += part.size
             elif work.deadline_unix_ns and work.deadline_unix_ns <= now_ns:
                 expired_jobs.add(work.job_id)
-                work.ticket.settle("expired", part.size)
+                work.ticket.settle(Outcome.EXPIRED, part.size)
                 expired += part.size
             else:
                 live.append(part)
         self._dropped(expired, cancelled, expired_jobs)
         return live
-
-    def _job_ended(self, job_id: str) -> None:
-        self._ended[job_id] = None
-        if len(self._ended) > ENDED_REMEMBERED:
-            del self._ended[next(iter(self._ended))]  # the oldest: its chunks are long gone
-
-    def _run(self, x: np.ndarray) -> Rows:
-        """Class probabilities per input row; None for a row the model failed on. When the
-        batch fails, each row is run alone, so one bad input fails only itself."""
-        try:
-            return self.runner.run(x)
-        except Exception:
-            log.exception("model %s v%d failed on a batch of %d", self.cfg.name, self.cfg.version, len(x))
-        if len(x) == 1:
-            return [None]
-        self.stats.add("batches_split")
-        rows: list[np.ndarray | None] = []
-        for i in range(len(x)):
-            try:
-                rows.append(self.runner.run(x[i : i + 1])[0])
-            except Exception as exc:
-                log.warning("model %s v%d failed on one input: %r", self.cfg.name, self.cfg.version, exc)
-                rows.append(None)
-        return rows
 
     def _process(self, batch: list[Pending]) -> None:
         """An interactive batch: computed and answered from this thread (a hand-off to
@@ -375,10 +281,8 @@ class Batcher(threading.Thread):
         if not live:
             return
         t0 = time.perf_counter()
-        rows = self._run(np.concatenate([p.array for p in live]))
-        compute_s = time.perf_counter() - t0
-        self._observe(rows, compute_s, ((started_unix_ns - p.ticket.enqueued_unix_ns, 1) for p in live))
-        self._answer(live, rows, compute_s, started_unix_ns)
+        rows = self._model.run(np.concatenate([p.array for p in live]))
+        self._writer.answer(live, rows, time.perf_counter() - t0, started_unix_ns)
 
     def _process_bulk(self, batch: list[BulkSlice]) -> None:
         """A bulk batch: computed here, written by the results thread while the model
@@ -389,141 +293,7 @@ class Batcher(threading.Thread):
             return
         t0 = time.perf_counter()
         # A fresh array even for one slice: a chunk's rows are a read-only view of its message.
-        rows = self._run(np.concatenate([part.work.rows[part.start : part.stop] for part in live]))
+        rows = self._model.run(np.concatenate([part.work.rows[part.start : part.stop] for part in live]))
         compute_s = time.perf_counter() - t0
         # Its metrics too are the results thread's: this thread's time is the model's.
-        self._computed.put(Computed(live, rows, compute_s, started_unix_ns))
-
-    def _observe(self, rows: Rows, compute_s: float, waits_ns: Iterable[tuple[int, int]]) -> None:
-        """Metrics of one batch; `waits_ns` gives (queue wait, items) per group of items
-        that waited as long."""
-        for wait_ns, n in waits_ns:
-            self._m_queue.observe_many(max(0.0, wait_ns / 1e9), n)
-        size = len(rows)
-        self._m_batch.observe(size)
-        self._m_compute.observe(compute_s)
-        failed = 0 if isinstance(rows, np.ndarray) else sum(row is None for row in rows)
-        if failed < size:
-            self.stats.batch(size - failed, compute_s)
-            self._m_ok.inc(size - failed)
-        if failed:
-            self.stats.add("items_failed", failed)
-            self._m_failed.inc(failed)
-
-    def _answer(self, live: list[Pending], rows: Rows, compute_s: float, started_unix_ns: int) -> None:
-        """The cache entries and replies of an interactive batch, then their tickets."""
-        try:
-            replies: dict[str, list[bytes]] = defaultdict(list)
-            cache_values: dict[str, bytes] = {}
-            compute_ms = compute_s * 1000
-            for p, row in zip(live, rows, strict=True):
-                reply = Reply(
-                    request_id=p.item.request_id,
-                    queue_ms=max(0.0, (started_unix_ns - p.ticket.enqueued_unix_ns) / 1e6),
-                    compute_ms=compute_ms,
-                    batch_size=len(live),
-                )
-                if row is None:
-                    reply.status = Reply.STATUS_INTERNAL
-                    reply.error = MODEL_FAILED
-                else:
-                    reply.status = Reply.STATUS_OK
-                    scores = codec.scores_bytes(row)  # the cache entry, as bulk writes it
-                    reply.scores.MergeFromString(scores)
-                    # The key is recomputed here from what was actually computed, never
-                    # taken from the message: clients cannot steer what lands in the cache.
-                    key = self.cache.keys.input_key(self.cfg, p.item.input.data, p.item.cache_scope)
-                    cache_values[key] = scores
-                replies[p.item.reply_key].append(reply.SerializeToString())
-            # Cache first, and acknowledged: a caller who got its reply and asks again must hit.
-            self.cache.set_many(cache_values)
-            self.sink.push(replies)
-        finally:
-            for p, row in zip(live, rows, strict=True):
-                p.ticket.settle("computed" if row is not None else "failed")
-
-    def _write_results(self) -> None:
-        """The results thread: writes computed bulk batches, several per round trip when
-        the model got ahead of it."""
-        while True:
-            group = [self._computed.get()]
-            while group[-1] is not None:
-                try:
-                    group.append(self._computed.get_nowait())
-                except queue.Empty:
-                    break
-            last = group[-1] is None
-            batches = [done for done in group if done is not None]
-            try:
-                if batches:
-                    self._record(batches)
-            except Exception:
-                log.exception("writing the results of %d batches of %s failed", len(batches), self.cfg.name)
-            if last:
-                return
-
-    def _record(self, group: list[Computed]) -> None:
-        """The cache entries and job results of computed bulk batches, then their tickets.
-        A result holds what GetJob reads: status, scores (or error)."""
-        recorded: set[str] = set()
-        failed_rows: dict[int, int] = {}  # id(slice) -> its rows the model failed on
-        try:
-            results: dict[str, list[tuple[int, str, bytes]]] = defaultdict(list)
-            cache_values: dict[str, bytes] = {}
-            for done in group:
-                waits = ((done.started_unix_ns - p.work.ticket.enqueued_unix_ns, p.size) for p in done.live)
-                self._observe(done.rows, done.compute_s, waits)
-                if isinstance(done.rows, np.ndarray):
-                    scores, replies = codec.ok_results(done.rows)
-                else:  # the model failed on some rows: row by row, b"" for those
-                    scores = [b"" if row is None else codec.scores_bytes(row) for row in done.rows]
-                    replies = [
-                        codec.ok_reply_bytes(s) if row is not None else b""
-                        for row, s in zip(done.rows, scores, strict=True)
-                    ]
-                at = 0  # the item's row in the batch (slices follow one another)
-                for part in done.live:
-                    indexes, inputs = part.work.job_indexes, part.work.rows
-                    entries = results[part.work.job_id]
-                    # Keyed by the bytes the model computed, as input_key keys the request.
-                    keys = self.cache.keys.row_keys(
-                        self.cfg, inputs[part.start : part.stop], part.work.cache_scope
-                    )
-                    failed = 0
-                    for i, key in zip(range(part.start, part.stop), keys, strict=True):
-                        reply = replies[at]
-                        if reply:  # an OK reply is never empty
-                            cache_values[key] = scores[at]
-                            entries.append((indexes[i], jobs.OK, reply))
-                        else:
-                            entries.append((indexes[i], jobs.FAILED, _MODEL_FAILED))
-                            failed += 1
-                        at += 1
-                    failed_rows[id(part)] = failed
-            # Not acknowledged: nobody waits on these entries, and the job's results are the
-            # answer. A bulk item counts only once its result is in Redis; its chunk is
-            # acknowledged after that (Ticket.on_done), so a crash before this point
-            # redelivers it.
-            self.cache.set_many(cache_values, wait=False)
-            for job_id, entries in results.items():
-                _, state = self.jobs.record(job_id, entries)
-                recorded.add(job_id)
-                if state is not None and state not in jobs.LIVE:
-                    self._job_ended(job_id)  # cancelled, ended or gone: drop what is queued
-        finally:
-            # Every slice settles, whatever failed above: its chunk is acknowledged, or put
-            # back on its queue when its results were not written.
-            for part in (part for done in group for part in done.live):
-                ticket = part.work.ticket
-                if part.work.job_id not in recorded:
-                    ticket.settle("unrecorded", part.size)
-                    continue
-                failed = failed_rows[id(part)]  # known: results are written after the loop
-                if part.size > failed:
-                    ticket.settle("computed", part.size - failed)
-                if failed:
-                    ticket.settle("failed", failed)
-
-
-MODEL_FAILED = "the model failed on this input"
-_MODEL_FAILED = Reply(status=Reply.STATUS_INTERNAL, error=MODEL_FAILED).SerializeToString()
+        self._writer.put(Computed(live, rows, compute_s, started_unix_ns))

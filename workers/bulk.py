@@ -41,7 +41,8 @@ from inferpool.names import bulk_queue_name, bulk_task_name
 from inferpool.repository import NONFINITE, ModelConfig
 from inferpool.v1 import envelope_pb2
 from workers import metrics
-from workers.batcher import Batcher, BulkWork, Ticket
+from workers.batcher import Batcher, BulkWork
+from workers.results import Ticket
 from workers.sinks import JobSink
 from workers.stats import WorkerStats
 

@@ -8,8 +8,8 @@ import sys
 
 from inferpool.heap import keep_large_buffers
 from inferpool.names import bulk_queue_name, queue_name
-from inferpool.repository import RepositoryError
-from inferpool.settings import SettingsError
+from inferpool.repository import Repository, RepositoryError
+from inferpool.settings import Settings, SettingsError
 
 
 def _own_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -49,12 +49,16 @@ def _log_level(args: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     keep_large_buffers()  # before the model's and the chunks' buffers exist
-    # Settings and the repository are validated when workers.app is imported.
+    from workers import metrics
+    from workers.app import create_app
+
+    # Settings and the repository are validated here, before Celery starts.
     try:
-        from workers.app import app, repository, settings
+        settings = Settings.from_env()
+        repository = Repository.load(settings.model_repository)
+        app = create_app(settings, repository)
     except (SettingsError, RepositoryError) as exc:
         sys.exit(str(exc))
-    from workers import metrics
 
     own, extra = _own_options(list(sys.argv[1:] if argv is None else argv))
     queues = [queue_name(n) for n in repository.names]

@@ -1,4 +1,5 @@
-"""Loads a TorchScript model from the repository and runs batches on CUDA or CPU."""
+"""Loads a TorchScript model from the repository and runs batches on CUDA or CPU; a batch
+the model fails on is run again row by row (`RowFallback`)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,17 @@ import bisect
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from inferpool.repository import ModelConfig
 from inferpool.tensor import dtype_name
+from workers.stats import WorkerStats
+
+if TYPE_CHECKING:
+    from workers.results import Rows
 
 log = logging.getLogger(__name__)
 
@@ -174,3 +180,31 @@ class ModelRunner:
                 out = torch.softmax(out.float(), dim=1)
             result: np.ndarray = out.float().cpu().numpy()
             return result
+
+
+class RowFallback:
+    """Runs a batch through the model; when the batch fails, runs each row alone, so one
+    bad input fails only itself."""
+
+    def __init__(self, cfg: ModelConfig, runner: ModelRunner, stats: WorkerStats) -> None:
+        self.cfg = cfg
+        self.runner = runner
+        self.stats = stats
+
+    def run(self, x: np.ndarray) -> Rows:
+        """Class probabilities per input row; None for a row the model failed on."""
+        try:
+            return self.runner.run(x)
+        except Exception:
+            log.exception("model %s v%d failed on a batch of %d", self.cfg.name, self.cfg.version, len(x))
+        if len(x) == 1:
+            return [None]
+        self.stats.add("batches_split")
+        rows: list[np.ndarray | None] = []
+        for i in range(len(x)):
+            try:
+                rows.append(self.runner.run(x[i : i + 1])[0])
+            except Exception as exc:
+                log.warning("model %s v%d failed on one input: %r", self.cfg.name, self.cfg.version, exc)
+                rows.append(None)
+        return rows
