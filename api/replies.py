@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from inferpool.broker import Reconnect
 from inferpool.errors import BackendUnavailable
 from inferpool.v1 import envelope_pb2
 
@@ -23,9 +23,6 @@ log = logging.getLogger(__name__)
 
 POP_COUNT = 256
 BLOCK_S = 1.0
-# While Redis is unreachable the listener retries several times a second; it says so
-# this often.
-LOST_LOG_EVERY_S = 10.0
 
 
 def _listening_client(client: aioredis.Redis) -> aioredis.Redis:
@@ -70,28 +67,15 @@ class ReplyListener:
         fut.set_result(reply)
 
     async def run(self) -> None:
-        first_backoff_s = self.reconnect_max_s / 4
-        backoff_s = first_backoff_s
-        logged_at = -LOST_LOG_EVERY_S
+        reconnect = Reconnect("reply listener", self.reconnect_max_s, log)
         try:
             while True:
                 try:
                     popped = await self.client.blmpop(BLOCK_S, 1, self.key, direction="LEFT", count=POP_COUNT)
-                    backoff_s = first_backoff_s
+                    reconnect.reset()
                 except (RedisError, OSError) as exc:
                     self._fail_all(BackendUnavailable("lost the connection to the reply store"))
-                    now = time.monotonic()
-                    if now - logged_at >= LOST_LOG_EVERY_S:
-                        logged_at = now
-                        log.warning(
-                            "reply listener lost Redis (%r); retrying every %.2fs or less",
-                            exc,
-                            self.reconnect_max_s,
-                        )
-                    # Short and bounded: a refused connect costs nothing, and each step of
-                    # waiting is time the replies of a restarted Redis go unread.
-                    await asyncio.sleep(backoff_s)
-                    backoff_s = min(backoff_s * 2, self.reconnect_max_s)
+                    await asyncio.sleep(reconnect.lost(exc))
                     continue
                 if popped:
                     values: list[bytes] = popped[1]  # type: ignore[assignment]  # [key, [value, ...]]

@@ -27,6 +27,40 @@ from inferpool.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# While Redis is unreachable its clients retry several times a second; each says so this often.
+LOST_LOG_EVERY_S = 10.0
+
+
+class Reconnect:
+    """The pace at which a client of a lost Redis tries again, and its log line: waits
+    start at a quarter of `max_s` and double up to it (a refused connect costs nothing,
+    and every step of waiting is time a restarted Redis goes unused); the loss is logged
+    at most once every LOST_LOG_EVERY_S."""
+
+    def __init__(self, what: str, max_s: float, logger: logging.Logger) -> None:
+        self.what = what
+        self.max_s = max_s
+        self.logger = logger
+        self._logged_at = -LOST_LOG_EVERY_S
+        self.backoff_s = max_s / 4
+
+    def reset(self) -> None:
+        """Connected again: the next loss starts from the shortest wait."""
+        self.backoff_s = self.max_s / 4
+
+    def lost(self, exc: BaseException) -> float:
+        """How long to wait before the next try."""
+        now = time.monotonic()
+        if now - self._logged_at >= LOST_LOG_EVERY_S:
+            self._logged_at = now
+            self.logger.warning(
+                "%s lost Redis (%r); retrying every %.2fs or less", self.what, exc, self.max_s
+            )
+        wait_s = self.backoff_s
+        self.backoff_s = min(self.backoff_s * 2, self.max_s)
+        return wait_s
+
+
 # An interactive message still unacknowledged this long after delivery gets its entry
 # in kombu's `unacked` hash; one acknowledged sooner never touches Redis for it.
 DEFER_UNACKED_S = 0.05

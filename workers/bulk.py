@@ -35,6 +35,7 @@ import redis
 from celery import Celery
 
 from inferpool import codec, jobs
+from inferpool.broker import Reconnect
 from inferpool.bulkqueue import BulkQueues
 from inferpool.errors import InvalidInput
 from inferpool.names import bulk_queue_name, bulk_task_name
@@ -49,10 +50,6 @@ from workers.stats import WorkerStats
 log = logging.getLogger(__name__)
 
 Reply = envelope_pb2.Reply
-
-# While Redis is unreachable the consumer retries several times a second; it says so
-# this often.
-LOST_LOG_EVERY_S = 10.0
 
 
 class _Chunk:
@@ -137,31 +134,19 @@ class BulkConsumer(threading.Thread):
         return bool(worker.enabled) and (not worker.groups or "task" in worker.groups)
 
     def run(self) -> None:
-        first_backoff_s = self.reconnect_max_s / 4
-        backoff_s = first_backoff_s
+        reconnect = Reconnect("bulk consumer", self.reconnect_max_s, log)
         reconnecting = False
-        logged_at = -LOST_LOG_EVERY_S
         while not self._stopping.is_set():
             try:
                 self._consume(reconnecting)
             except (redis.RedisError, OSError) as exc:
                 # What this worker held stays in its processing lists: the reaper of the
-                # next worker (or ours, once the lease lapses) puts it back. Retried at a
-                # short pace (a refused connect costs nothing), logged now and then.
+                # next worker (or ours, once the lease lapses) puts it back.
                 if self._connected:
                     self._connected = False
-                    backoff_s = first_backoff_s
-                now = time.monotonic()
-                if now - logged_at >= LOST_LOG_EVERY_S:
-                    logged_at = now
-                    log.warning(
-                        "bulk consumer lost Redis (%r); retrying every %.2fs or less",
-                        exc,
-                        self.reconnect_max_s,
-                    )
+                    reconnect.reset()
                 reconnecting = True
-                self._stopping.wait(backoff_s)
-                backoff_s = min(backoff_s * 2, self.reconnect_max_s)
+                self._stopping.wait(reconnect.lost(exc))
 
     def _held_bodies(self, queue_name: str) -> list[bytes]:
         return [c.body for c in self._holding if c.queue == queue_name]
