@@ -49,6 +49,8 @@ def merge(parts: list[Run]) -> Run:
         lag_p50_ms=max((p.lag_p50_ms for p in parts), default=float("nan")),
         lag_p99_ms=max((p.lag_p99_ms for p in parts), default=float("nan")),
         lat_ms=np.concatenate([p.lat_ms for p in parts]) if parts else np.zeros(0),
+        refused_ms=np.concatenate([p.refused_ms for p in parts]) if parts else np.zeros(0),
+        refused_by_rpc_limit=sum(p.refused_by_rpc_limit for p in parts),
     )
     out.distinct = len(out.seen)
     # Each process's own rate, summed: their runs end a few ms apart.

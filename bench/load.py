@@ -1,7 +1,7 @@
 """Bounded closed-loop load on the Classify miss and hit paths (`make bench`).
 
 Starts the Procfile stack on free loopback ports (or targets `--target`), drives it
-from this process with grpc.aio at fixed concurrency, and reports per phase the
+from this process with bench/loadgen.py at fixed concurrency, and reports per phase the
 median over `--repeats` runs of throughput and latency percentiles. Prints a table
 and writes bench/results/load.json.
 
@@ -16,110 +16,52 @@ import json
 import os
 import platform
 import statistics
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-import grpc
-import numpy as np
-
+from bench.loadgen import HOT_ITEMS, Load, drive
 from bench.stack import ROOT, LocalStack
-from inferpool.client import AsyncClient
 
 RESULTS = ROOT / "bench" / "results"
-SHAPE = (1, 1, 28, 28)
-
-
-@dataclass
-class Run:
-    requests: int
-    errors: int
-    cached: int
-    seconds: float
-    p50_ms: float
-    p99_ms: float
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds
 
 
 async def closed_loop(
-    target: str,
-    next_input: Callable[[int], np.ndarray],
-    concurrency: int,
-    seconds: float,
-    max_requests: int = 1_000_000,
-    timeout_s: float = 5.0,
-    model: str = "digits",
-) -> Run:
-    """`concurrency` callers, each sending its next request when the last one returns,
-    until `seconds` pass or `max_requests` are sent."""
-    latencies: list[float] = []
-    errors = cached = sent = 0
-    stop_at = time.perf_counter() + seconds
-    async with AsyncClient(target) as client:
-
-        async def caller() -> None:
-            nonlocal errors, cached, sent
-            while sent < max_requests and time.perf_counter() < stop_at:
-                image = next_input(sent)
-                sent += 1
-                t0 = time.perf_counter()
-                try:
-                    response = await client.classify(image, model, timeout_s=timeout_s)
-                except grpc.aio.AioRpcError:
-                    errors += 1
-                    continue
-                latencies.append(time.perf_counter() - t0)
-                cached += response.cached
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-    ms = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
-    return Run(
-        requests=len(latencies),
-        errors=errors,
-        cached=cached,
-        seconds=elapsed,
-        p50_ms=float(np.percentile(ms, 50)),
-        p99_ms=float(np.percentile(ms, 99)),
-    )
-
-
-def unique_images(seed: int, shape: tuple[int, ...] = SHAPE) -> Callable[[int], np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return lambda _: rng.random(shape, dtype=np.float32)
-
-
-def repeated_images(pool: np.ndarray) -> Callable[[int], np.ndarray]:
-    return lambda i: pool[i % len(pool)]
+    target: str, workload: str, concurrency: int, seconds: float, **load: Any
+) -> dict[str, Any]:
+    """One closed-loop run of bench/loadgen.py's `workload`, as this benchmark records it."""
+    run = await drive(Load(target, workload=workload, concurrency=concurrency, seconds=seconds, **load))
+    return {
+        "requests": run.ok,
+        "errors": sum(run.errors.values()),
+        "cached": run.cached,
+        "seconds": run.elapsed_s,
+        "p50_ms": run.p50_ms,
+        "p99_ms": run.p99_ms,
+        "rps": run.rps,
+    }
 
 
 async def measure(target: str, seconds: float, repeats: int) -> list[dict[str, object]]:
-    hot = np.random.default_rng(12345).random((256, *SHAPE), dtype=np.float32)
     # Warm the cache with the hit-path inputs, and the worker's JIT with real traffic.
-    await closed_loop(target, repeated_images(hot), 16, 30, max_requests=len(hot))
-    await closed_loop(target, unique_images(0), 16, 1.0)
-    rows = []
+    await closed_loop(target, "hit", 16, 30, max_requests=HOT_ITEMS)
+    await closed_loop(target, "miss", 16, 1.0)
+    rows: list[dict[str, object]] = []
     for path, concurrency in (("miss", 1), ("miss", 64), ("hit", 1), ("hit", 64)):
-        runs = []
-        for r in range(repeats):
-            source = unique_images(1000 * concurrency + r) if path == "miss" else repeated_images(hot)
-            runs.append(await closed_loop(target, source, concurrency, seconds))
+        runs = [
+            await closed_loop(target, path, concurrency, seconds, seed=1000 * concurrency + r)
+            for r in range(repeats)
+        ]
         rows.append(
             {
                 "path": path,
                 "concurrency": concurrency,
-                "rps": statistics.median(run.rps for run in runs),
-                "p50_ms": statistics.median(run.p50_ms for run in runs),
-                "p99_ms": statistics.median(run.p99_ms for run in runs),
-                "errors": sum(run.errors for run in runs),
-                "cached_fraction": sum(run.cached for run in runs)
-                / max(1, sum(run.requests for run in runs)),
-                "runs": [asdict(run) | {"rps": run.rps} for run in runs],
+                "rps": statistics.median(run["rps"] for run in runs),
+                "p50_ms": statistics.median(run["p50_ms"] for run in runs),
+                "p99_ms": statistics.median(run["p99_ms"] for run in runs),
+                "errors": sum(run["errors"] for run in runs),
+                "cached_fraction": sum(run["cached"] for run in runs)
+                / max(1, sum(run["requests"] for run in runs)),
+                "runs": runs,
             }
         )
     return rows

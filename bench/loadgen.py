@@ -64,6 +64,7 @@ class Load:
     max_outstanding: int = 4096  # open loop: past it sends are counted as `shed`
     start_at: float = 0.0  # wall clock to start at (lines processes up); 0 = now
     record_calls: bool = False  # keep (scheduled offset s, status, latency s) per call
+    backoff_s: float = 0.0  # closed loop: a refused (RESOURCE_EXHAUSTED) caller's pause
 
 
 @dataclass
@@ -79,6 +80,9 @@ class Run:
     lag_p50_ms: float = float("nan")
     lag_p99_ms: float = float("nan")
     lat_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # RESOURCE_EXHAUSTED calls: their latencies, and how many the server's concurrent-RPC bound refused.
+    refused_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    refused_by_rpc_limit: int = 0
     calls: list[tuple[float, str, float]] | None = None
     # A 64-bit digest of each input sent (the same in every process): runs merge by union.
     seen: set[int] = field(default_factory=set)
@@ -161,6 +165,7 @@ async def drive(load: Load) -> Run:
 
     run = Run(calls=[] if load.record_calls else None)
     latencies: list[float] = []
+    refused: list[float] = []
     errors: Counter[str] = Counter()
     source = inputs(load)
 
@@ -181,18 +186,23 @@ async def drive(load: Load) -> Run:
         cpu0, t_start = time.process_time(), time.perf_counter()
         t_stop = t_start + load.seconds
 
-        async def one(req: inference_pb2.ClassifyRequest, t0: float) -> None:
+        async def one(req: inference_pb2.ClassifyRequest, t0: float) -> str:
             try:
                 response = await stub.Classify(req, timeout=load.timeout_s)
                 status = "OK"
             except grpc.aio.AioRpcError as exc:
                 status = exc.code().name
                 errors[status] += 1
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    refused.append(time.perf_counter() - t0)
+                    # grpc's own words when the server's concurrent-RPC bound refused it.
+                    run.refused_by_rpc_limit += "Concurrent RPC limit" in (exc.details() or "")
             else:
                 latencies.append(time.perf_counter() - t0)
                 run.cached += response.cached
             if run.calls is not None:
                 run.calls.append((t0 - t_start, status, time.perf_counter() - t0))
+            return status
 
         if load.concurrency:
 
@@ -200,7 +210,9 @@ async def drive(load: Load) -> Run:
                 while time.perf_counter() < t_stop and not (
                     load.max_requests and run.sent >= load.max_requests
                 ):
-                    await one(request(), time.perf_counter())
+                    status = await one(request(), time.perf_counter())
+                    if status == "RESOURCE_EXHAUSTED" and load.backoff_s:
+                        await asyncio.sleep(load.backoff_s)
 
             await asyncio.gather(*(caller() for _ in range(load.concurrency)))
         else:
@@ -211,6 +223,7 @@ async def drive(load: Load) -> Run:
         await monitor
     run.ok, run.errors, run.distinct = len(latencies), dict(errors), len(run.seen)
     run.lat_ms = np.asarray(latencies, dtype=np.float64) * 1000
+    run.refused_ms = np.asarray(refused, dtype=np.float64) * 1000
     if lags:
         lag_ms = np.asarray(lags) * 1000
         run.lag_p50_ms, run.lag_p99_ms = float(np.percentile(lag_ms, 50)), float(np.percentile(lag_ms, 99))

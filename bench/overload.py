@@ -3,10 +3,10 @@
 Starts the stack on loopback (or targets `--target`), measures capacity (closed loop at
 64 in flight with a long deadline), then sweeps closed loops of `--inflight` callers
 (64/128/256/512 by default) whose calls carry a `--deadline-ms` deadline (100 ms). Each
-run's load comes from a generator in its own process group (`--generate`, started by this
-one) that reports its own CPU and event-loop lag: a run where the generator lagged more
-than `--max-generator-lag-ms` at p99 measured the generator, not the server, and is
-discarded and tried again (at most `--tries` times; the table marks a run that never got
+run's load comes from bench/loadgen.py in generator processes of their own process group
+(bench/generators.py), which report their own CPU and event-loop lag: a run where the
+generators lagged more than `--max-generator-lag-ms` at p99 measured the generator, not
+the server, and is discarded and tried again (at most `--tries` times; the table marks a run that never got
 under the bound).
 
 Per run the table gives, from the API's /metrics (server side): calls answered OK, calls
@@ -26,44 +26,24 @@ of N callers offers far more than capacity once refusals come back in microsecon
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
 import platform
-import re
-import resource
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
-from bench.heavy import HEAVY_MODEL, HEAVY_SHAPE, OVERLOAD_MODEL, OVERLOAD_SHAPE, make_repository
-from bench.load import SHAPE, unique_images
+from bench import procs, scrape
+from bench.generators import Generators
+from bench.heavy import make_repository
+from bench.loadgen import SHAPES, Load, Run
 from bench.stack import ROOT, LocalStack
-from inferpool.client import AsyncClient
 
 RESULTS = ROOT / "bench" / "results"
-SHAPES = {"digits": SHAPE, HEAVY_MODEL: (1, *HEAVY_SHAPE), OVERLOAD_MODEL: (1, *OVERLOAD_SHAPE)}
-# How often the generator's lag probe wakes.
-LAG_PROBE_S = 0.005
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -73,147 +53,30 @@ def pin(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(int(tid), cpus)
 
 
-def all_pids(root_pid: int) -> list[int]:
-    """`root_pid` and every process below it."""
-    pids, todo = [], [root_pid]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-        todo.extend(map(int, out))
-    return pids
+def _pct(ms: np.ndarray, q: float) -> float | None:
+    return float(np.percentile(ms, q)) if len(ms) else None
 
 
-def stack_pids(root_pid: int) -> dict[str, int]:
-    """The API and worker processes under honcho, by their command lines."""
-    found: dict[str, int] = {}
-    for pid in all_pids(root_pid)[1:]:
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv[1:3] == [b"-m", b"api"]:
-            found["api"] = pid
-        elif argv[1:3] == [b"-m", b"workers.main"]:
-            found["worker"] = pid
-    return found
-
-
-# --- The generator: its own process (and process group), one closed loop, a JSON line out.
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
-async def generate(spec: dict[str, Any]) -> dict[str, Any]:
-    """`inflight` callers, each sending its next call when the last one returns, for
-    `seconds`; reports codes, latencies, its own CPU time and event-loop lag."""
-    loop = asyncio.get_running_loop()
-    next_image = unique_images(spec["seed"], tuple(spec["shape"]))
-    deadline_s, backoff_s = spec["deadline_ms"] / 1000, spec["backoff_ms"] / 1000
-    codes: Counter[str] = Counter()
-    ok_ms: list[float] = []
-    refused_ms: list[float] = []
-    lag_ms: list[float] = []
-    limit_refusals = 0
-    stop_at = loop.time() + spec["seconds"]
-
-    async def probe() -> None:
-        while loop.time() < stop_at:
-            due = loop.time() + LAG_PROBE_S
-            await asyncio.sleep(LAG_PROBE_S)
-            lag_ms.append(max(0.0, loop.time() - due) * 1000)
-
-    async with AsyncClient(spec["target"]) as client:
-
-        async def caller() -> None:
-            nonlocal limit_refusals
-            while loop.time() < stop_at:
-                t0 = time.perf_counter()
-                try:
-                    await client.classify(next_image(0), spec["model"], timeout_s=deadline_s)
-                    codes["OK"] += 1
-                    ok_ms.append((time.perf_counter() - t0) * 1000)
-                except grpc.aio.AioRpcError as exc:
-                    codes[exc.code().name] += 1
-                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        refused_ms.append((time.perf_counter() - t0) * 1000)
-                        # grpc's own words when the server's concurrent-RPC bound refused it.
-                        limit_refusals += "Concurrent RPC limit" in (exc.details() or "")
-                        if backoff_s:
-                            await asyncio.sleep(backoff_s)
-
-        cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        await asyncio.gather(probe(), *(caller() for _ in range(spec["inflight"])))
-        wall_s, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
-    return {
-        "wall_s": wall_s,
-        "codes": dict(codes),
-        "ok_ms": ok_ms,
-        "refused_ms": refused_ms,
-        "refused_by_rpc_limit": limit_refusals,
-        "cpu_s": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime,
-        "lag_p99_ms": _pct(lag_ms, 99),
-    }
-
-
-def run_generator(spec: dict[str, Any], processes: int, cpus: set[int] | None) -> dict[str, Any]:
-    """One closed loop split over `processes` child processes, each in a process group
-    of its own, bounded in time; their reports merged (lag: the worst process's p99)."""
-    procs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        # Reports go through files: a report is larger than a pipe holds, and the event
-        # loop may have left stdout non-blocking.
-        outs = [Path(tmp) / f"generator-{i}.json" for i in range(processes)]
-        try:
-            for i in range(processes):
-                share = spec["inflight"] // processes + (i < spec["inflight"] % processes)
-                part = {**spec, "inflight": share, "seed": spec["seed"] * 100 + i, "out": str(outs[i])}
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "bench.overload", "--generate", json.dumps(part)],
-                    cwd=ROOT,
-                    start_new_session=True,
-                )
-                procs.append(proc)
-                if cpus:
-                    pin(proc.pid, cpus)
-            for proc in procs:
-                proc.wait(timeout=spec["seconds"] + 60)
-        except BaseException:
-            for proc in procs:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, 9)
-                proc.wait()
-            raise
-        if any(proc.returncode for proc in procs):
-            raise RuntimeError(f"a generator failed: {[proc.returncode for proc in procs]}")
-        parts = [json.loads(out.read_text()) for out in outs]
-    codes: Counter[str] = Counter()
-    for part in parts:
-        codes.update(part["codes"])
-    wall_s = max(part["wall_s"] for part in parts)
-    ok_ms = [v for part in parts for v in part["ok_ms"]]
-    refused_ms = [v for part in parts for v in part["refused_ms"]]
+def report(run: Run, processes: int) -> dict[str, Any]:
+    """What the table and the results file keep of a generator run."""
+    codes = {code: n for code, n in {"OK": run.ok, **run.errors}.items() if n}
+    lag = run.lag_p99_ms
     return {
         "calls": sum(codes.values()),
-        "wall_s": wall_s,
-        "codes": dict(codes),
+        "wall_s": run.elapsed_s,
+        "codes": codes,
         "generators": processes,
-        "ok_p50_ms": _pct(ok_ms, 50),
-        "ok_p99_ms": _pct(ok_ms, 99),
-        "refused_p50_ms": _pct(refused_ms, 50),
-        "refused_p99_ms": _pct(refused_ms, 99),
-        "refused_by_rpc_limit": sum(part["refused_by_rpc_limit"] for part in parts),
-        "generator_cpu": sum(part["cpu_s"] for part in parts) / wall_s,
-        "generator_lag_p99_ms": max(part["lag_p99_ms"] or 0.0 for part in parts),
+        "ok_p50_ms": _pct(run.lat_ms, 50),
+        "ok_p99_ms": _pct(run.lat_ms, 99),
+        "refused_p50_ms": _pct(run.refused_ms, 50),
+        "refused_p99_ms": _pct(run.refused_ms, 99),
+        "refused_by_rpc_limit": run.refused_by_rpc_limit,
+        "generator_cpu": run.cpu_s / run.elapsed_s if run.elapsed_s else 0.0,
+        "generator_lag_p99_ms": lag if np.isfinite(lag) else 0.0,
     }
 
 
 # --- Server side: the API's own counts, from /metrics.
-
-_REQUESTS = re.compile(r'^inferpool_requests_total\{code="(?P<code>[A-Z_]+)",rpc="Classify"\} (?P<n>\S+)$')
-_SHED = re.compile(r'^inferpool_shed_total\{reason="(?P<reason>[a-z_]+)"\} (?P<n>\S+)$')
 
 
 def server_counts(metrics_url: str | None) -> Counter[str]:
@@ -221,12 +84,12 @@ def server_counts(metrics_url: str | None) -> Counter[str]:
     before it (`shed_<reason>`), cumulative."""
     counts: Counter[str] = Counter()
     if metrics_url:
-        text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-        for line in text.splitlines():
-            if m := _REQUESTS.match(line):
-                counts[m["code"]] = int(float(m["n"]))
-            elif m := _SHED.match(line):
-                counts[f"shed_{m['reason']}"] = int(float(m["n"]))
+        for (name, labels), value in scrape.scrape(metrics_url).items():
+            label = dict(labels)
+            if name == "inferpool_requests_total" and label.get("rpc") == "Classify":
+                counts[label["code"]] = int(value)
+            elif name == "inferpool_shed_total":
+                counts[f"shed_{label['reason']}"] = int(value)
     return counts
 
 
@@ -238,29 +101,34 @@ def measure_run(
     deadline_ms: float,
     seed: int,
 ) -> dict[str, Any]:
-    spec = {
-        "target": target,
-        "model": args.model,
-        "shape": SHAPES[args.model],
-        "inflight": inflight,
-        "deadline_ms": deadline_ms,
-        "seconds": args.seconds,
-        "seed": seed,
-        "backoff_ms": args.backoff_ms,
-    }
-    for attempt in range(1, args.tries + 1):
-        before = server_counts(metrics_url)
-        processes = max(1, -(-inflight // args.callers_per_generator))
-        gen = run_generator(spec, processes, args.generator_cpus)
-        after = server_counts(metrics_url)
-        server = {code: after[code] - before[code] for code in after if after[code] - before[code]}
-        gen["server"] = server
-        gen["attempt"] = attempt
-        lag = gen["generator_lag_p99_ms"] or 0.0
-        gen["valid"] = lag <= args.max_generator_lag_ms
-        if gen["valid"]:
-            break
-        print(f"  {inflight} in flight: generator lag p99 {lag:.1f} ms, discarded (try {attempt})")
+    """A closed loop of `inflight` callers (fresh inputs) from generator processes of
+    their own, tried again while the generators lag past the bound."""
+    load = Load(
+        target,
+        model=args.model,
+        workload="miss",
+        concurrency=inflight,
+        seconds=args.seconds,
+        timeout_s=deadline_ms / 1000,
+        backoff_s=args.backoff_ms / 1000,
+    )
+    processes = max(1, -(-inflight // args.callers_per_generator))
+    with Generators(processes) as generators:
+        if args.generator_cpus:
+            for pid in generators.pids:
+                pin(pid, args.generator_cpus)
+        for attempt in range(1, args.tries + 1):
+            before = server_counts(metrics_url)
+            gen = report(generators.run(load, seed_base=seed), processes)
+            after = server_counts(metrics_url)
+            server = {code: after[code] - before[code] for code in after if after[code] - before[code]}
+            gen["server"] = server
+            gen["attempt"] = attempt
+            lag = gen["generator_lag_p99_ms"]
+            gen["valid"] = lag <= args.max_generator_lag_ms
+            if gen["valid"]:
+                break
+            print(f"  {inflight} in flight: generator lag p99 {lag:.1f} ms, discarded (try {attempt})")
     return gen
 
 
@@ -338,7 +206,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--generate", help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=sorted(SHAPES), default="digits", help="the model to overload")
     parser.add_argument(
         "--inflight",
@@ -370,14 +237,6 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "overload.json")
     args = parser.parse_args()
-    if args.generate:
-        with contextlib.suppress(ImportError):
-            import uvloop
-
-            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        spec = json.loads(args.generate)
-        Path(spec["out"]).write_text(json.dumps(asyncio.run(generate(spec))))
-        return
     args.generator_cpus = None
     if args.target:
         result = sweep(args, args.target, args.metrics)
@@ -388,12 +247,11 @@ def main() -> None:
             env = {"INFERPOOL_TORCH_THREADS": "1"} if args.pin else {}
             env.update(item.split("=", 1) for item in args.env)
             with LocalStack(flower=False, model_repository=repository, extra_env=env) as stack:
-                assert stack.proc is not None
                 if args.pin:
-                    pids = stack_pids(stack.proc.pid)
+                    pids = procs.find(stack.pid)
                     cpus = sorted(os.sched_getaffinity(0))
                     worker_cpus, rest = set(cpus[-1:]), set(cpus[:-1])
-                    for pid in [os.getpid(), *all_pids(stack.proc.pid)]:
+                    for pid in [os.getpid(), *procs.tree(stack.pid)]:
                         pin(pid, worker_cpus if pid == pids["worker"] else rest)
                     args.generator_cpus = rest
                     print(f"pinned: worker on CPU {sorted(worker_cpus)}, the rest on {sorted(rest)}")
@@ -404,7 +262,7 @@ def main() -> None:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "loadavg": os.getloadavg(),
-        **{k: v for k, v in vars(args).items() if k not in ("out", "generate", "generator_cpus")},
+        **{k: v for k, v in vars(args).items() if k not in ("out", "generator_cpus")},
     }
     args.out.write_text(json.dumps({"meta": meta, **result}, indent=2, default=str))
     print(f"\nwrote {args.out}")

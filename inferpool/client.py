@@ -3,14 +3,14 @@
 Bulk work goes through `Client.submit(...)`, which returns a `Job` handle:
 `job.wait()` follows its progress (a server stream, no polling), `job.results()`
 pages through the results in index order, `job.cancel()` stops it. `AsyncClient`
-has the same calls as coroutines, with `AsyncJob` handles.
+has the same calls as coroutines, with `AsyncJob` handles. The handles live in
+inferpool.jobclient; this module re-exports them.
 """
 
 from __future__ import annotations
 
 import collections
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -18,12 +18,21 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inferpool import tensor
-
-# Only what the wire contract says (state names); the rest of inferpool.jobs is the server's
-# Redis layout. The client must not import anything that needs the server's dependencies
-# (tests/test_install.py checks it in a fresh venv).
-from inferpool.jobs import TERMINAL, state_name
+from inferpool.jobclient import AsyncJob, Job, JobTimeout, created_id
 from inferpool.v1 import inference_pb2, inference_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+
+__all__ = [
+    "UPLOAD_MESSAGE_BYTES",
+    "AsyncClient",
+    "AsyncJob",
+    "ClassifyResponse",
+    "Client",
+    "Job",
+    "JobTimeout",
+    "channel_credentials",
+    "classify_request",
+    "submit_requests",
+]
 
 ClassifyResponse = inference_pb2.ClassifyResponse
 
@@ -180,136 +189,6 @@ def submit_requests(
             on_sent(0)
 
 
-class JobTimeout(TimeoutError):
-    def __init__(self, job: jobs_pb2.Job | None, timeout_s: float | None) -> None:
-        within = "" if timeout_s is None else f" within {timeout_s:g} s"
-        if job is None:
-            super().__init__(f"no status of the job came{within}")
-        else:
-            super().__init__(f"job still {state_name(job.state)}: it did not end{within}")
-        self.job = job
-
-
-def _changed(a: jobs_pb2.Job, b: jobs_pb2.Job) -> bool:
-    return (a.state, a.counts.done, a.counts.failed, a.counts.total) != (
-        b.state,
-        b.counts.done,
-        b.counts.failed,
-        b.counts.total,
-    )
-
-
-class _Watch:
-    """What `Job.wait` and `AsyncJob.wait` share: the deadline across the watch streams
-    (the server ends each after its own bound), the last status, and when to stop."""
-
-    def __init__(self, timeout_s: float | None, on_update: Callable[[jobs_pb2.Job], None] | None) -> None:
-        self.timeout_s = timeout_s
-        self.on_update = on_update
-        self.ends = None if timeout_s is None else time.monotonic() + timeout_s
-        self.last: jobs_pb2.Job | None = None
-
-    def left(self) -> float | None:
-        """The next stream's deadline in seconds (None: unbounded); JobTimeout when spent."""
-        if self.ends is None:
-            return None
-        left = self.ends - time.monotonic()
-        if left <= 0:
-            raise JobTimeout(self.last, self.timeout_s)
-        return left
-
-    def see(self, job: jobs_pb2.Job) -> None:
-        if self.on_update is not None and (self.last is None or _changed(self.last, job)):
-            self.on_update(job)
-        self.last = job
-
-    def check(self, exc: grpc.RpcError) -> None:
-        """JobTimeout for a stream that ran out of the caller's time; other errors are the caller's."""
-        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise JobTimeout(self.last, self.timeout_s) from None
-
-    def ended(self) -> jobs_pb2.Job | None:
-        """After a stream ends: the final status, or None to watch again."""
-        if self.last is None:  # the stream ended before the job's first status
-            raise JobTimeout(None, self.timeout_s)
-        return self.last if state_name(self.last.state) in TERMINAL else None
-
-
-def _results_request(
-    job_id: str, offset: int, page_size: int, include_scores: bool
-) -> jobs_pb2.GetJobRequest:
-    return jobs_pb2.GetJobRequest(
-        job_id=job_id, offset=offset, limit=page_size, include_scores=include_scores
-    )
-
-
-def _next_offset(page: jobs_pb2.Job, offset: int) -> int | None:
-    """Where the page after `page` (read at `offset`) starts; None after the last one."""
-    if page.next_offset >= page.counts.total or page.next_offset == offset:
-        return None
-    return page.next_offset
-
-
-def _created(response: jobs_pb2.SubmitJobResponse, n: int) -> str:
-    """The new job's id, once the server's count of its items is known to be right."""
-    if response.created and response.job.counts.total != n:
-        # A server from before multi-row inputs failed each message's input as one item.
-        raise RuntimeError(
-            f"job {response.job_id}: the server counted {response.job.counts.total} items for "
-            f"{n} inputs; it predates multi-row job inputs and needs an upgrade"
-        )
-    return response.job_id
-
-
-class Job:
-    """A handle on a bulk job; cheap to create from an id (`Client.job(id)`)."""
-
-    def __init__(self, client: Client, job_id: str) -> None:
-        self.client = client
-        self.id = job_id
-
-    def status(self, timeout_s: float = 10.0) -> jobs_pb2.Job:
-        job: jobs_pb2.Job = self.client.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=self.id), timeout=timeout_s)
-        return job
-
-    def wait(
-        self, timeout_s: float | None = None, on_update: Callable[[jobs_pb2.Job], None] | None = None
-    ) -> jobs_pb2.Job:
-        """Follows the job until it ends and returns its final status; raises JobTimeout
-        when it has not ended within `timeout_s` (None: wait as long as it takes). The
-        server ends a watch after its own bound; the watch is then opened again."""
-        watch = _Watch(timeout_s, on_update)
-        while True:
-            try:
-                for job in self.client.jobs.WatchJob(
-                    jobs_pb2.WatchJobRequest(job_id=self.id), timeout=watch.left()
-                ):
-                    watch.see(job)
-            except grpc.RpcError as exc:
-                watch.check(exc)
-                raise
-            final = watch.ended()
-            if final is not None:
-                return final
-
-    def results(
-        self, page_size: int = 1000, include_scores: bool = False, timeout_s: float = 30.0
-    ) -> Iterator[jobs_pb2.JobResult]:
-        """Every finished item's result, in index order, one page per call."""
-        offset: int | None = 0
-        while offset is not None:
-            request = _results_request(self.id, offset, page_size, include_scores)
-            page: jobs_pb2.Job = self.client.jobs.GetJob(request, timeout=timeout_s)
-            yield from page.results
-            offset = _next_offset(page, offset)
-
-    def cancel(self, timeout_s: float = 10.0) -> jobs_pb2.Job:
-        job: jobs_pb2.Job = self.client.jobs.CancelJob(
-            jobs_pb2.CancelJobRequest(job_id=self.id), timeout=timeout_s
-        )
-        return job
-
-
 class Client:
     """Blocking client. `timeout_s` becomes the gRPC deadline, which bounds the server's wait."""
 
@@ -359,7 +238,7 @@ class Client:
             on_sent=on_sent,
         )
         response: jobs_pb2.SubmitJobResponse = self.jobs.SubmitJobStream(requests, timeout=timeout_s)
-        return Job(self, _created(response, len(inputs)))
+        return Job(self, created_id(response, len(inputs)))
 
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)
@@ -393,56 +272,6 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class AsyncJob:
-    """`Job` for `AsyncClient`: the same calls, as coroutines (`results` is an async iterator)."""
-
-    def __init__(self, client: AsyncClient, job_id: str) -> None:
-        self.client = client
-        self.id = job_id
-
-    async def status(self, timeout_s: float = 10.0) -> jobs_pb2.Job:
-        job: jobs_pb2.Job = await self.client.jobs.GetJob(
-            jobs_pb2.GetJobRequest(job_id=self.id), timeout=timeout_s
-        )
-        return job
-
-    async def wait(
-        self, timeout_s: float | None = None, on_update: Callable[[jobs_pb2.Job], None] | None = None
-    ) -> jobs_pb2.Job:
-        """As `Job.wait`: the final status, or JobTimeout after `timeout_s` (None: no bound)."""
-        watch = _Watch(timeout_s, on_update)
-        while True:
-            try:
-                async for job in self.client.jobs.WatchJob(
-                    jobs_pb2.WatchJobRequest(job_id=self.id), timeout=watch.left()
-                ):
-                    watch.see(job)
-            except grpc.RpcError as exc:
-                watch.check(exc)
-                raise
-            final = watch.ended()
-            if final is not None:
-                return final
-
-    async def results(
-        self, page_size: int = 1000, include_scores: bool = False, timeout_s: float = 30.0
-    ) -> AsyncIterator[jobs_pb2.JobResult]:
-        """Every finished item's result, in index order, one page per call."""
-        offset: int | None = 0
-        while offset is not None:
-            request = _results_request(self.id, offset, page_size, include_scores)
-            page: jobs_pb2.Job = await self.client.jobs.GetJob(request, timeout=timeout_s)
-            for result in page.results:
-                yield result
-            offset = _next_offset(page, offset)
-
-    async def cancel(self, timeout_s: float = 10.0) -> jobs_pb2.Job:
-        job: jobs_pb2.Job = await self.client.jobs.CancelJob(
-            jobs_pb2.CancelJobRequest(job_id=self.id), timeout=timeout_s
-        )
-        return job
 
 
 class AsyncClient:
@@ -490,7 +319,7 @@ class AsyncClient:
             on_sent=on_sent,
         )
         response: jobs_pb2.SubmitJobResponse = await self.jobs.SubmitJobStream(requests, timeout=timeout_s)
-        return AsyncJob(self, _created(response, len(inputs)))
+        return AsyncJob(self, created_id(response, len(inputs)))
 
     def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, job_id)
