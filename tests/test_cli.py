@@ -197,13 +197,15 @@ def _watch_the_open_job(
 
 
 def test_watch_joining_a_running_job_counts_its_rate_from_the_join(
-    api: ApiThread, heldout: tuple[np.ndarray, np.ndarray], redis_client: redis.Redis
+    api: ApiThread, redis_client: redis.Redis
 ) -> None:
     """A job whose upload is still open holds at its first chunk's items (done, the rest
     not sent), so the watch joins a RUNNING job that makes no progress until the test
     sends the last message: any rate shown before then other than none is invented."""
-    x, _ = heldout
     chunk = 256  # the stack's bulk_chunk_items: a whole chunk leaves before the upload ends
+    # Inputs no other test sent: a cached one would leave the chunk short of whole, and
+    # a short chunk waits for the upload to end.
+    x = np.random.default_rng().random((chunk, 1, 28, 28), dtype=np.float32)
     key = f"watch-join-{uuid.uuid4().hex}"
     outbox: queue.Queue[jobs_pb2.SubmitJobRequest | None] = queue.Queue()
 
@@ -211,9 +213,7 @@ def test_watch_joining_a_running_job_counts_its_rate_from_the_join(
         while (message := outbox.get(timeout=60)) is not None:
             yield message
 
-    outbox.put(
-        jobs_pb2.SubmitJobRequest(model="digits", idempotency_key=key, inputs=[tensor.to_proto(x[:chunk])])
-    )
+    outbox.put(jobs_pb2.SubmitJobRequest(model="digits", idempotency_key=key, inputs=[tensor.to_proto(x)]))
     with Client(api.target) as client:
         upload = client.jobs.SubmitJobStream.future(requests(), timeout=120)
         try:
