@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from api import metrics
 from api.auth import caller
 from api.core import DataPlane, top_classes
+from api.job_watch import watch_job
 from api.upload import Upload
 from inferpool import jobs
 from inferpool.codec import ENVELOPE_VERSION, encode
@@ -37,10 +38,6 @@ log = logging.getLogger(__name__)
 Reply = envelope_pb2.Reply
 
 MAX_PAGE = 1000
-# The shortest pause between two looks at a job being watched (next_look_s).
-WATCH_MIN_INTERVAL_S = 0.01
-# A watched job that does not change is looked at less and less often, up to this.
-WATCH_IDLE_MAX_INTERVAL_S = 1.0
 MAX_IDEMPOTENCY_KEY = 256
 MAX_TOP_K = 1000
 # Inputs per message. Each input costs Python work (and, when it fails, a result) however
@@ -77,10 +74,6 @@ class UploadBroken(DeadlineExceeded):
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _bytes(value: bytes | str) -> bytes:
-    return value.encode() if isinstance(value, str) else value
 
 
 def _text(value: bytes | str) -> str:
@@ -377,7 +370,8 @@ class JobPlane:
             if payload is None:
                 continue
             reply = Reply()
-            reply.ParseFromString(_bytes(payload))
+            assert isinstance(payload, bytes)  # the client does not decode replies
+            reply.ParseFromString(payload)
             result = job.results.add(index=index, ok=reply.status == Reply.STATUS_OK, cached=reply.cached)
             if result.ok:
                 result.classes.extend(top_classes(cfg, reply.scores.values, top_k))
@@ -387,40 +381,10 @@ class JobPlane:
                 result.error = reply.error or "the model could not compute this input"
         return job
 
-    async def watch(self, job_id: str, owner: str = "") -> AsyncIterator[jobs_pb2.Job]:
-        """Yields the job now and on every change, until it ends or watch_max_duration_s
-        passes (the caller's deadline bounds the whole stream too). A job that does not
-        change is looked at less and less often, up to WATCH_IDLE_MAX_INTERVAL_S apart."""
+    def watch(self, job_id: str, owner: str = "") -> AsyncIterator[jobs_pb2.Job]:
+        """The job now and on every change, until it ends or watch_max_duration_s passes."""
         check_job_id(job_id)
-        ends = time.monotonic() + self.watch_max_duration_s
-        last: tuple[object, ...] | None = None
-        previous: tuple[float, int] | None = None  # when, and how many items had finished
-        idle_looks = 0
-        while True:
-            job = await self._load(job_id, owner)
-            key = (job.state, job.counts.done, job.counts.failed, job.counts.total)
-            if key != last:
-                last = key
-                idle_looks = 0
-                yield job
-            else:
-                idle_looks += 1
-            if jobs.state_name(job.state) in jobs.TERMINAL:
-                return
-            now, finished = time.time(), job.counts.done + job.counts.failed
-            if previous is None and job.HasField("started"):
-                # The first look has no look before it: the pace since the job started.
-                previous = (job.started.ToMilliseconds() / 1000, 0)
-            pause = next_look_s(self.watch_interval_s, job.counts.total, finished, now, previous)
-            if idle_looks:
-                pause = max(
-                    pause, min(WATCH_IDLE_MAX_INTERVAL_S, self.watch_interval_s * 2 ** min(idle_looks, 8))
-                )
-            left = ends - time.monotonic()
-            if left <= 0:
-                return  # bounded: the client watches again if it still wants to
-            await asyncio.sleep(min(pause, left))
-            previous = (now, finished)
+        return watch_job(lambda: self._load(job_id, owner), self.watch_interval_s, self.watch_max_duration_s)
 
     async def cancel(self, job_id: str, owner: str = "") -> jobs_pb2.Job:
         check_job_id(job_id)
@@ -432,18 +396,3 @@ class JobPlane:
         if record["state"] in jobs.LIVE and state in (b"CANCELLED", "CANCELLED"):
             metrics.JOBS.labels(record["model"], "CANCELLED").inc()
         return await self._load(job_id, owner)
-
-
-def next_look_s(
-    interval_s: float, total: int, finished: int, now: float, previous: tuple[float, int] | None
-) -> float:
-    """When a watch looks at its job next: after interval_s, or sooner when the job's
-    pace since the previous look (time, items finished) says it ends sooner. Its end is
-    then seen within WATCH_MIN_INTERVAL_S rather than up to a whole interval later (half
-    an interval on average: 10% of a 1 s job). A job that made no progress since the
-    previous look, or whose total is not known yet (0 until the upload ends), is looked
-    at after the full interval."""
-    if previous is None or not total or finished <= previous[1] or now <= previous[0]:
-        return interval_s
-    rate = (finished - previous[1]) / (now - previous[0])
-    return min(interval_s, max(WATCH_MIN_INTERVAL_S, (total - finished) / rate))

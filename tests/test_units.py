@@ -15,7 +15,7 @@ from kombu.exceptions import EncodeError
 from kombu.serialization import dumps, loads
 
 from api import local_cache
-from api.jobs import WATCH_MIN_INTERVAL_S, next_look_s
+from api.job_watch import WATCH_MIN_INTERVAL_S, next_look_s
 from api.local_cache import LocalCache
 from api.status import code_for
 from inferpool import codec, errors, heap, tensor
