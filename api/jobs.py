@@ -28,7 +28,7 @@ from api.job_watch import watch_job
 from api.upload import Upload
 from inferpool import jobs
 from inferpool.codec import ENVELOPE_VERSION, encode
-from inferpool.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, JobNotFound, Overloaded
+from inferpool.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, JobNotFound, Overloaded, clip
 from inferpool.names import bulk_queue_name, job_idempotency_key, job_key, job_results_key
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2, jobs_pb2
@@ -58,14 +58,9 @@ BROKEN_UPLOAD = (
 )
 
 
-def shown(text: str) -> str:
-    """Client text for an error message: a bounded prefix, quoted."""
-    return repr(text[:ECHO_CHARS]) + ("..." if len(text) > ECHO_CHARS else "")
-
-
 def check_job_id(job_id: str) -> None:
     if not JOB_ID_RE.fullmatch(job_id):
-        raise InvalidInput(f"job_id must be 32 lowercase hex digits, got {shown(job_id)}")
+        raise InvalidInput(f"job_id must be 32 lowercase hex digits, got {clip(job_id, ECHO_CHARS)}")
 
 
 class UploadBroken(DeadlineExceeded):
