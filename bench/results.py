@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -60,7 +61,25 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         # Another tenant on the cores moves every figure: the load when the run began.
         "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "gpus": _gpus(),
     }
+
+
+def _gpus() -> list[str]:
+    """The GPUs the workers may have used (nvidia-smi's names), [] without one."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in done.stdout.splitlines() if line.strip()]
 
 
 def meta(extra: dict[str, Any] | None = None) -> dict[str, Any]:
