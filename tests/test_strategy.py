@@ -3,8 +3,12 @@ batcher from Celery's consumer thread, and which take Celery's own path."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -46,18 +50,77 @@ def test_a_plain_message_is_batched_from_the_consumer_thread(client: Client, wor
     assert _processed(worker) == processed + 1
 
 
-def test_with_task_events_on_messages_take_celerys_path(client: Client, worker: Worker) -> None:
+class _Events:
+    """Task events as Flower receives them: a Celery event receiver on the session's broker."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self.ready = threading.Event()
+        self._conn = worker.control.connection_for_read()
+        self.recv = worker.control.events.Receiver(self._conn, handlers={"*": self.seen.append})
+        consume_ready = self.recv.on_consume_ready
+
+        def on_ready(*args: Any, **kwargs: Any) -> None:
+            consume_ready(*args, **kwargs)
+            self.ready.set()
+
+        self.recv.on_consume_ready = on_ready  # type: ignore[method-assign]
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self.ready.wait(10), "the event receiver did not start"
+
+    def _run(self) -> None:
+        with contextlib.suppress(Exception):
+            self.recv.capture(limit=None, timeout=None, wakeup=False)
+
+    def of(self, uuid: str) -> list[dict[str, Any]]:
+        return [e for e in list(self.seen) if e.get("uuid") == uuid]
+
+    def close(self) -> None:
+        self.recv.should_stop = True
+        self._thread.join(5)
+        self._conn.release()
+
+
+def test_with_task_events_on_messages_are_batched_inline_and_send_celerys_events(
+    client: Client, worker: Worker
+) -> None:
     _task_events(worker, True)
+    events = _Events(worker)
     try:
-        before, processed = worker.stats(), _processed(worker)
-        reply = client.classify(_fresh(), "digits", timeout_s=10)
-        assert not reply.cached
-        after = worker.stats()
-        # Computed, through a pool thread: so that Flower sees every task.
-        assert after["messages_inline"] == before["messages_inline"]
-        assert after["items_computed"] == before["items_computed"] + 1
-        assert _processed(worker) == processed + 1
+        # The receiver's subscription may trail its start: classify until one message's
+        # events are all in (bounded).
+        deadline = time.monotonic() + 20
+        complete: list[dict[str, Any]] = []
+        while not complete and time.monotonic() < deadline:
+            before, processed = worker.stats(), _processed(worker)
+            reply = client.classify(_fresh(), "digits", timeout_s=10)
+            assert not reply.cached
+            after = worker.stats()
+            # Taken from the consumer thread, events on or off.
+            assert after["messages_inline"] == before["messages_inline"] + 1
+            assert after["items_computed"] == before["items_computed"] + 1
+            assert _processed(worker) == processed + 1
+            until = time.monotonic() + 3
+            while not complete and time.monotonic() < until:
+                received = [e for e in list(events.seen) if e["type"] == "task-received"]
+                for r in received:
+                    types = [e["type"] for e in events.of(r["uuid"])]
+                    if "task-succeeded" in types:
+                        complete = events.of(r["uuid"])
+                        break
+                else:
+                    time.sleep(0.02)  # polling a list another thread fills; bounded above
+        assert complete, f"no message's task events arrived: {[e['type'] for e in events.seen]}"
+        # What stock Celery sends, in its order, with the fields Flower shows.
+        assert [e["type"] for e in complete] == ["task-received", "task-started", "task-succeeded"]
+        received, started, succeeded = complete
+        assert received["name"] == task_name("digits")
+        assert received["hostname"] == started["hostname"] == succeeded["hostname"] == worker.name
+        assert "'computed': 1" in succeeded["result"] and "'failed': 0" in succeeded["result"]
+        assert 0 < succeeded["runtime"] < 10
     finally:
+        events.close()
         _task_events(worker, False)
 
 

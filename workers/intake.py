@@ -31,6 +31,7 @@ from workers.stats import STATS
 
 if TYPE_CHECKING:
     from workers.app import Runtime
+    from workers.strategy import MessageEvents
 
 log = logging.getLogger("inferpool.worker")
 
@@ -40,6 +41,17 @@ def _reject(
 ) -> tuple[str, bytes]:
     reply = envelope_pb2.Reply(request_id=item.request_id, status=status, error=error)  # type: ignore[arg-type]
     return item.reply_key, reply.SerializeToString()
+
+
+def _summary(ticket: Ticket, items: int) -> dict[str, int]:
+    """A message's outcome, as its task returns it (Flower shows it as the result); items
+    refused before the batcher count as failed."""
+    return {
+        "items": items,
+        "computed": ticket.computed,
+        "expired": ticket.expired,
+        "failed": ticket.failed + items - ticket.count,
+    }
 
 
 def _settled(ticket: Ticket) -> bool:
@@ -96,9 +108,12 @@ class Intake:
             batcher.arriving(-1)
         return ticket, pending
 
-    def admit(self, model: str, message: Any, ack: Callable[[], None]) -> bool:
+    def admit(
+        self, model: str, message: Any, ack: Callable[[], None], events: MessageEvents | None = None
+    ) -> bool:
         """Runs on Celery's consumer thread (workers/strategy.py): takes a message whose
-        envelope this worker can batch now and submits it, or declines it to Celery's pool."""
+        envelope this worker can batch now and submits it, or declines it to Celery's pool.
+        `events`: the task events to send for it (task events on)."""
         runtime = self.runtime
         # Requests reserved for the pool (waiting for a thread or a slot) go first: a message
         # taken here ahead of them would jump the queue.
@@ -124,6 +139,11 @@ class Intake:
             self._slots.release()
             ok = ticket is not None and _settled(ticket)
             metrics.TASKS.labels(name, "succeeded" if ok else "failed").inc()
+            if events is not None:
+                if ok and ticket is not None:
+                    events.finished(_summary(ticket, len(envelope.items)), None)
+                else:
+                    events.finished(None, "the model failed on every item of this message")
 
         with self._inline_lock:
             self._inline_held[queue] += 1
@@ -132,6 +152,8 @@ class Intake:
         worker_state.all_total_count[0] += 1
         STATS.add("messages_inline")
         ack()
+        if events is not None:
+            events.accepted()
         try:
             self._submit(batcher, envelope, on_done=done)
         except Exception:
@@ -198,9 +220,4 @@ class Intake:
                 self._slots.release()
         if not _settled(ticket):
             raise RuntimeError(f"the model failed on all {len(pending)} items of this message")
-        return {
-            "items": len(envelope.items),
-            "computed": ticket.computed,
-            "expired": ticket.expired,
-            "failed": ticket.failed + len(envelope.items) - len(pending),
-        }
+        return _summary(ticket, len(envelope.items))

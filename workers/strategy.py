@@ -7,9 +7,12 @@ none of it when Celery has nothing to do for it. So `inline_or_stock` (set as th
 tasks' `Strategy`, the hook Celery gives for this and celery-batches uses) offers
 each message to `admit`, which decodes it, acknowledges it (when stock Celery would
 have: before its items are computed) and submits its items to the batcher, all on
-the consumer thread. Anything else takes Celery's own strategy unchanged:
+the consumer thread. With task events on (Flower turns them on), a message taken this
+way sends the events stock Celery would have sent for it (`MessageEvents`: received,
+started, then succeeded or failed, with the same fields), so Flower shows every message
+as before without the Request, pool hop and tracer per message. Anything else takes
+Celery's own strategy unchanged:
 
-- task events wanted (Flower turns them on), so that every message shows in Flower;
 - an ETA, a rate limit, consumer callbacks, a revoked id, or an `expires` that has
   passed or cannot be read here: Celery schedules, revokes and counts those;
 - `admit` declining: no free slot, a backlog on the pool, a message it cannot decode
@@ -24,12 +27,65 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from celery.utils.saferepr import saferepr
 from celery.worker import strategy as celery_strategy
 
 log = logging.getLogger(__name__)
 
-# (message, ack) -> whether the message was taken; ack() acknowledges it.
-Admit = Callable[[Any, Callable[[], None]], bool]
+
+class MessageEvents:
+    """The task events of one message taken inline: what stock Celery's strategy and
+    Request send (their types and fields), so Flower cannot tell the paths apart."""
+
+    def __init__(self, dispatcher: Any, headers: dict[str, Any]) -> None:
+        self.dispatcher = dispatcher
+        self.headers = headers
+        self.id = headers.get("id")
+        self.t0 = time.monotonic()
+
+    def accepted(self) -> None:
+        """Received and started at once: it goes to the batcher as it arrives."""
+        try:
+            self._accepted()
+        except Exception:
+            # An event lost is a gap in Flower's view; an exception here would stop the
+            # consumer (or the results thread, for `finished`).
+            log.exception("sending the task events of %s failed", self.id)
+
+    def finished(self, result: dict[str, int] | None, error: str | None) -> None:
+        """Succeeded with `result` (the pool path's return value), or failed with `error`."""
+        try:
+            self._finished(result, error)
+        except Exception:
+            log.exception("sending the task events of %s failed", self.id)
+
+    def _accepted(self) -> None:
+        h = self.headers
+        self.dispatcher.send(
+            "task-received",
+            uuid=self.id,
+            name=h.get("task"),
+            args=h.get("argsrepr"),
+            kwargs=h.get("kwargsrepr"),
+            root_id=h.get("root_id"),
+            parent_id=h.get("parent_id"),
+            retries=h.get("retries", 0),
+            eta=h.get("eta"),
+            expires=h.get("expires"),
+        )
+        self.dispatcher.send("task-started", uuid=self.id)
+
+    def _finished(self, result: dict[str, int] | None, error: str | None) -> None:
+        if error is None:
+            runtime = time.monotonic() - self.t0
+            self.dispatcher.send("task-succeeded", uuid=self.id, result=saferepr(result), runtime=runtime)
+        else:
+            self.dispatcher.send("task-failed", uuid=self.id, exception=error, traceback="")
+
+
+# (message, ack, events) -> whether the message was taken; ack() acknowledges it;
+# events: the task events to send for it, None while they are off.
+Admit = Callable[[Any, Callable[[], None], MessageEvents | None], bool]
 
 
 def inline_or_stock(task: Any, app: Any, consumer: Any, *, admit: Admit, **options: Any) -> Any:
@@ -44,11 +100,14 @@ def inline_or_stock(task: Any, app: Any, consumer: Any, *, admit: Admit, **optio
         if (
             callbacks
             or task.rate_limit
-            or sends_task_events(dispatcher)
             or headers.get("eta")
             or headers.get("id") in revoked
             or not unexpired(headers.get("expires"))
-            or not admit(message, lambda: ack(log, connection_errors))
+            or not admit(
+                message,
+                lambda: ack(log, connection_errors),
+                MessageEvents(dispatcher, headers) if sends_task_events(dispatcher) else None,
+            )
         ):
             return stock(message, body, ack, reject, callbacks, **kwargs)
         return None
