@@ -41,7 +41,7 @@ proto: venv
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/inferpool/triton/grpc_service.proto
 
 proto-check: venv
-	$(PY) -m pytest -q -p no:cacheprovider tests/test_boundaries.py::test_generated_code_matches_proto
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_boundaries.py::test_generated_code_matches_proto
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -243,7 +243,7 @@ class ApiThread:
         self.thread.join(10)
 
 
-# --- Security stacks (issue 5): certificates made at test time, Redis with a password
+# --- Security stacks: certificates made at test time, Redis with a password
 # and/or TLS, Memcached over TLS.
 
 

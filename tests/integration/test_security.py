@@ -1,4 +1,4 @@
-"""Security (issue 5) against real servers: bearer-token auth, job scoping, TLS and
+"""Security against real servers: bearer-token auth, job scoping, TLS and
 mutual TLS on the gRPC port, Redis with a password and over TLS, Memcached over TLS.
 
 Certificates are made at test time (tests/servers.py TlsFiles). The auth and gRPC
@@ -19,10 +19,8 @@ import redis
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pymemcache.client.base import Client as MemcacheClient
 
-from api.auth import BearerAuth, load_tokens, parse_tokens
 from inferpool.client import Client
 from inferpool.names import bulk_queue_name, queue_name
-from inferpool.settings import Settings, SettingsError
 from tests.servers import (
     ApiThread,
     MemcachedServer,
@@ -33,12 +31,9 @@ from tests.servers import (
     Worker,
     stack_settings,
 )
+from tests.unit.test_security import ALICE, BOB, WRONG
 
 pytestmark = pytest.mark.timeout(120)
-
-ALICE = "alice-0123456789abcdef0123456789abcdef"
-BOB = "bob-fedcba9876543210fedcba9876543210"
-WRONG = "alice-0123456789abcdef0123456789abcdeX"  # one character off ALICE
 
 
 @pytest.fixture(scope="module")
@@ -71,37 +66,6 @@ def code_of(call: Callable[[], object]) -> grpc.StatusCode:
         call()
     code: grpc.StatusCode = info.value.code()
     return code
-
-
-# --- tokens
-
-
-def test_token_parsing_names_entries_never_values(tmp_path: Path) -> None:
-    assert parse_tokens(f"a:{ALICE}\n# c\nb:{BOB}", "f") == {ALICE.encode(): "a", BOB.encode(): "b"}
-    assert parse_tokens(f"a:{ALICE}, b:{BOB}", "env", ",") == {ALICE.encode(): "a", BOB.encode(): "b"}
-    for bad in (ALICE, f"a:{ALICE}\na:{BOB}", f"a:{ALICE}\nb:{ALICE}", "a:short", f"a:{ALICE} x"):
-        with pytest.raises(SettingsError) as info:
-            parse_tokens(bad, "f")
-        assert ALICE not in str(info.value) and BOB not in str(info.value) and "short" not in str(info.value)
-    settings = Settings.from_env({"INFERPOOL_AUTH_TOKENS": f"a:{ALICE}"})
-    assert ALICE not in repr(settings)
-    assert load_tokens(settings) == {ALICE.encode(): "a"}
-    with pytest.raises(SettingsError, match="INFERPOOL_AUTH_TOKENS_FILE"):
-        Settings.from_env({"INFERPOOL_AUTH_TOKENS_FILE": str(tmp_path / "missing")})
-    with pytest.raises(SettingsError, match="INFERPOOL_TLS_CERT_FILE"):
-        Settings.from_env({"INFERPOOL_TLS_CERT_FILE": str(tmp_path / "missing.pem")})
-
-
-def test_bearer_compare_checks_every_token() -> None:
-    auth = BearerAuth({ALICE.encode(): "alice", BOB.encode(): "bob"})
-    assert auth.identify([("authorization", f"Bearer {ALICE}")]) == "alice"
-    assert auth.identify([("authorization", f"bearer {BOB}")]) == "bob"
-    for header in (f"Bearer {WRONG}", f"Basic {ALICE}", ALICE, "Bearer ", f"Bearer {ALICE[:-1]}"):
-        assert auth.identify([("authorization", header)]) is None, header
-    assert auth.identify([]) is None
-
-
-# --- auth on the real server
 
 
 def test_without_a_valid_token_nothing_runs_or_queues(
@@ -214,9 +178,6 @@ def test_jobs_are_scoped_to_the_token(
             anonymous.job(open_job.id).wait(timeout_s=30)
 
 
-# --- TLS on the gRPC port
-
-
 def test_tls_port(redis_server: RedisServer, memcached_server: MemcachedServer, tls: TlsFiles) -> None:
     settings = stack_settings(
         redis_server, memcached_server, tls_cert_file=str(tls.cert), tls_key_file=str(tls.key)
@@ -260,9 +221,6 @@ def test_mutual_tls_requires_a_client_certificate(
             assert client.classify(image(105), "digits", timeout_s=10).classes
     finally:
         api.stop()
-
-
-# --- Redis with a password and over TLS; Memcached over TLS
 
 
 def test_redis_password_stack(logdir: Path) -> None:

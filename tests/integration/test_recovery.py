@@ -25,7 +25,7 @@ from inferpool.jobs import state_name
 from inferpool.names import bulk_queue_name
 from tests.servers import ApiThread, RedisServer, Worker, stack_settings, wait_until, write_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.timeout(180),

@@ -8,14 +8,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import redis
-import torch
-from prometheus_client import CollectorRegistry
 
 from inferpool import jobs, tensor
 from inferpool.cache import Cache
@@ -23,14 +20,12 @@ from inferpool.names import job_key, job_results_key
 from inferpool.repository import Repository
 from inferpool.v1 import envelope_pb2
 from tests.servers import MemcachedServer, wait_until
-from workers import metrics
+from tests.unit.test_batcher import ROOT
 from workers.batcher import Batcher, BulkWork, Pending
 from workers.results import Ticket
 from workers.runtime import ModelRunner, pick_device
 from workers.sinks import JobSink, ReplySink
 from workers.stats import WorkerStats
-
-ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -326,30 +321,3 @@ def test_the_runners_compiled_variants_agree_and_each_batch_size_gets_one() -> N
         assert out.shape == (len(x), len(cfg.labels))
         np.testing.assert_allclose(out, outputs[0], atol=1e-5)
     np.testing.assert_allclose(runner.run(x[:3]), outputs[0][:3], atol=1e-5)
-
-
-def test_a_compiled_variant_that_answers_differently_is_not_used() -> None:
-    cfg = Repository.load(ROOT / "models").resolve("digits", 0)
-    runner = ModelRunner(cfg, pick_device("cpu"))
-    runner.variants[1].module = lambda x: torch.zeros((len(x), len(cfg.labels)))  # type: ignore[assignment]
-    runner.warm_up(repeats=1)
-    assert [v.name for v in runner.variants] == ["frozen"]
-    assert {runner.variant_for(n) for n in range(1, cfg.max_batch_size + 1)} == {"frozen"}
-
-
-def test_observe_many_counts_as_that_many_observes() -> None:
-    registry = CollectorRegistry()
-    buckets = (0.001, 0.01, 0.1, 1.0)
-    many = metrics.Histogram("many_seconds", "", ["model"], buckets=buckets, registry=registry)
-    each = metrics.Histogram("each_seconds", "", ["model"], buckets=buckets, registry=registry)
-    # On a bound, between bounds, below the first, beyond the last, and zero.
-    for value, count in ((0.01, 3), (0.05, 64), (0.0001, 2), (5.0, 7), (0.0, 1)):
-        many.labels("m").observe_many(value, count)
-        for _ in range(count):
-            each.labels("m").observe(value)
-    for suffix in ("_bucket", "_count", "_sum"):
-        for le in ("0.001", "0.01", "0.1", "1.0", "+Inf"):
-            labels = {"model": "m", "le": le} if suffix == "_bucket" else {"model": "m"}
-            assert registry.get_sample_value("many_seconds" + suffix, labels) == pytest.approx(
-                registry.get_sample_value("each_seconds" + suffix, labels)
-            )

@@ -27,7 +27,6 @@ import pytest
 import xxhash
 from pymemcache.client.base import Client as MemcacheClient
 
-from api.local_cache import ENTRY_OVERHEAD_BYTES, LocalCache
 from inferpool.cache import DEV_SECRET, KEY_FORMAT, CacheKeys, key_secret
 from inferpool.client import Client
 from inferpool.repository import ModelConfig
@@ -40,8 +39,11 @@ from tests.servers import ROOT, ApiThread, MemcachedServer, RedisServer, Worker,
 pytestmark = pytest.mark.timeout(180)
 
 ALICE = "alice-0123456789abcdef0123456789abcdef"
+
 BOB = "bob-fedcba9876543210fedcba9876543210"
+
 MASK64 = (1 << 64) - 1
+
 # The first 48 bytes of XXH3's public default secret (kSecret in xxhash.h), from which
 # a seeded hash derives its own secret.
 XXH3_KSECRET = bytes.fromhex(
@@ -117,9 +119,6 @@ def scores(response: inference_pb2.ClassifyResponse) -> list[tuple[int, float]]:
     return [(c.index, c.score) for c in response.classes]
 
 
-# --- the key function
-
-
 def test_old_keys_are_forgeable_and_new_keys_need_the_secret(api: ApiThread) -> None:
     cfg = api.server.repository.resolve("digits")
     genuine, forged = forged_pair(cfg, 100)
@@ -178,9 +177,6 @@ def test_an_entry_planted_under_a_key_anyone_can_compute_is_never_read(
     assert answer.classes[0].score < 0.999 or answer.classes[0].index != 9
 
 
-# --- the secret
-
-
 def test_the_secret_is_required_with_memcached_and_never_echoed(
     tmp_path: Path, redis_server: RedisServer, memcached_server: MemcachedServer, logdir: Path
 ) -> None:
@@ -217,9 +213,6 @@ def test_the_secret_is_required_with_memcached_and_never_echoed(
         [sys.executable, "-m", "workers.main"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
     )
     assert done.returncode != 0 and "INFERPOOL_CACHE_KEY_SECRET" in done.stderr
-
-
-# --- what a hostile shape costs
 
 
 def test_a_giant_shape_is_refused_before_anything_is_hashed_or_kept(api: ApiThread, client: Client) -> None:
@@ -283,24 +276,6 @@ def test_a_giant_shape_is_refused_before_anything_is_hashed_or_kept(api: ApiThre
     assert delays and max(delays) < 0.25, f"a health check waited {max(delays) * 1000:.0f} ms"
     # And the right input still works.
     assert client.classify(image(400), "digits").classes
-
-
-def test_the_local_cache_is_bounded_by_bytes() -> None:
-    values = envelope_pb2.Scores(values=[0.1] * 10)
-    entry = len("k" * 40) + values.ByteSize() + ENTRY_OVERHEAD_BYTES
-    cache = LocalCache(max_items=1000, ttl_s=60, max_bytes=3 * entry)
-    for i in range(10):
-        cache.put(f"{i:040d}", values)
-    assert len(cache) == 3 and cache.nbytes == 3 * entry
-    assert cache.get(f"{9:040d}") is values and cache.get(f"{0:040d}") is None
-    cache.put(f"{9:040d}", values)  # a repeat replaces, never double-counts
-    assert len(cache) == 3 and cache.nbytes == 3 * entry
-    huge = envelope_pb2.Scores(values=[0.1] * (4 * entry))
-    cache.put("huge", huge)
-    assert cache.get("huge") is None and len(cache) == 3
-
-
-# --- tenancy
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from inferpool.repository import ModelConfig, Repository, RepositoryError
 from inferpool.settings import Settings, SettingsError
 from inferpool.v1 import envelope_pb2
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_settings_defaults_and_env() -> None:

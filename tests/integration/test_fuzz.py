@@ -1,4 +1,4 @@
-"""Property-based fuzzing of Classify against the real server (issue 5).
+"""Property-based fuzzing of Classify against the real server.
 
 Each example is a request with exactly one thing wrong (the rest valid, top_k and
 request_id arbitrary), so the expected status and the words its message must

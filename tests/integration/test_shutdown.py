@@ -167,7 +167,7 @@ def test_sigterm_while_holding_messages_loses_no_request(
         # Whether any prefetched message was left to put back (kombu logs "Restoring")
         # is a race, not a guarantee: between the consumer stopping and the thread pool
         # stopping, the pool may start every message it was handed. The counts above
-        # hold either way; the restore itself is tested in tests/test_unacked.py.
+        # hold either way; the restore itself is tested in tests/integration/test_unacked.py.
 
         standby.control.control.add_consumer(QUEUE, destination=[standby.name], reply=True, timeout=5)
         _wait(lambda: broker.llen(reply_key) >= M * K, 60, f"{M * K} answers\n{standby.tail()}")

@@ -24,7 +24,7 @@ from tests.servers import ApiThread
 
 pytestmark = pytest.mark.timeout(120)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "tests" / "kserve_client.py"
 HELDOUT = ROOT / "models" / "digits" / "heldout.npz"
 

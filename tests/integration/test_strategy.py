@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -16,7 +14,6 @@ import pytest
 from inferpool.client import Client
 from inferpool.names import task_name
 from tests.servers import Worker
-from workers.strategy import sends_task_events, unexpired
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,13 +37,18 @@ def _fresh() -> np.ndarray:
 def test_a_plain_message_is_batched_from_the_consumer_thread(client: Client, worker: Worker) -> None:
     # Flower's tests (earlier in the session) leave task events on.
     _task_events(worker, False)
+    _classify_inline(client, worker)
+
+
+def _classify_inline(client: Client, worker: Worker) -> None:
+    """One fresh miss, taken from the consumer thread, computed once, and still in
+    Celery's own count of processed tasks (`celery inspect stats`)."""
     before, processed = worker.stats(), _processed(worker)
     reply = client.classify(_fresh(), "digits", timeout_s=10)
     assert not reply.cached
     after = worker.stats()
     assert after["messages_inline"] == before["messages_inline"] + 1
     assert after["items_computed"] == before["items_computed"] + 1
-    # Celery's own count of processed tasks (`celery inspect stats`) still includes it.
     assert _processed(worker) == processed + 1
 
 
@@ -93,14 +95,7 @@ def test_with_task_events_on_messages_are_batched_inline_and_send_celerys_events
         deadline = time.monotonic() + 20
         complete: list[dict[str, Any]] = []
         while not complete and time.monotonic() < deadline:
-            before, processed = worker.stats(), _processed(worker)
-            reply = client.classify(_fresh(), "digits", timeout_s=10)
-            assert not reply.cached
-            after = worker.stats()
-            # Taken from the consumer thread, events on or off.
-            assert after["messages_inline"] == before["messages_inline"] + 1
-            assert after["items_computed"] == before["items_computed"] + 1
-            assert _processed(worker) == processed + 1
+            _classify_inline(client, worker)  # events on or off
             until = time.monotonic() + 3
             while not complete and time.monotonic() < until:
                 received = [e for e in list(events.seen) if e["type"] == "task-received"]
@@ -122,21 +117,3 @@ def test_with_task_events_on_messages_are_batched_inline_and_send_celerys_events
     finally:
         events.close()
         _task_events(worker, False)
-
-
-def test_expires_is_read_as_celery_writes_it() -> None:
-    now = datetime.now(UTC)
-    assert unexpired(None) and unexpired("")
-    assert unexpired((now + timedelta(seconds=5)).isoformat())
-    assert not unexpired((now - timedelta(milliseconds=1)).isoformat())
-    # Without a time zone Celery reads it in the app's zone: left to Celery.
-    assert not unexpired((now + timedelta(seconds=5)).replace(tzinfo=None).isoformat())
-    assert not unexpired("tomorrow")
-
-
-def test_task_events_are_read_from_the_dispatchers_groups() -> None:
-    assert not sends_task_events(None)
-    assert not sends_task_events(SimpleNamespace(enabled=False, groups={"task"}))
-    assert not sends_task_events(SimpleNamespace(enabled=True, groups={"worker"}))
-    assert sends_task_events(SimpleNamespace(enabled=True, groups={"worker", "task"}))
-    assert sends_task_events(SimpleNamespace(enabled=True, groups=set()))  # every group

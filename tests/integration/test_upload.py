@@ -25,8 +25,8 @@ from inferpool.client import Client, Job, JobTimeout
 from inferpool.jobs import LIVE, state_name
 from inferpool.names import PREFIX, bulk_queue_name, job_idempotency_key, job_key, job_results_key
 from inferpool.v1 import jobs_pb2, tensor_pb2
+from tests.integration.test_jobs import unique_digits
 from tests.servers import ROOT, ApiThread, RedisServer, Worker, stack_settings, wait_until
-from tests.test_jobs import unique_digits
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -18,7 +18,6 @@ import redis
 import redis.asyncio as aioredis
 from kombu.serialization import loads
 
-from api.admission import Admission, LoopLag
 from api.flights import FlightLocks, FlightTaken
 from api.publisher import Publisher
 from inferpool import codec
@@ -259,22 +258,3 @@ def test_misses_are_shed_while_the_event_loop_runs_behind(
     finally:
         hog_on.clear()
         api.stop()
-
-
-def test_shedding_at_the_door_weighs_what_is_left_of_the_deadline() -> None:
-    """Pure unit: a call that spent its deadline in the queues (less left than the loop's
-    lag and a millisecond) is refused before any work; one with time left is not."""
-    admission = Admission(shed_lag_s=0.05, lag=LoopLag())
-    for _ in range(LoopLag.SUSTAINED):
-        admission.lag.sample(0.010)
-    assert admission.shed(1.0) is None
-    assert admission.shed(None) is None
-    reason = admission.shed(0.0105)
-    assert reason is not None and "deadline" in reason
-    assert (admission.shed_spent, admission.rejected) == (1, 1)
-    for _ in range(LoopLag.SUSTAINED):  # lag that persists over successive wakes
-        admission.lag.sample(0.06)
-    assert "event loop" in (admission.shed(1.0) or "")
-    assert admission.shed_on_lag == 1
-    admission.lag.sample(0.0)  # one prompt wake: the loop caught up
-    assert admission.shed(1.0) is None
