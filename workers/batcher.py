@@ -37,7 +37,6 @@ from workers import metrics
 from workers.results import Computed, EndedJobs, Outcome, ResultWriter, Ticket
 from workers.runtime import ModelRunner, RowFallback
 from workers.sinks import JobSink, ReplySink
-from workers.stats import WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +96,12 @@ class Batcher(threading.Thread):
         sink: ReplySink,
         jobs_sink: JobSink,
         cache: Cache,
-        stats: WorkerStats,
     ) -> None:
         super().__init__(name=f"batcher-{cfg.name}-{cfg.version}", daemon=True)
         self.cfg = cfg
         self.runner = runner
         self.jobs = jobs_sink
         self.cache = cache
-        self.stats = stats
         self._cond = threading.Condition()
         self._interactive: deque[Pending] = deque()
         self._bulk: deque[BulkSlice] = deque()
@@ -112,10 +109,10 @@ class Batcher(threading.Thread):
         self._stopping = False
         self._arriving = 0
         self._last_interactive = -INTERACTIVE_RECENT_S
-        self._model = RowFallback(cfg, runner, stats)
+        self._model = RowFallback(cfg, runner)
         # Filled by the writer from the states its job writes return, and by expiry here.
         self._ended = EndedJobs()
-        self._writer = ResultWriter(cfg, sink, jobs_sink, cache, stats, self._ended)
+        self._writer = ResultWriter(cfg, sink, jobs_sink, cache, self._ended)
         name = cfg.name
         self._m_expired = metrics.DROPPED.labels(name, "expired")
         self._m_cancelled = metrics.DROPPED.labels(name, "cancelled")
@@ -224,10 +221,8 @@ class Batcher(threading.Thread):
 
     def _dropped(self, expired: int, cancelled: int, expired_jobs: set[str]) -> None:
         if expired:
-            self.stats.add("items_expired", expired)
             self._m_expired.inc(expired)
         if cancelled:
-            self.stats.add("items_cancelled", cancelled)
             self._m_cancelled.inc(cancelled)
         for job_id in expired_jobs:
             self._ended.add(job_id)
