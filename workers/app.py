@@ -25,6 +25,7 @@ from redis.retry import Retry
 from inferpool.broker import defer_unacked_while, make_celery
 from inferpool.cache import Cache, key_secret
 from inferpool.heap import freeze_startup_heap
+from inferpool.jobs import JobStore
 from inferpool.names import queue_name, task_name
 from inferpool.repository import Repository
 from inferpool.settings import Settings, SettingsError
@@ -32,7 +33,7 @@ from workers import metrics, stats
 from workers.batcher import Batcher
 from workers.bulk import BulkConsumer
 from workers.intake import Intake
-from workers.sinks import JobSink, ReplySink
+from workers.sinks import ReplySink
 from workers.strategy import inline_or_stock
 
 log = logging.getLogger("inferpool.worker")
@@ -74,7 +75,7 @@ class Runtime:
             settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0, retry=retry
         )
         self.sink = ReplySink(client, settings.reply_ttl_s)
-        self.jobs = JobSink(client)
+        self.jobs = JobStore(client)
         self.batchers: dict[tuple[str, int], Batcher] = {}
         for cfg in repository.all():
             runner = ModelRunner(cfg, device)

@@ -31,12 +31,13 @@ import numpy as np
 import redis
 
 from inferpool.cache import Cache
+from inferpool.jobs import JobStore
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2
 from workers import metrics
 from workers.results import Computed, EndedJobs, Outcome, ResultWriter, Ticket
 from workers.runtime import ModelRunner, RowFallback
-from workers.sinks import JobSink, ReplySink
+from workers.sinks import ReplySink
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Batcher(threading.Thread):
         cfg: ModelConfig,
         runner: ModelRunner,
         sink: ReplySink,
-        jobs_sink: JobSink,
+        jobs_sink: JobStore,
         cache: Cache,
     ) -> None:
         super().__init__(name=f"batcher-{cfg.name}-{cfg.version}", daemon=True)
@@ -248,7 +249,7 @@ class Batcher(threading.Thread):
     def _drop_dead_bulk(self, batch: list[BulkSlice]) -> list[BulkSlice]:
         """Rows past their deadline, and rows of jobs known to have ended, are not
         computed. A job is known ended from the state its last result write returned
-        (JobSink.record), so checking costs no round trip; chunks of jobs that ended
+        (JobStore.record), so checking costs no round trip; chunks of jobs that ended
         before this worker took them were dropped by the bulk consumer."""
         now_ns = time.time_ns()
         live: list[BulkSlice] = []

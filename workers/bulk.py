@@ -38,13 +38,13 @@ from inferpool import codec, jobs
 from inferpool.broker import Reconnect
 from inferpool.bulkqueue import BulkQueues
 from inferpool.errors import InvalidInput
+from inferpool.jobs import JobStore
 from inferpool.names import bulk_queue_name, bulk_task_name
 from inferpool.repository import NONFINITE, ModelConfig
 from inferpool.v1 import envelope_pb2
 from workers import metrics
 from workers.batcher import Batcher, BulkWork
 from workers.results import Ticket
-from workers.sinks import JobSink
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class BulkConsumer(threading.Thread):
         app: Celery,
         redis_url: str,
         batchers: dict[tuple[str, int], Batcher],
-        job_sink: JobSink,
+        job_sink: JobStore,
         prefetch: int,
         lease_s: float,
         renew_s: float,

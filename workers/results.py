@@ -23,10 +23,11 @@ import numpy as np
 
 from inferpool import codec, jobs
 from inferpool.cache import Cache
+from inferpool.jobs import JobStore
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2
 from workers import metrics
-from workers.sinks import JobSink, ReplySink
+from workers.sinks import ReplySink
 
 if TYPE_CHECKING:
     from workers.batcher import BulkSlice, Pending
@@ -140,7 +141,7 @@ class ResultWriter:
         self,
         cfg: ModelConfig,
         sink: ReplySink,
-        jobs_sink: JobSink,
+        jobs_sink: JobStore,
         cache: Cache,
         ended: EndedJobs,
     ) -> None:
