@@ -17,9 +17,8 @@ import numpy as np
 from api import metrics
 from api.admission import Admission
 from api.auth import caller
-from api.cache_reads import CacheReader
 from api.dispatcher import Dispatcher, Miss, ReplyListener, deadline_exceeded, new_id
-from api.local_cache import LocalCache
+from api.front_cache import CacheReader, FrontCache, LocalCache
 from api.publisher import FlightLocks, Publisher
 from inferpool.cache import Cache
 from inferpool.errors import DeadlineExceeded, InferpoolError, InvalidInput, ModelFailed
@@ -96,10 +95,11 @@ class DataPlane:
         admission: Admission | None = None,
     ) -> None:
         self.repository = repository
-        # Memcached lookups that leave the loop free.
-        self.cache_reads = cache_reads
-        # Consulted before Memcached, and filled from both Memcached and worker replies.
-        self.local_cache = local_cache if local_cache is not None else LocalCache(0, 0)
+        # The LRU, then Memcached read without blocking the loop; filled from both
+        # Memcached and worker replies.
+        self.results = FrontCache(
+            cache, cache_reads, local_cache if local_cache is not None else LocalCache(0, 0)
+        )
         self.cache = cache
         self.default_timeout_s = default_deadline_ms / 1000
         self.counters = Counters()
@@ -149,15 +149,12 @@ class DataPlane:
         meter = metrics.for_model(cfg.name)
         # Only inputs whose values passed validation are ever cached: an input found here
         # is valid, and checking its values again would be a third of a hit's handler time.
-        scores = self.local_cache.get(key)
+        scores = self.results.get_local(key)
         if scores is not None:
             meter.local_cache_hits.inc()
         else:
             cfg.validate(tensor)
-            if (cached := await self.cache_reads.get(key)) is not None:
-                scores = envelope_pb2.Scores()
-                scores.ParseFromString(cached)
-                self.local_cache.put(key, scores)
+            scores = await self.results.get(key)
         if scores is not None:
             self.counters.hits += 1
             meter.cache_hits.inc()
@@ -181,7 +178,7 @@ class DataPlane:
             raise InvalidInput(reply.error)
         if reply.status != Reply.STATUS_OK:
             raise ModelFailed(reply.error or "the model could not compute this input")
-        self.local_cache.put(key, reply.scores)
+        self.results.put(key, reply.scores)
         return Inferred(reply.scores, reply.cached, None if reply.cached else reply)
 
     async def classify(

@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from api.admission import Admission
-from api.cache_reads import CacheReader
+from api.front_cache import CacheReader
 from api.metrics import ModelMetrics
 from api.publisher import FlightLocks, FlightTaken, Publisher
 from inferpool.broker import Reconnect

@@ -1,6 +1,18 @@
-"""Memcached reads for the event loop, which never wait on a socket.
+"""The API's one result cache: its own LRU in front of Memcached, read without blocking.
 
-The blocking client (inferpool.cache) held the API's one thread for every lookup's
+FrontCache is what Classify, KServe ModelInfer and bulk submissions look results up
+in. It consults the process's LRU (LocalCache) first, then Memcached (CacheReader),
+and keeps what Memcached had in the LRU; worker replies are put into the LRU too.
+
+LocalCache: keys are content addresses (inferpool.cache.CacheKeys: model, version,
+input bytes), so an entry never goes stale while it lives; it lives at most as long as
+Memcached keeps the same result (`cache_ttl_s`). A hit here costs a dict lookup instead
+of a Memcached round trip made on the event loop, and keeps hot inputs answered while
+Memcached is down. Like Triton's local response cache it evicts the least recently
+used, and it is bounded by bytes as well as entries: what it holds is charged by its
+size, so no mix of models and keys grows it past `max_bytes`.
+
+CacheReader: the blocking client (inferpool.cache) held the API's one thread for every lookup's
 round trip: on a busy machine the wait includes Memcached being scheduled, and the
 loop did nothing meanwhile. Here the keys asked for in one loop iteration go out as
 one `get` on an asyncio connection (aiomcache), and the loop serves other calls until
@@ -14,12 +26,64 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
 
 import aiomcache
 
 from inferpool.cache import Cache
+from inferpool.v1 import envelope_pb2
 
 log = logging.getLogger(__name__)
+
+# What an entry costs besides its key's and scores' bytes: the dict slot, the tuple,
+# the message object and the float (tracemalloc: ~360 bytes, plus the message's arena,
+# which it does not see).
+ENTRY_OVERHEAD_BYTES = 512
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+
+
+class LocalCache:
+    def __init__(self, max_items: int, ttl_s: float, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self.nbytes = 0
+        # key -> (scores, when it expires on time.monotonic(), its charge in bytes); the
+        # parsed message, so a hit does not parse it again. Callers only read it.
+        self._entries: OrderedDict[str, tuple[envelope_pb2.Scores, float, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> envelope_pb2.Scores | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= time.monotonic():
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: str, scores: envelope_pb2.Scores) -> None:
+        if self.max_items <= 0:
+            return
+        size = len(key) + scores.ByteSize() + ENTRY_OVERHEAD_BYTES
+        if size > self.max_bytes:
+            return
+        if key in self._entries:
+            self._drop(key)
+        self._entries[key] = (scores, time.monotonic() + self.ttl_s, size)
+        self.nbytes += size
+        while len(self._entries) > self.max_items or self.nbytes > self.max_bytes:
+            _, (_, _, freed) = self._entries.popitem(last=False)
+            self.nbytes -= freed
+
+    def _drop(self, key: str) -> None:
+        self.nbytes -= self._entries.pop(key)[2]
+
 
 # Connections: a batch in flight and the next one's.
 POOL_SIZE = 2
@@ -46,14 +110,25 @@ class CacheReader:
         """The cached value, or None (a miss, Memcached down or slow)."""
         if self._client is None or not self.cache.available:
             return None
-        found: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        return await self._ask(key)
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The cached values of `keys`, in order (None: a miss), read with whatever else
+        this loop iteration asks for."""
+        if self._client is None or not self.cache.available or not keys:
+            return [None] * len(keys)
+        return list(await asyncio.gather(*(self._ask(key) for key in keys)))
+
+    def _ask(self, key: str) -> asyncio.Future[bytes | None]:
+        loop = asyncio.get_running_loop()
+        found: asyncio.Future[bytes | None] = loop.create_future()
         if not self._asked:
-            task = asyncio.get_running_loop().create_task(self._flush())
+            task = loop.create_task(self._flush())
             # The loop keeps only weak references to tasks.
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         self._asked.setdefault(key, []).append(found)
-        return await found
+        return found
 
     async def _flush(self) -> None:
         # Runs once the current loop iteration is over: every get() it made joins.
@@ -106,3 +181,34 @@ class CacheReader:
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
+
+
+class FrontCache:
+    """Results by cache key: the LRU, then Memcached (misses, never errors)."""
+
+    def __init__(self, cache: Cache, reader: CacheReader, local: LocalCache) -> None:
+        self.cache = cache  # keys and availability
+        self.reader = reader
+        self.local = local
+
+    def get_local(self, key: str) -> envelope_pb2.Scores | None:
+        """The LRU alone: only inputs whose values passed validation are ever cached, so
+        a hit here needs no further checks."""
+        return self.local.get(key)
+
+    async def get(self, key: str) -> envelope_pb2.Scores | None:
+        """Memcached's entry (kept in the LRU from now on), or None."""
+        if (value := await self.reader.get(key)) is None:
+            return None
+        scores = envelope_pb2.Scores()
+        scores.ParseFromString(value)
+        self.local.put(key, scores)
+        return scores
+
+    def put(self, key: str, scores: envelope_pb2.Scores) -> None:
+        self.local.put(key, scores)
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """Memcached's entries among `keys` (serialized Scores), in one read."""
+        values = await self.reader.get_many(keys)
+        return {key: value for key, value in zip(keys, values, strict=True) if value is not None}

@@ -27,7 +27,7 @@ import pytest
 import xxhash
 from pymemcache.client.base import Client as MemcacheClient
 
-from api.local_cache import ENTRY_OVERHEAD_BYTES, LocalCache
+from api.front_cache import ENTRY_OVERHEAD_BYTES, LocalCache
 from inferpool.cache import DEV_SECRET, KEY_FORMAT, CacheKeys, key_secret
 from inferpool.client import Client
 from inferpool.repository import ModelConfig

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from api.cache_reads import CacheReader
+from api.front_cache import CacheReader
 from inferpool.cache import Cache
 from tests.servers import MemcachedServer
 
