@@ -7,59 +7,28 @@ inferpool.errors and never sees a status code.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NoReturn
 
 import numpy as np
 
 from api import metrics
 from api.admission import Admission
 from api.auth import caller
-from api.cache_reads import CacheReader
-from api.flights import FlightLocks, FlightTaken
-from api.local_cache import LocalCache
-from api.publisher import Publisher
-from api.replies import ReplyListener
+from api.dispatcher import Dispatcher, Miss, ReplyListener, deadline_exceeded, new_id
+from api.front_cache import CacheReader, FrontCache, LocalCache
+from api.publisher import FlightLocks, Publisher
 from inferpool.cache import Cache
 from inferpool.errors import DeadlineExceeded, InferpoolError, InvalidInput, ModelFailed
-from inferpool.names import MODEL_NAME_RE, flight_key
+from inferpool.names import MODEL_NAME_RE
 from inferpool.repository import ModelConfig, Repository
 from inferpool.v1 import envelope_pb2, inference_pb2, tensor_pb2
 
 log = logging.getLogger(__name__)
 
 Reply = envelope_pb2.Reply
-
-
-class _Ids:
-    """Ids unique across processes and time: 64 random bits drawn once per process,
-    then a counter. (os.urandom per id cost a getrandom call each: 13% of a cache
-    hit's handler time under load, in py-spy.)"""
-
-    def __init__(self) -> None:
-        self.reset()
-        # A forked child would otherwise hand out its parent's ids.
-        os.register_at_fork(after_in_child=self.reset)
-
-    def reset(self) -> None:
-        self.prefix = os.urandom(8).hex()
-        self.counter = itertools.count()
-
-    def next(self) -> str:
-        return f"{self.prefix}{next(self.counter):016x}"
-
-
-_IDS = _Ids()
-
-
-def new_id() -> str:
-    """32 hex digits, unique (a random per-process prefix and a counter)."""
-    return _IDS.next()
 
 
 # Up to this many classes a plain sort beats numpy, whose per-call cost dominates on
@@ -126,20 +95,25 @@ class DataPlane:
         admission: Admission | None = None,
     ) -> None:
         self.repository = repository
-        # Decides, before anything is queued, whether a miss can be answered in time.
-        self.admission = admission if admission is not None else Admission()
-        # Memcached lookups that leave the loop free.
-        self.cache_reads = cache_reads
-        # Consulted before Memcached, and filled from both Memcached and worker replies.
-        self.local_cache = local_cache if local_cache is not None else LocalCache(0, 0)
-        # Where identical misses across API replicas agree on one leader (None: only
-        # within this process).
-        self.flight_locks = flight_locks
+        # The LRU, then Memcached read without blocking the loop; filled from both
+        # Memcached and worker replies.
+        self.results = FrontCache(
+            cache, cache_reads, local_cache if local_cache is not None else LocalCache(0, 0)
+        )
         self.cache = cache
-        self.publisher = publisher
-        self.replies = replies
         self.default_timeout_s = default_deadline_ms / 1000
         self.counters = Counters()
+        # Sends the misses this process computes; admission decides, before anything is
+        # queued, whether a miss can be answered in time.
+        self.dispatcher = Dispatcher(
+            publisher,
+            replies,
+            admission if admission is not None else Admission(),
+            cache,
+            cache_reads,
+            self.counters,
+            flight_locks,
+        )
         self._flights: dict[str, asyncio.Future[envelope_pb2.Reply]] = {}
 
     def resolve(self, model: str, version: int) -> ModelConfig:
@@ -170,36 +144,41 @@ class DataPlane:
         ):
             cfg.validate(tensor)  # raises, saying what does not fit
         keys = self.cache.keys
-        key = keys.input_key(cfg, data, keys.scope(caller()))
+        scope = keys.scope(caller())
+        key = keys.input_key(cfg, data, scope)
+        meter = metrics.for_model(cfg.name)
         # Only inputs whose values passed validation are ever cached: an input found here
         # is valid, and checking its values again would be a third of a hit's handler time.
-        scores = self.local_cache.get(key)
+        scores = self.results.get_local(key)
         if scores is not None:
-            metrics.for_model(cfg.name).local_cache_hits.inc()
+            meter.local_cache_hits.inc()
         else:
             cfg.validate(tensor)
-            if (cached := await self.cache_reads.get(key)) is not None:
-                scores = envelope_pb2.Scores()
-                scores.ParseFromString(cached)
-                self.local_cache.put(key, scores)
+            scores = await self.results.get(key)
         if scores is not None:
             self.counters.hits += 1
-            metrics.for_model(cfg.name).cache_hits.inc()
+            meter.cache_hits.inc()
             return Inferred(scores, True, None)
         self.counters.misses += 1
-        metrics.for_model(cfg.name).cache_misses.inc()
+        meter.cache_misses.inc()
 
         # A deadline centuries away (gRPC allows ~11,000 years) would overflow the
         # envelope's int64 nanoseconds: no wait here is longer than a day anyway.
         budget_s = min(MAX_WAIT_S, self.default_timeout_s if timeout_s is None else timeout_s)
-        if budget_s <= 0:
-            self._deadline_exceeded(cfg)
-        reply = await self._single_flight(key, cfg, tensor, request_id, budget_s)
+        deadline = asyncio.get_running_loop().time() + budget_s
+        try:
+            if budget_s <= 0:
+                raise deadline_exceeded()
+            reply = await self._single_flight(Miss(cfg, key, tensor, request_id, scope, meter), deadline)
+        except DeadlineExceeded:
+            self.counters.deadline_exceeded += 1
+            meter.deadline_exceeded.inc()
+            raise
         if reply.status == Reply.STATUS_INVALID_INPUT:
             raise InvalidInput(reply.error)
         if reply.status != Reply.STATUS_OK:
             raise ModelFailed(reply.error or "the model could not compute this input")
-        self.local_cache.put(key, reply.scores)
+        self.results.put(key, reply.scores)
         return Inferred(reply.scores, reply.cached, None if reply.cached else reply)
 
     async def classify(
@@ -214,17 +193,14 @@ class DataPlane:
         result = await self.infer(cfg, request.input, request_id, timeout_s)
         return self._response(cfg, request_id, result.scores, top_k, result.cached, t0, result.reply)
 
-    async def _single_flight(
-        self, key: str, cfg: ModelConfig, tensor: tensor_pb2.Tensor, request_id: str, budget_s: float
-    ) -> envelope_pb2.Reply:
+    async def _single_flight(self, miss: Miss, deadline: float) -> envelope_pb2.Reply:
         """Identical concurrent misses share one computation: the first caller leads, the
         others follow (each within its own deadline). A leader that fails for a reason of
         its own (its shorter deadline, its caller gone, its admission) must not fail
         followers with time left, nor send them all off to compute: the first follower to
         wake takes the flight over and the others follow it, so a failed leader costs one
         more publish, not one per follower, whether or not the cache is up."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + budget_s
+        key = miss.key
         following = False
         while (leader := self._flights.get(key)) is not None:
             if not following:
@@ -234,7 +210,7 @@ class DataPlane:
                 async with asyncio.timeout_at(deadline):
                     await asyncio.shield(leader)
             except TimeoutError:
-                self._deadline_exceeded(cfg)
+                raise deadline_exceeded() from None
             except InferpoolError:
                 # The leader's flight was removed with its failure: whoever of its
                 # followers runs first finds none and leads; the rest find its flight.
@@ -242,12 +218,12 @@ class DataPlane:
                     del self._flights[key]
                 continue
             return leader.result()
-        if (left_s := deadline - loop.time()) <= 0:
-            self._deadline_exceeded(cfg)
-        flight: asyncio.Future[envelope_pb2.Reply] = loop.create_future()
+        if deadline <= asyncio.get_running_loop().time():
+            raise deadline_exceeded()
+        flight: asyncio.Future[envelope_pb2.Reply] = asyncio.get_running_loop().create_future()
         self._flights[key] = flight
         try:
-            reply = await self._across_replicas(key, cfg, tensor, request_id, left_s)
+            reply = await self.dispatcher.send(miss, deadline)
         except BaseException as exc:
             flight.set_exception(exc if isinstance(exc, InferpoolError) else ModelFailed("leader failed"))
             flight.exception()  # retrieved: followers may be gone
@@ -258,97 +234,6 @@ class DataPlane:
         finally:
             if self._flights.get(key) is flight:
                 del self._flights[key]
-
-    async def _across_replicas(
-        self, key: str, cfg: ModelConfig, tensor: tensor_pb2.Tensor, request_id: str, budget_s: float
-    ) -> envelope_pb2.Reply:
-        """Single-flight across API replicas: a short Redis lock per cache key, taken as
-        the miss is published, names the replica that computes; the others wait for the
-        cache entry its worker writes before replying, and compute for themselves only
-        if the lock goes away without one (leader failed) while their own deadline allows."""
-        if self.flight_locks is None or not self.cache.available:
-            return await self._compute(cfg, tensor, request_id, budget_s)
-        lock = flight_key(key)
-        leader = True
-        try:
-            return await self._compute(cfg, tensor, request_id, budget_s, flight=lock)
-        except FlightTaken:
-            leader = False
-        finally:
-            if leader:
-                # Frees it only if this replica holds it: the caller may have left before
-                # its publish, or the publish failed with the lock taken or not.
-                self.flight_locks.release(lock)
-        self.counters.coalesced_remote += 1
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + budget_s
-        delay_s = 0.002
-        while (left := deadline - loop.time()) > 0:
-            await asyncio.sleep(min(delay_s, left))
-            delay_s = min(delay_s * 2, 0.02)
-            cached = await self.cache_reads.get(key)
-            if cached is not None:
-                reply = envelope_pb2.Reply(status=Reply.STATUS_OK, cached=True)
-                reply.scores.ParseFromString(cached)
-                return reply
-            if not await self.flight_locks.held(lock):
-                break  # the leader finished without a cache entry, or gave up
-        left = deadline - loop.time()
-        if left <= 0:
-            self._deadline_exceeded(cfg)
-        return await self._compute(cfg, tensor, request_id, left)
-
-    async def _compute(
-        self,
-        cfg: ModelConfig,
-        tensor: tensor_pb2.Tensor,
-        request_id: str,
-        budget_s: float,
-        flight: str = "",
-    ) -> envelope_pb2.Reply:
-        """Publishes one miss and waits for its reply (FlightTaken: `flight` is another
-        replica's, and nothing was published)."""
-        self.admission.admit(cfg, budget_s)
-        # Correlate on our own id: callers' request ids need not be unique.
-        correlation = new_id()
-        item = envelope_pb2.EnvelopeItem(
-            request_id=correlation,
-            input=tensor,
-            deadline_unix_ns=time.time_ns() + int(budget_s * 1e9),
-            reply_key=self.replies.key,
-            trace_id=request_id,
-            cache_scope=self.cache.keys.scope(caller()),
-        )
-        published = self.publisher.enqueue(cfg, item, flight)
-        waiter = self.replies.expect(correlation)
-        answered = False
-        model_metrics = metrics.for_model(cfg.name)
-        inflight = model_metrics.inflight
-        inflight.inc()
-        t0 = time.perf_counter()
-        try:
-            async with asyncio.timeout(budget_s):
-                # Shielded: on timeout we withdraw it below instead of cancelling blindly.
-                await asyncio.shield(published)
-                reply = await waiter
-            model_metrics.worker_roundtrip.observe(time.perf_counter() - t0)
-            answered = True
-            return reply
-        except TimeoutError:
-            self._deadline_exceeded(cfg)
-        finally:
-            inflight.dec()
-            self.replies.forget(correlation)
-            self.admission.settle(cfg, answered)
-            if not published.done():
-                published.cancel()
-            elif not published.cancelled() and published.exception() is None:
-                published.result().release()
-
-    def _deadline_exceeded(self, cfg: ModelConfig) -> NoReturn:
-        self.counters.deadline_exceeded += 1
-        metrics.for_model(cfg.name).deadline_exceeded.inc()
-        raise DeadlineExceeded("no result before the deadline")
 
     @staticmethod
     def _response(

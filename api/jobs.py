@@ -27,9 +27,11 @@ from api.core import DataPlane, top_classes
 from api.job_watch import watch_job
 from api.upload import Upload
 from inferpool import jobs
+from inferpool.bulkqueue import push_chunk
 from inferpool.codec import ENVELOPE_VERSION, encode
 from inferpool.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, JobNotFound, Overloaded, clip
-from inferpool.names import bulk_queue_name, job_idempotency_key, job_key, job_results_key
+from inferpool.jobs import State, now_ms
+from inferpool.names import bulk_queue_name, job_idempotency_key
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2, jobs_pb2
 
@@ -44,9 +46,6 @@ MAX_TOP_K = 1000
 # few bytes it holds: ~10 bytes each could otherwise make one 4 MB message cost seconds of
 # the API's CPU and 50 MB of Redis. Clients put a message's rows in one input [k, ...].
 MAX_INPUTS_PER_MESSAGE = 1024
-# Results written to Redis per script call: a message's failed or cached items go in
-# slices, so one call never holds Redis (and every RPC waiting on it) for long.
-RECORD_BATCH = 512
 # Client text quoted in an error message is cut to this many characters.
 ECHO_CHARS = 40
 JOB_ID_RE = re.compile(r"[0-9a-f]{32}")
@@ -65,10 +64,6 @@ def check_job_id(job_id: str) -> None:
 
 class UploadBroken(DeadlineExceeded):
     """An upload stalled or ran too long; its job is failed."""
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _text(value: bytes | str) -> str:
@@ -111,11 +106,7 @@ class JobPlane:
         self.max_uploads_per_caller = max_uploads_per_caller
         self.max_uploads = max_uploads
         self.watch_max_duration_s = watch_max_duration_s
-        self._record = client.register_script(jobs.RECORD)
-        self._seal = client.register_script(jobs.SEAL)
-        self._end = client.register_script(jobs.END)
-        self._observe = client.register_script(jobs.OBSERVE)
-        self._abort_script = client.register_script(jobs.ABORT)
+        self.store = jobs.AsyncJobStore(client, job_ttl_s)
         self.chunks_published = 0
         # Streamed uploads open now, by caller (one event loop: no lock needed).
         self._uploads: dict[str, int] = {}
@@ -230,19 +221,17 @@ class JobPlane:
                         return jobs_pb2.SubmitJobResponse(job_id=job.job_id, created=False, job=job)
                     # It expired in between: this submission takes the key.
                     await self.redis.set(idem, job_id, ex=self.job_ttl_s)
-            now_ms = _now_ms()
-            ttl_ms = self.job_ttl_s * 1000
-            deadline_ms = now_ms + int(first.timeout_s * 1000) if first.timeout_s else 0
-            record = jobs.new_record(cfg.name, cfg.version, max(1, first.top_k), now_ms, deadline_ms, owner)
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(job_key(job_id), mapping=record)
-            pipe.pexpire(job_key(job_id), ttl_ms)
-            await pipe.execute()
+            created_ms = now_ms()
+            deadline_ms = created_ms + int(first.timeout_s * 1000) if first.timeout_s else 0
+            top_k = max(1, first.top_k)
+            await self.store.create(
+                job_id, jobs.new_record(cfg.name, cfg.version, top_k, created_ms, deadline_ms, owner)
+            )
         except (OSError, aioredis.RedisError) as exc:
             raise BackendUnavailable("the job store is unavailable") from exc
 
-        metrics.JOBS.labels(cfg.name, "QUEUED").inc()
-        upload = Upload(self, job_id, cfg, (deadline_ms or now_ms + ttl_ms) * 1_000_000)
+        metrics.JOBS.labels(cfg.name, State.QUEUED).inc()
+        upload = Upload(self, job_id, cfg, (deadline_ms or created_ms + self.job_ttl_s * 1000) * 1_000_000)
         try:
             request: jobs_pb2.SubmitJobRequest | None = first
             while True:
@@ -266,7 +255,7 @@ class JobPlane:
                 if request is None:
                     raise InvalidInput(BROKEN_UPLOAD + "; the job is failed, submit it again")
             await upload.flush()
-            await self._seal(keys=[job_key(job_id)], args=[_now_ms(), upload.count])
+            await self.store.seal(job_id, upload.count)
         except BaseException as exc:
             # A job whose upload broke off would never end: fail it now, so that workers
             # drop its queued chunks, and free the idempotency key so that the client's
@@ -290,14 +279,12 @@ class JobPlane:
         log.info("job %s: upload failed: %s", job_id, reason)
         idem = job_idempotency_key(owner, idempotency_key) if idempotency_key else ""
         try:
-            await self._abort_script(keys=[job_key(job_id), idem], args=[_now_ms(), reason, job_id])
+            await self.store.abort(job_id, idem, reason)
         except Exception:
             log.exception("could not mark job %s failed", job_id)
 
     async def record(self, job_id: str, entries: list[tuple[int, str, bytes]]) -> None:
-        for at in range(0, len(entries), RECORD_BATCH):
-            args = jobs.record_args(_now_ms(), entries[at : at + RECORD_BATCH])
-            await self._record(keys=[job_key(job_id), job_results_key(job_id)], args=args)
+        await self.store.record(job_id, entries)
 
     async def publish(
         self, cfg: ModelConfig, job_id: str, indexes: list[int], pieces: list[np.ndarray], deadline_ns: int
@@ -320,21 +307,17 @@ class JobPlane:
         chunk.inputs.dtype = cfg.input_dtype  # type: ignore[assignment]
         chunk.inputs.shape[:] = (len(indexes), *cfg.input_shape)
         chunk.inputs.data = b"".join(piece.data for piece in pieces)
-        # Onto the reliable bulk list (inferpool.bulkqueue): the body is the envelope itself.
-        await self.redis.lpush(bulk_queue_name(cfg.name), encode(envelope))
+        await push_chunk(self.redis, bulk_queue_name(cfg.name), encode(envelope))
         self.chunks_published += 1
 
     # -- read
     async def _read(self, job_id: str, owner: str) -> dict[str, str]:
         check_job_id(job_id)
         try:
-            raw = await self._observe(keys=[job_key(job_id)], args=[_now_ms()])
+            record = await self.store.observe(job_id)
         except (OSError, aioredis.RedisError) as exc:
             raise BackendUnavailable("the job store is unavailable") from exc
-        if not raw:
-            raise JobNotFound(f"no job {job_id!r} (unknown, or expired)")
-        record = jobs.decode_record(raw)
-        if record.get("owner", "") != owner:
+        if record is None or record.get("owner", "") != owner:
             raise JobNotFound(f"no job {job_id!r} (unknown, or expired)")
         return record
 
@@ -356,7 +339,7 @@ class JobPlane:
             return job
         indexes = list(range(request.offset, end))
         try:
-            payloads = await self.redis.hmget(job_results_key(request.job_id), indexes)
+            payloads = await self.store.results(request.job_id, indexes)
         except (OSError, aioredis.RedisError) as exc:
             raise BackendUnavailable("the job store is unavailable") from exc
         cfg = self.plane.repository.resolve(job.model, job.version)
@@ -365,7 +348,6 @@ class JobPlane:
             if payload is None:
                 continue
             reply = Reply()
-            assert isinstance(payload, bytes)  # the client does not decode replies
             reply.ParseFromString(payload)
             result = job.results.add(index=index, ok=reply.status == Reply.STATUS_OK, cached=reply.cached)
             if result.ok:
@@ -385,9 +367,9 @@ class JobPlane:
         check_job_id(job_id)
         record = await self._read(job_id, owner)
         try:
-            state = await self._end(keys=[job_key(job_id)], args=[_now_ms(), "CANCELLED", ""])
+            state = await self.store.end(job_id, State.CANCELLED)
         except (OSError, aioredis.RedisError) as exc:
             raise BackendUnavailable("the job store is unavailable") from exc
-        if record["state"] in jobs.LIVE and state in (b"CANCELLED", "CANCELLED"):
-            metrics.JOBS.labels(record["model"], "CANCELLED").inc()
+        if record["state"] in jobs.LIVE and state == State.CANCELLED:
+            metrics.JOBS.labels(record["model"], State.CANCELLED).inc()
         return await self._load(job_id, owner)

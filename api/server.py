@@ -18,14 +18,12 @@ from grpc_reflection.v1alpha import reflection
 
 from api import auth, kserve, metrics, status
 from api.admission import Admission, LoopLag, SheddingInterceptor
-from api.cache_reads import CacheReader
 from api.core import DataPlane
-from api.flights import FlightLocks
+from api.dispatcher import ReplyListener
+from api.front_cache import CacheReader, LocalCache
 from api.job_servicer import JobServicer
 from api.jobs import JobPlane
-from api.local_cache import LocalCache
-from api.publisher import Publisher
-from api.replies import ReplyListener
+from api.publisher import FlightLocks, Publisher
 from api.servicer import InferenceServicer
 from inferpool.broker import make_celery
 from inferpool.cache import Cache

@@ -49,7 +49,10 @@ class Upload:
         # (up to max_message_bytes): off the event loop, so that no upload delays the
         # other calls this process serves.
         loop = asyncio.get_running_loop()
-        added, answered, blocks = await loop.run_in_executor(None, self._prepare, request, self.count)
+        added, answered, blocks, keys = await loop.run_in_executor(None, self._prepare, request, self.count)
+        # The front cache reads Memcached on the loop without blocking it.
+        if keys and (hits := await self.p.plane.results.get_many(keys)):
+            blocks = await loop.run_in_executor(None, _answer_cached, blocks, keys, hits, answered)
         self.count += added
         for indexes, rows in blocks:
             self._indexes.append(indexes)
@@ -62,10 +65,10 @@ class Upload:
 
     def _prepare(
         self, request: jobs_pb2.SubmitJobRequest, first_index: int
-    ) -> tuple[int, list[tuple[int, str, bytes]], list[tuple[np.ndarray, np.ndarray]]]:
+    ) -> tuple[int, list[tuple[int, str, bytes]], list[tuple[np.ndarray, np.ndarray]], list[str]]:
         """One message's inputs, from item first_index on (on a worker thread): how many
-        items they hold, the results known at once (invalid or cached items), and the
-        blocks of job indexes and rows left to compute."""
+        items they hold, the results known at once (invalid items), the blocks of job
+        indexes and valid rows, and those rows' cache keys."""
         cfg = self.cfg
         inputs = list(request.inputs)
         checked = cfg.validate_blocks(inputs)  # InvalidInput for a structurally bad input
@@ -97,23 +100,7 @@ class Upload:
         assert at == first_index + added, (at, first_index, added)
         cache_keys = self.p.plane.cache.keys
         keys = [key for _, rows in valid for key in cache_keys.row_keys(cfg, rows, self.cache_scope)]
-        hits = self.p.plane.cache.get_many(keys) if keys else {}
-        blocks: list[tuple[np.ndarray, np.ndarray]] = []
-        at = 0
-        for indexes, rows in valid:
-            block_keys, at = keys[at : at + len(rows)], at + len(rows)
-            if hits:
-                values = [hits.get(key) for key in block_keys]
-                missed = np.array([value is None for value in values], dtype=bool)
-                for index, value in zip(indexes.tolist(), values, strict=True):
-                    if value is not None:
-                        reply = Reply(status=Reply.STATUS_OK, cached=True)
-                        reply.scores.ParseFromString(value)
-                        answered.append((index, jobs.CACHED, reply.SerializeToString()))
-                indexes, rows = indexes[missed], rows[missed]
-            if len(rows):
-                blocks.append((indexes, rows))
-        return added, answered, blocks
+        return added, answered, valid, keys
 
     async def flush(self) -> None:
         await self._publish(whole_chunks_only=False)
@@ -145,3 +132,28 @@ class Upload:
             pieces.append(rows)
             n -= len(rows)
         return indexes, pieces
+
+
+def _answer_cached(
+    valid: list[tuple[np.ndarray, np.ndarray]],
+    keys: list[str],
+    hits: dict[str, bytes],
+    answered: list[tuple[int, str, bytes]],
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Appends the cached items' results to `answered` (on a worker thread); returns the
+    blocks of job indexes and rows left to compute."""
+    blocks: list[tuple[np.ndarray, np.ndarray]] = []
+    at = 0
+    for indexes, rows in valid:
+        block_keys, at = keys[at : at + len(rows)], at + len(rows)
+        values = [hits.get(key) for key in block_keys]
+        missed = np.array([value is None for value in values], dtype=bool)
+        for index, value in zip(indexes.tolist(), values, strict=True):
+            if value is not None:
+                reply = Reply(status=Reply.STATUS_OK, cached=True)
+                reply.scores.ParseFromString(value)
+                answered.append((index, jobs.CACHED, reply.SerializeToString()))
+        indexes, rows = indexes[missed], rows[missed]
+        if len(rows):
+            blocks.append((indexes, rows))
+    return blocks

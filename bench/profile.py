@@ -43,7 +43,7 @@ from bench.stack import LocalStack
 STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("model forward", ("torch/", "workers/runtime.py")),
     ("cache key (HMAC)", ("hmac.py", "inferpool/cache.py")),
-    ("memcached client", ("pymemcache/", "aiomcache/", "api/cache_reads.py", "api/local_cache.py")),
+    ("memcached client", ("pymemcache/", "aiomcache/", "api/front_cache.py")),
     ("task events", ("celery/events/",)),
     ("protobuf", ("google/protobuf/", "_pb2.py", "inferpool/codec.py", "inferpool/tensor.py")),
     ("redis client", ("redis/", "hiredis")),
@@ -52,8 +52,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("worker: batching", ("workers/batcher.py", "workers/strategy.py")),
     ("worker: results", ("workers/results.py", "workers/sinks.py")),
     ("api: publish", ("api/publisher.py",)),
-    ("api: replies", ("api/replies.py",)),
-    ("api: single-flight", ("api/flights.py",)),
+    ("api: dispatcher (replies, flight locks)", ("api/dispatcher.py",)),
     ("api: admission", ("api/admission.py",)),
     ("api: data plane", ("api/core.py", "api/servicer.py", "api/kserve")),
     ("metrics", ("prometheus_client/", "api/metrics.py", "workers/metrics.py", "api/status.py")),

@@ -5,7 +5,7 @@ Redis transport cannot give it: BRPOP removes a message from the list before the
 consumer records it as unacknowledged, so a kill in between loses the chunk (seen
 here as ~1 in 4 kills losing one chunk). Here a chunk never exists outside Redis:
 
-- the API LPUSHes the encoded Envelope onto `inferpool.<model>.bulk` (no JSON, no
+- the API pushes (`push_chunk`, LPUSH) the encoded Envelope onto `inferpool.<model>.bulk` (no JSON, no
   base64: the body is the protobuf itself);
 - a worker takes it with LMOVE (atomic) into its own processing list, one per
   consumer and queue, and LREMs it from there once every item's result is written;
@@ -21,6 +21,8 @@ here as ~1 in 4 kills losing one chunk). Here a chunk never exists outside Redis
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -57,6 +59,16 @@ REQUEUE = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then redis.call('RPUSH', KEYS[2], ARGV[1]) end
 return 1
 """
+
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+
+async def push_chunk(client: aioredis.Redis, queue: str, chunk: bytes) -> None:
+    """The producer's side (the API): one encoded Envelope onto `queue`, at the end
+    opposite to where BulkQueues.take takes from (first in, first out)."""
+    await client.lpush(queue, chunk)
 
 
 def _text(value: bytes | str) -> str:

@@ -12,21 +12,42 @@ change goes through one of the Lua scripts below, so it is atomic in Redis:
 - END / ABORT / OBSERVE move a live job to CANCELLED / FAILED / EXPIRED (ABORT, for a
   broken upload, also frees its idempotency key in the same step).
 
-States are stored by name ("QUEUED"), the JobState enum without its prefix.
+States are stored by name ("QUEUED"), the JobState enum without its prefix (State).
+JobStore (blocking, the workers') and AsyncJobStore (the API's) are the two faces of
+the store: both call the one script set below, registered on their own client.
 """
 
 from __future__ import annotations
 
+import enum
 import secrets
-from collections.abc import Iterable, Mapping
-from typing import Any
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from inferpool.names import job_key, job_results_key
 from inferpool.v1 import jobs_pb2
 
-LIVE = ("QUEUED", "RUNNING")
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
+if TYPE_CHECKING:  # the client SDK imports this module and does not depend on redis
+    import redis
+    import redis.asyncio as aioredis
+
+
+class State(enum.StrEnum):
+    """A job's state as stored in Redis (the scripts below spell the same names)."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
+
+
+LIVE = (State.QUEUED, State.RUNNING)
+TERMINAL = (State.SUCCEEDED, State.FAILED, State.CANCELLED, State.EXPIRED)
 
 # Result kinds passed to RECORD.
 OK, CACHED, FAILED = "ok", "cached", "failed"
@@ -147,7 +168,7 @@ def new_record(
     return {
         "model": model,
         "version": version,
-        "state": "QUEUED",
+        "state": State.QUEUED.value,
         "top_k": top_k,
         "total": 0,
         "sealed": 0,
@@ -202,3 +223,108 @@ def to_proto(job_id: str, record: Mapping[str, str]) -> jobs_pb2.Job:
 def state_name(state: int) -> str:
     """JobState enum value -> the short name used in Redis, logs and the CLI."""
     return jobs_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
+
+
+EXPIRED_ERROR = "the job timeout passed before every item ran"
+# Results written to Redis per script call: a long list goes in slices, so one call never
+# holds Redis (and every call waiting on it) for long.
+RECORD_BATCH = 512
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
+class _Scripts:
+    """The job scripts, registered on one client, blocking or asyncio (redis-py's Script
+    is called the same way on both; on an asyncio client the call is awaited)."""
+
+    def __init__(self, client: Any) -> None:
+        self.record = client.register_script(RECORD)
+        self.seal = client.register_script(SEAL)
+        self.end = client.register_script(END)
+        self.abort = client.register_script(ABORT)
+        self.observe = client.register_script(OBSERVE)
+
+
+def _record_call(job_id: str, entries: Iterable[tuple[int, str, bytes]]) -> dict[str, Any]:
+    return {"keys": [job_key(job_id), job_results_key(job_id)], "args": record_args(now_ms(), entries)}
+
+
+def _end_call(job_id: str, state: State, error: str) -> dict[str, Any]:
+    return {"keys": [job_key(job_id)], "args": [now_ms(), state.value, error]}
+
+
+class JobStore:
+    """The workers' face: writes results (idempotently per item index) and answers
+    whether a job still wants its items computed."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._scripts = _Scripts(client)
+
+    def record(self, job_id: str, entries: Iterable[tuple[int, str, bytes]]) -> tuple[int, str | None]:
+        """How many results were new (-1: the job is gone), and the job's state after
+        them ("" when gone, None when there was nothing to write)."""
+        call = _record_call(job_id, entries)
+        if len(call["args"]) == 1:
+            return 0, None
+        new, state = self._scripts.record(**call)
+        return int(new), _text(state)
+
+    def live(self, job_ids: Iterable[str]) -> set[str]:
+        """The jobs among these that are neither ended nor expired from Redis."""
+        ids = list(job_ids)
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(job_key(job_id), "state")
+        states = pipe.execute()
+        return {job_id for job_id, state in zip(ids, states, strict=True) if _text(state) in LIVE}
+
+    def expire(self, job_id: str) -> None:
+        self._scripts.end(**_end_call(job_id, State.EXPIRED, EXPIRED_ERROR))
+
+
+class AsyncJobStore:
+    """The API's face: creates, seals, ends and reads jobs, and records the results it
+    knows at once (invalid or cached items). Redis errors propagate to the caller."""
+
+    def __init__(self, client: aioredis.Redis, ttl_s: int) -> None:
+        self.client = client
+        self.ttl_s = ttl_s
+        self._scripts = _Scripts(client)
+
+    async def create(self, job_id: str, record: Mapping[Any, Any]) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(job_key(job_id), mapping=dict(record))
+        pipe.pexpire(job_key(job_id), self.ttl_s * 1000)
+        await pipe.execute()
+
+    async def record(self, job_id: str, entries: Sequence[tuple[int, str, bytes]]) -> None:
+        for at in range(0, len(entries), RECORD_BATCH):
+            await self._scripts.record(**_record_call(job_id, entries[at : at + RECORD_BATCH]))
+
+    async def seal(self, job_id: str, total: int) -> None:
+        await self._scripts.seal(keys=[job_key(job_id)], args=[now_ms(), total])
+
+    async def end(self, job_id: str, state: State, error: str = "") -> str:
+        """Moves a live job to `state`; the state after the call ("" if it is gone)."""
+        return _text(await self._scripts.end(**_end_call(job_id, state, error)))
+
+    async def abort(self, job_id: str, idempotency_key: str, error: str) -> None:
+        """Fails a job whose upload broke off, freeing `idempotency_key` (a Redis key, or
+        "") if it still names this job."""
+        await self._scripts.abort(keys=[job_key(job_id), idempotency_key], args=[now_ms(), error, job_id])
+
+    async def observe(self, job_id: str) -> dict[str, str] | None:
+        """The record (ended EXPIRED first if its deadline passed), or None."""
+        raw = await self._scripts.observe(keys=[job_key(job_id)], args=[now_ms()])
+        return decode_record(raw) if raw else None
+
+    async def results(self, job_id: str, indexes: list[int]) -> list[bytes | None]:
+        # bytes: the API's client does not decode responses.
+        return cast(list[bytes | None], await self.client.hmget(job_results_key(job_id), indexes))

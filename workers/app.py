@@ -25,15 +25,15 @@ from redis.retry import Retry
 from inferpool.broker import defer_unacked_while, make_celery
 from inferpool.cache import Cache, key_secret
 from inferpool.heap import freeze_startup_heap
+from inferpool.jobs import JobStore
 from inferpool.names import queue_name, task_name
 from inferpool.repository import Repository
 from inferpool.settings import Settings, SettingsError
-from workers import metrics
+from workers import metrics, stats
 from workers.batcher import Batcher
 from workers.bulk import BulkConsumer
 from workers.intake import Intake
-from workers.sinks import JobSink, ReplySink
-from workers.stats import STATS
+from workers.sinks import ReplySink
 from workers.strategy import inline_or_stock
 
 log = logging.getLogger("inferpool.worker")
@@ -75,13 +75,13 @@ class Runtime:
             settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0, retry=retry
         )
         self.sink = ReplySink(client, settings.reply_ttl_s)
-        self.jobs = JobSink(client)
+        self.jobs = JobStore(client)
         self.batchers: dict[tuple[str, int], Batcher] = {}
         for cfg in repository.all():
             runner = ModelRunner(cfg, device)
             warm_s = runner.warm_up()
             log.info("loaded %s v%d on %s (warm-up %.2fs)", cfg.name, cfg.version, device, warm_s)
-            batcher = Batcher(cfg, runner, self.sink, self.jobs, self.cache, STATS)
+            batcher = Batcher(cfg, runner, self.sink, self.jobs, self.cache)
             batcher.start()
             self.batchers[cfg.name, cfg.version] = batcher
         self.bulk = BulkConsumer(
@@ -89,7 +89,6 @@ class Runtime:
             settings.redis_url,
             self.batchers,
             self.jobs,
-            STATS,
             settings.bulk_prefetch_chunks,
             lease_s=settings.bulk_lease_s,
             renew_s=settings.bulk_lease_renew_s,
@@ -133,8 +132,8 @@ def restrict_remote_control(allowed: frozenset[str]) -> list[str]:
 
 
 def inferpool_stats(state: Any) -> dict[str, Any]:
-    """`celery inspect inferpool_stats`: the counters in workers/stats.py."""
-    return STATS.snapshot()
+    """`celery inspect inferpool_stats`: the worker's counts, read from its Prometheus metrics."""
+    return stats.snapshot()
 
 
 class _Lifecycle:
@@ -152,7 +151,6 @@ class _Lifecycle:
         signals.worker_ready.connect(self.follow_task_events, weak=False)
         signals.worker_ready.connect(self.freeze_heap, weak=False)
         signals.worker_shutdown.connect(self.stop_runtime, weak=False)
-        signals.task_revoked.connect(self.count_expired, weak=False)
 
     def _ours(self, sender: Any) -> bool:
         return getattr(sender, "app", None) is self.app
@@ -203,13 +201,6 @@ class _Lifecycle:
         runtime = self.intake.runtime
         if self._ours(sender) and runtime is not None:
             runtime.stop()
-
-    def count_expired(self, expired: bool = False, **_: Any) -> None:
-        # Celery discards messages whose `expires` (the caller's deadline) passed before
-        # they were executed; count them so "not computed" is observable. Only a started
-        # worker executes messages.
-        if expired and self.intake.runtime is not None:
-            STATS.add("messages_expired")
 
 
 def create_app(settings: Settings, repository: Repository | None = None) -> Celery:

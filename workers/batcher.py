@@ -31,13 +31,13 @@ import numpy as np
 import redis
 
 from inferpool.cache import Cache
+from inferpool.jobs import JobStore
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2
 from workers import metrics
 from workers.results import Computed, EndedJobs, Outcome, ResultWriter, Ticket
 from workers.runtime import ModelRunner, RowFallback
-from workers.sinks import JobSink, ReplySink
-from workers.stats import WorkerStats
+from workers.sinks import ReplySink
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +95,14 @@ class Batcher(threading.Thread):
         cfg: ModelConfig,
         runner: ModelRunner,
         sink: ReplySink,
-        jobs_sink: JobSink,
+        jobs_sink: JobStore,
         cache: Cache,
-        stats: WorkerStats,
     ) -> None:
         super().__init__(name=f"batcher-{cfg.name}-{cfg.version}", daemon=True)
         self.cfg = cfg
         self.runner = runner
         self.jobs = jobs_sink
         self.cache = cache
-        self.stats = stats
         self._cond = threading.Condition()
         self._interactive: deque[Pending] = deque()
         self._bulk: deque[BulkSlice] = deque()
@@ -112,10 +110,10 @@ class Batcher(threading.Thread):
         self._stopping = False
         self._arriving = 0
         self._last_interactive = -INTERACTIVE_RECENT_S
-        self._model = RowFallback(cfg, runner, stats)
+        self._model = RowFallback(cfg, runner)
         # Filled by the writer from the states its job writes return, and by expiry here.
         self._ended = EndedJobs()
-        self._writer = ResultWriter(cfg, sink, jobs_sink, cache, stats, self._ended)
+        self._writer = ResultWriter(cfg, sink, jobs_sink, cache, self._ended)
         name = cfg.name
         self._m_expired = metrics.DROPPED.labels(name, "expired")
         self._m_cancelled = metrics.DROPPED.labels(name, "cancelled")
@@ -224,10 +222,8 @@ class Batcher(threading.Thread):
 
     def _dropped(self, expired: int, cancelled: int, expired_jobs: set[str]) -> None:
         if expired:
-            self.stats.add("items_expired", expired)
             self._m_expired.inc(expired)
         if cancelled:
-            self.stats.add("items_cancelled", cancelled)
             self._m_cancelled.inc(cancelled)
         for job_id in expired_jobs:
             self._ended.add(job_id)
@@ -253,7 +249,7 @@ class Batcher(threading.Thread):
     def _drop_dead_bulk(self, batch: list[BulkSlice]) -> list[BulkSlice]:
         """Rows past their deadline, and rows of jobs known to have ended, are not
         computed. A job is known ended from the state its last result write returned
-        (JobSink.record), so checking costs no round trip; chunks of jobs that ended
+        (JobStore.record), so checking costs no round trip; chunks of jobs that ended
         before this worker took them were dropped by the bulk consumer."""
         now_ns = time.time_ns()
         live: list[BulkSlice] = []

@@ -38,14 +38,13 @@ from inferpool import codec, jobs
 from inferpool.broker import Reconnect
 from inferpool.bulkqueue import BulkQueues
 from inferpool.errors import InvalidInput
+from inferpool.jobs import JobStore
 from inferpool.names import bulk_queue_name, bulk_task_name
 from inferpool.repository import NONFINITE, ModelConfig
 from inferpool.v1 import envelope_pb2
 from workers import metrics
 from workers.batcher import Batcher, BulkWork
 from workers.results import Ticket
-from workers.sinks import JobSink
-from workers.stats import WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +68,7 @@ class BulkConsumer(threading.Thread):
         app: Celery,
         redis_url: str,
         batchers: dict[tuple[str, int], Batcher],
-        job_sink: JobSink,
-        stats: WorkerStats,
+        job_sink: JobStore,
         prefetch: int,
         lease_s: float,
         renew_s: float,
@@ -83,7 +81,6 @@ class BulkConsumer(threading.Thread):
         self.app = app
         self.batchers = batchers
         self.jobs = job_sink
-        self.stats = stats
         self.prefetch = prefetch
         self.drain_s = drain_s
         self.hostname = hostname
@@ -213,7 +210,6 @@ class BulkConsumer(threading.Thread):
                 self._event("task-failed", chunk, exception=error)
             else:
                 self.queues.ack(chunk.queue, chunk.body)
-                self.stats.add("chunks_done")
                 metrics.TASKS.labels(chunk.task, "succeeded").inc()
                 outcome = {
                     "computed": ticket.computed,
@@ -250,7 +246,6 @@ class BulkConsumer(threading.Thread):
                 raise codec.PoisonMessage(f"not a bulk envelope for {model!r}")
             indexes = _job_indexes(envelope)
         except codec.PoisonMessage as exc:
-            self.stats.add("messages_poison")
             log.error("dead-lettering poison bulk chunk from %s: %s", queue_name, exc)
             self.queues.dead_letter(queue_name, body)
             metrics.TASKS.labels(bulk_task_name(model), "rejected").inc()
@@ -261,7 +256,8 @@ class BulkConsumer(threading.Thread):
         self._event("task-received", chunk)
         if not self.jobs.live([job_id]):
             # Cancelled, ended or expired: nobody wants these items computed.
-            self.stats.add("items_cancelled", len(indexes))
+            metrics.DROPPED.labels(model, "cancelled").inc(len(indexes))
+            metrics.TASKS.labels(chunk.task, "revoked").inc()
             self.queues.ack(queue_name, body)
             self._event("task-revoked", chunk, terminated=False, signum=None, expired=False)
             return
@@ -275,7 +271,6 @@ class BulkConsumer(threading.Thread):
             indexes, rows, failures = _validate(batcher.cfg, envelope, indexes)
         if failures:
             self.jobs.record(job_id, failures)
-            self.stats.add("items_failed", len(failures))
             metrics.DROPPED.labels(model, "invalid").inc(len(failures))
         if batcher is None or rows is None:
             self.queues.ack(queue_name, body)

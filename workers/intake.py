@@ -27,7 +27,6 @@ from inferpool.v1 import envelope_pb2
 from workers import metrics
 from workers.batcher import Batcher, Pending
 from workers.results import Ticket
-from workers.stats import STATS
 
 if TYPE_CHECKING:
     from workers.app import Runtime
@@ -99,7 +98,6 @@ class Intake:
             if rejected:
                 self.runtime.sink.push(rejected)
                 invalid = sum(len(v) for v in rejected.values())
-                STATS.add("items_failed", invalid)
                 metrics.DROPPED.labels(cfg.name, "invalid").inc(invalid)
             ticket = Ticket(len(accepted), envelope.enqueued_unix_ns, on_done=on_done)
             pending = [Pending(item, array, ticket) for item, array in accepted]
@@ -150,7 +148,7 @@ class Intake:
         # What Celery's task_accepted counts (`celery inspect stats`: total).
         worker_state.total_count[name] += 1
         worker_state.all_total_count[0] += 1
-        STATS.add("messages_inline")
+        metrics.INLINE_MESSAGES.labels(name).inc()
         ack()
         if events is not None:
             events.accepted()
@@ -178,7 +176,7 @@ class Intake:
             if envelope.model != model:
                 raise codec.PoisonMessage(f"envelope for {envelope.model!r} on the {model!r} task")
         except codec.PoisonMessage as exc:
-            STATS.add("messages_poison")
+            metrics.TASKS.labels(task_name(model), "rejected").inc()
             log.error("dead-lettering poison message on %s: %s", model, exc)
             dead = dead_letter_key(queue_name(model))
             try:
@@ -201,7 +199,7 @@ class Intake:
                 key, value = _reject(item, error, envelope_pb2.Reply.STATUS_INTERNAL)
                 replies.setdefault(key, []).append(value)
             runtime.sink.push(replies)
-            STATS.add("items_failed", len(envelope.items))
+            metrics.DROPPED.labels(model, "invalid").inc(len(envelope.items))
             return {"items": len(envelope.items), "failed": len(envelope.items)}
         latest_ns = max((item.deadline_unix_ns for item in envelope.items), default=0)
         left_s = max(0.0, (latest_ns - time.time_ns()) / 1e9)

@@ -92,6 +92,19 @@ TASKS = Counter(
     ["task", "state"],
     registry=REGISTRY,
 )
+INLINE_MESSAGES = Counter(
+    "inferpool_inline_messages",
+    "Queue messages taken on Celery's consumer thread (nothing for Celery to do for them) instead "
+    "of its task pool; they are also counted in inferpool_tasks_total.",
+    ["task"],
+    registry=REGISTRY,
+)
+SPLIT_BATCHES = Counter(
+    "inferpool_split_batches",
+    "Batches the model failed on, run again row by row so that only the failing rows fail.",
+    ["model"],
+    registry=REGISTRY,
+)
 JOBS = Counter(
     "inferpool_jobs",
     "Bulk jobs that entered each state (RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED) through "

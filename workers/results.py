@@ -23,11 +23,11 @@ import numpy as np
 
 from inferpool import codec, jobs
 from inferpool.cache import Cache
+from inferpool.jobs import JobStore
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2
 from workers import metrics
-from workers.sinks import JobSink, ReplySink
-from workers.stats import WorkerStats
+from workers.sinks import ReplySink
 
 if TYPE_CHECKING:
     from workers.batcher import BulkSlice, Pending
@@ -141,16 +141,14 @@ class ResultWriter:
         self,
         cfg: ModelConfig,
         sink: ReplySink,
-        jobs_sink: JobSink,
+        jobs_sink: JobStore,
         cache: Cache,
-        stats: WorkerStats,
         ended: EndedJobs,
     ) -> None:
         self.cfg = cfg
         self.sink = sink
         self.jobs = jobs_sink
         self.cache = cache
-        self.stats = stats
         self.ended = ended
         # Computed bulk batches waiting for the results thread; bounded, so the model
         # runs at most WRITER_DEPTH batches ahead of the writes.
@@ -187,10 +185,8 @@ class ResultWriter:
         self._m_compute.observe(compute_s)
         failed = 0 if isinstance(rows, np.ndarray) else sum(row is None for row in rows)
         if failed < size:
-            self.stats.batch(size - failed, compute_s)
             self._m_ok.inc(size - failed)
         if failed:
-            self.stats.add("items_failed", failed)
             self._m_failed.inc(failed)
 
     def answer(self, live: list[Pending], rows: Rows, compute_s: float, started_unix_ns: int) -> None:

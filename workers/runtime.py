@@ -14,7 +14,7 @@ import torch
 
 from inferpool.repository import ModelConfig
 from inferpool.tensor import dtype_name
-from workers.stats import WorkerStats
+from workers import metrics
 
 if TYPE_CHECKING:
     from workers.results import Rows
@@ -186,10 +186,10 @@ class RowFallback:
     """Runs a batch through the model; when the batch fails, runs each row alone, so one
     bad input fails only itself."""
 
-    def __init__(self, cfg: ModelConfig, runner: ModelRunner, stats: WorkerStats) -> None:
+    def __init__(self, cfg: ModelConfig, runner: ModelRunner) -> None:
         self.cfg = cfg
         self.runner = runner
-        self.stats = stats
+        self._m_split = metrics.SPLIT_BATCHES.labels(cfg.name)
 
     def run(self, x: np.ndarray) -> Rows:
         """Class probabilities per input row; None for a row the model failed on."""
@@ -199,7 +199,7 @@ class RowFallback:
             log.exception("model %s v%d failed on a batch of %d", self.cfg.name, self.cfg.version, len(x))
         if len(x) == 1:
             return [None]
-        self.stats.add("batches_split")
+        self._m_split.inc()
         rows: list[np.ndarray | None] = []
         for i in range(len(x)):
             try:

@@ -1,60 +1,70 @@
-"""Worker counters, readable over Celery's remote control (`inferpool_stats`).
+"""`celery inspect inferpool_stats`: a worker's counts, read from its Prometheus metrics.
 
-Tests and operators use them to see what a worker really computed: batches and
-their sizes, and requests dropped because their deadline passed before compute.
+Each event is counted once, in workers/metrics.py; this sums those series into the
+few numbers tests and operators ask a worker for over Celery's remote control (what it
+really computed, dropped, split or dead-lettered), so the two can never disagree.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
+from prometheus_client.metrics import MetricWrapperBase
 
-class WorkerStats:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.batches = 0
-        self.items_computed = 0
-        self.items_expired = 0
-        self.messages_expired = 0
-        self.items_failed = 0
-        self.messages_poison = 0
-        self.messages_inline = 0  # taken on the consumer thread (workers/strategy.py)
-        self.items_cancelled = 0
-        self.batches_split = 0  # batches the model failed on, rerun item by item
-        self.chunks_done = 0
-        self.compute_s = 0.0
-        self.batch_sizes: Counter[int] = Counter()
+from inferpool.names import bulk_task_name
+from workers import metrics
 
-    def batch(self, size: int, compute_s: float) -> None:
-        with self._lock:
-            self.batches += 1
-            self.items_computed += size
-            self.compute_s += compute_s
-            self.batch_sizes[size] += 1
-
-    def add(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            setattr(self, name, getattr(self, name) + n)
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {
-                "batches": self.batches,
-                "items_computed": self.items_computed,
-                "items_expired": self.items_expired,
-                "messages_expired": self.messages_expired,
-                "items_failed": self.items_failed,
-                "messages_poison": self.messages_poison,
-                "messages_inline": self.messages_inline,
-                "items_cancelled": self.items_cancelled,
-                "batches_split": self.batches_split,
-                "chunks_done": self.chunks_done,
-                "compute_s": round(self.compute_s, 6),
-                # JSON object keys must be strings.
-                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-            }
+_BULK_TASK_PREFIX = bulk_task_name("")
 
 
-STATS = WorkerStats()
+def _total(
+    metric: MetricWrapperBase, suffix: str = "_total", where: Callable[[dict[str, str]], bool] | None = None
+) -> float:
+    """The sum of `metric`'s samples named <name><suffix> whose labels pass `where`."""
+    return sum(
+        sample.value
+        for family in metric.collect()
+        for sample in family.samples
+        if sample.name.endswith(suffix) and (where is None or where(sample.labels))
+    )
+
+
+def _is(label: str, *values: str) -> Callable[[dict[str, str]], bool]:
+    return lambda labels: labels.get(label) in values
+
+
+def snapshot() -> dict[str, Any]:
+    """The worker's counts since it started, by the names `inferpool_stats` has always used."""
+    buckets: dict[str, float] = {}
+    for family in metrics.BATCH_SIZE.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                le = sample.labels["le"]
+                buckets[le] = buckets.get(le, 0.0) + sample.value
+    return {
+        "batches": int(_total(metrics.BATCH_SIZE, "_count")),
+        "items_computed": int(_total(metrics.COMPUTED, where=_is("outcome", "ok"))),
+        "items_failed": int(
+            _total(metrics.COMPUTED, where=_is("outcome", "failed"))
+            + _total(metrics.DROPPED, where=_is("reason", "invalid"))
+        ),
+        "items_expired": int(_total(metrics.DROPPED, where=_is("reason", "expired"))),
+        "items_cancelled": int(_total(metrics.DROPPED, where=_is("reason", "cancelled"))),
+        "messages_expired": int(_total(metrics.TASKS, where=_is("state", "expired"))),
+        "messages_poison": int(_total(metrics.TASKS, where=_is("state", "rejected"))),
+        "messages_inline": int(_total(metrics.INLINE_MESSAGES)),
+        "messages_revoked": int(_total(metrics.TASKS, where=_is("state", "revoked"))),
+        "batches_split": int(_total(metrics.SPLIT_BATCHES)),
+        "chunks_done": int(
+            _total(
+                metrics.TASKS,
+                where=lambda labels: (
+                    labels["state"] == "succeeded" and labels["task"].startswith(_BULK_TASK_PREFIX)
+                ),
+            )
+        ),
+        "compute_s": round(_total(metrics.COMPUTE_DURATION, "_sum"), 6),
+        # Batches by size, cumulative per histogram bucket (Prometheus' `le`).
+        "batch_sizes": {le: int(n) for le, n in buckets.items()},
+    }

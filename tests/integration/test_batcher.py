@@ -16,16 +16,17 @@ import redis
 
 from inferpool import jobs, tensor
 from inferpool.cache import Cache
+from inferpool.jobs import JobStore
 from inferpool.names import job_key, job_results_key
 from inferpool.repository import Repository
 from inferpool.v1 import envelope_pb2
 from tests.servers import MemcachedServer, wait_until
 from tests.unit.test_batcher import ROOT
+from workers import stats
 from workers.batcher import Batcher, BulkWork, Pending
 from workers.results import Ticket
 from workers.runtime import ModelRunner, pick_device
-from workers.sinks import JobSink, ReplySink
-from workers.stats import WorkerStats
+from workers.sinks import ReplySink
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,13 +36,11 @@ def _batcher(client: redis.Redis, cache: Cache, wrap: Callable[[ModelRunner], An
     for its model runner around the real one."""
     cfg = Repository.load(ROOT / "models").resolve("digits", 0)
     runner = ModelRunner(cfg, pick_device("cpu"))
-    return Batcher(
-        cfg, wrap(runner) if wrap else runner, ReplySink(client, 60), JobSink(client), cache, WorkerStats()
-    )
+    return Batcher(cfg, wrap(runner) if wrap else runner, ReplySink(client, 60), JobStore(client), cache)
 
 
 @pytest.fixture
-def parts(redis_client: redis.Redis, memcached_server: MemcachedServer) -> Iterator[tuple[Batcher, JobSink]]:
+def parts(redis_client: redis.Redis, memcached_server: MemcachedServer) -> Iterator[tuple[Batcher, JobStore]]:
     cache = Cache(memcached_server.address, timeout_ms=500, ttl_s=60)
     batcher = _batcher(redis_client, cache)
     batcher.start()
@@ -74,7 +73,7 @@ def _items(
     return ticket, items, BulkWork([item.job_index for item in items], np.concatenate(arrays), ticket, job_id)
 
 
-def test_record_returns_the_job_state(redis_client: redis.Redis, parts: tuple[Batcher, JobSink]) -> None:
+def test_record_returns_the_job_state(redis_client: redis.Redis, parts: tuple[Batcher, JobStore]) -> None:
     _, sinks = parts
     job_id = _job(redis_client)
     assert sinks.record(job_id, [(0, jobs.OK, b"r")]) == (1, "RUNNING")
@@ -154,6 +153,7 @@ def test_items_that_expire_inside_the_worker_are_not_computed(
         )
         return Pending(item, cfg.validate(t), ticket)
 
+    expired_before = stats.snapshot()["items_expired"]
     batcher.start()
     try:
         far = time.time_ns() + 60 * 10**9
@@ -181,7 +181,7 @@ def test_items_that_expire_inside_the_worker_are_not_computed(
             [first.item.request_id, behind[1].item.request_id]
         )
         assert all(r.status == envelope_pb2.Reply.STATUS_OK for r in replies)
-        assert batcher.stats.snapshot()["items_expired"] == 2
+        assert stats.snapshot()["items_expired"] - expired_before == 2
     finally:
         gate.release.set()
         batcher.stop()
@@ -190,7 +190,7 @@ def test_items_that_expire_inside_the_worker_are_not_computed(
 
 
 def test_bulk_results_and_cache_are_written_before_the_ticket_settles(
-    redis_client: redis.Redis, memcached_server: MemcachedServer, parts: tuple[Batcher, JobSink]
+    redis_client: redis.Redis, memcached_server: MemcachedServer, parts: tuple[Batcher, JobStore]
 ) -> None:
     batcher, _ = parts
     job_id = _job(redis_client)
@@ -216,7 +216,7 @@ def test_bulk_results_and_cache_are_written_before_the_ticket_settles(
 
 
 def test_items_of_a_job_seen_cancelled_are_not_computed(
-    redis_client: redis.Redis, parts: tuple[Batcher, JobSink]
+    redis_client: redis.Redis, parts: tuple[Batcher, JobStore]
 ) -> None:
     batcher, _ = parts
     job_id = _job(redis_client)

@@ -6,18 +6,22 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
+from bench.stack import free_port
 from inferpool import jobs, tensor
 from inferpool.client import Client, submit_requests
 from inferpool.jobs import state_name
-from inferpool.names import bulk_queue_name, job_key, job_results_key
+from inferpool.names import bulk_queue_name, bulk_task_name, job_key, job_results_key
 from inferpool.v1 import envelope_pb2, jobs_pb2, tensor_pb2
-from tests.servers import ApiThread, Worker, wait_until
+from tests.servers import ApiThread, RedisServer, Worker, stack_settings, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -314,3 +318,48 @@ def test_a_chunk_fails_only_its_bad_rows_and_chunks_written_as_items_still_run(
     wait_until(
         lambda: redis_client.llen(f"{queue}.dead") == dead + 1, 10, "the mismatched chunk to be dead-lettered"
     )
+
+
+def test_a_cancelled_jobs_chunks_are_counted_once_as_revoked_and_cancelled(
+    fresh_redis: RedisServer, logdir: Path, heldout: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """A job cancelled before any worker ran: the worker acknowledges its queued chunks
+    without computing them. Flower sees each chunk REVOKED; Prometheus and
+    `inspect inferpool_stats` must say the same of the same events."""
+    x, _ = unique_digits(heldout, 40, seed=41)
+    settings = stack_settings(fresh_redis, None, bulk_chunk_items=8)
+    server = ApiThread(settings)
+    r = redis.Redis.from_url(fresh_redis.url)
+    worker: Worker | None = None
+    try:
+        with Client(server.target) as client:
+            job = client.submit(x, "digits")
+            assert state_name(job.cancel().state) == "CANCELLED"
+            assert r.llen(bulk_queue_name("digits")) == 5
+            port = free_port()
+            worker = Worker(dataclasses.replace(settings, metrics_port=port), logdir)
+            wait_until(lambda: r.llen(bulk_queue_name("digits")) == 0, 60, "the worker to take the chunks")
+            wait_until(
+                lambda: worker is not None and worker.stats()["items_cancelled"] == 40, 30, "40 dropped"
+            )
+            stats = worker.stats()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+                exported = {
+                    (s.name, tuple(sorted(s.labels.items()))): s.value
+                    for family in text_string_to_metric_families(answer.read().decode())
+                    for s in family.samples
+                }
+            dropped = (("model", "digits"), ("reason", "cancelled"))
+            revoked = (("state", "revoked"), ("task", bulk_task_name("digits")))
+            assert exported.get(("inferpool_dropped_requests_total", dropped)) == 40
+            assert exported.get(("inferpool_tasks_total", revoked)) == 5
+            assert (stats["items_cancelled"], stats["messages_revoked"], stats["items_computed"]) == (
+                40,
+                5,
+                0,
+            )
+    finally:
+        if worker is not None:
+            worker.stop()
+        r.close()
+        server.stop()

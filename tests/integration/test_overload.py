@@ -18,8 +18,7 @@ import redis
 import redis.asyncio as aioredis
 from kombu.serialization import loads
 
-from api.flights import FlightLocks, FlightTaken
-from api.publisher import Publisher
+from api.publisher import FlightLocks, FlightTaken, Publisher
 from inferpool import codec
 from inferpool.broker import make_celery
 from inferpool.client import Client

@@ -14,9 +14,9 @@ import pytest
 from kombu.exceptions import EncodeError
 from kombu.serialization import dumps, loads
 
-from api import local_cache
+from api import front_cache
+from api.front_cache import LocalCache
 from api.job_watch import WATCH_MIN_INTERVAL_S, next_look_s
-from api.local_cache import LocalCache
 from api.status import code_for
 from inferpool import codec, errors, heap, tensor
 from inferpool.cache import CacheKeys
@@ -350,7 +350,7 @@ def test_top_classes_orders_by_score_then_index_on_both_paths() -> None:
 
 def test_local_cache_evicts_least_recently_used_and_expires(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
-    monkeypatch.setattr(local_cache.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(front_cache.time, "monotonic", lambda: now[0])
     cache = LocalCache(max_items=2, ttl_s=10)
     a, b, c = (envelope_pb2.Scores(values=[v]) for v in (0.1, 0.2, 0.3))
     cache.put("a", a)
