@@ -25,6 +25,7 @@ from api.flights import FlightLocks, FlightTaken
 from api.local_cache import LocalCache
 from api.publisher import Publisher
 from api.replies import ReplyListener
+from inferpool import tracing
 from inferpool.cache import Cache
 from inferpool.errors import DeadlineExceeded, InferpoolError, InvalidInput, ModelFailed
 from inferpool.names import MODEL_NAME_RE, flight_key
@@ -173,15 +174,18 @@ class DataPlane:
         key = keys.input_key(cfg, data, keys.scope(caller()))
         # Only inputs whose values passed validation are ever cached: an input found here
         # is valid, and checking its values again would be a third of a hit's handler time.
-        scores = self.local_cache.get(key)
-        if scores is not None:
-            metrics.for_model(cfg.name).local_cache_hits.inc()
-        else:
-            cfg.validate(tensor)
-            if (cached := await self.cache_reads.get(key)) is not None:
-                scores = envelope_pb2.Scores()
-                scores.ParseFromString(cached)
-                self.local_cache.put(key, scores)
+        with tracing.span("inferpool.cache_lookup") as lookup:
+            scores = self.local_cache.get(key)
+            if scores is not None:
+                metrics.for_model(cfg.name).local_cache_hits.inc()
+            else:
+                with tracing.span("inferpool.validate"):
+                    cfg.validate(tensor)
+                if (cached := await self.cache_reads.get(key)) is not None:
+                    scores = envelope_pb2.Scores()
+                    scores.ParseFromString(cached)
+                    self.local_cache.put(key, scores)
+            lookup.set_attribute("inferpool.cache.hit", scores is not None)
         if scores is not None:
             self.counters.hits += 1
             metrics.for_model(cfg.name).cache_hits.inc()
@@ -194,7 +198,8 @@ class DataPlane:
         budget_s = min(MAX_WAIT_S, self.default_timeout_s if timeout_s is None else timeout_s)
         if budget_s <= 0:
             self._deadline_exceeded(cfg)
-        reply = await self._single_flight(key, cfg, tensor, request_id, budget_s)
+        with tracing.span("inferpool.single_flight", {"inferpool.flight.role": "leader"}):
+            reply = await self._single_flight(key, cfg, tensor, request_id, budget_s)
         if reply.status == Reply.STATUS_INVALID_INPUT:
             raise InvalidInput(reply.error)
         if reply.status != Reply.STATUS_OK:
@@ -230,6 +235,7 @@ class DataPlane:
             if not following:
                 self.counters.coalesced += 1
                 following = True
+                tracing.annotate("inferpool.flight.role", "follower")
             try:
                 async with asyncio.timeout_at(deadline):
                     await asyncio.shield(leader)
@@ -308,7 +314,8 @@ class DataPlane:
     ) -> envelope_pb2.Reply:
         """Publishes one miss and waits for its reply (FlightTaken: `flight` is another
         replica's, and nothing was published)."""
-        self.admission.admit(cfg, budget_s)
+        with tracing.span("inferpool.admission"):
+            self.admission.admit(cfg, budget_s)
         # Correlate on our own id: callers' request ids need not be unique.
         correlation = new_id()
         item = envelope_pb2.EnvelopeItem(
@@ -316,7 +323,7 @@ class DataPlane:
             input=tensor,
             deadline_unix_ns=time.time_ns() + int(budget_s * 1e9),
             reply_key=self.replies.key,
-            trace_id=request_id,
+            traceparent=tracing.traceparent(),
             cache_scope=self.cache.keys.scope(caller()),
         )
         published = self.publisher.enqueue(cfg, item, flight)
@@ -329,8 +336,10 @@ class DataPlane:
         try:
             async with asyncio.timeout(budget_s):
                 # Shielded: on timeout we withdraw it below instead of cancelling blindly.
-                await asyncio.shield(published)
-                reply = await waiter
+                with tracing.span("inferpool.publish") as span:
+                    tracing.published(span, await asyncio.shield(published))
+                with tracing.span("inferpool.reply_wait"):
+                    reply = await waiter
             model_metrics.worker_roundtrip.observe(time.perf_counter() - t0)
             answered = True
             return reply
