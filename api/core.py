@@ -340,7 +340,7 @@ class DataPlane:
                     tracing.published(span, await asyncio.shield(published))
                 with tracing.span("inferpool.reply_wait"):
                     reply = await waiter
-            model_metrics.worker_roundtrip.observe(time.perf_counter() - t0)
+            model_metrics.worker_roundtrip.observe(time.perf_counter() - t0, tracing.exemplar())
             answered = True
             return reply
         except TimeoutError:

@@ -182,7 +182,7 @@ class _Method:
                 metrics.REQUEST_DURATION.labels(self.rpc, code),
             )
         pair[0].inc()
-        pair[1].observe(time.perf_counter() - t0)
+        pair[1].observe(time.perf_counter() - t0, tracing.exemplar())
 
     def undecodable(self, context: grpc.aio.ServicerContext, size: int) -> errors.Undecodable:
         self.interceptor.note(self.method, "undecodable", f"{size}-byte message", context)

@@ -164,6 +164,13 @@ def current_trace_id() -> str:
     return _LOG_TRACE.get()
 
 
+def exemplar() -> dict[str, str] | None:
+    """A Prometheus exemplar naming the current request's trace (None outside one), so
+    a latency bucket links to a trace; exposed in the OpenMetrics format."""
+    trace_id = _LOG_TRACE.get()
+    return {"trace_id": trace_id} if trace_id else None
+
+
 def bind_trace_id(trace_id: str) -> contextvars.Token[str]:
     return _LOG_TRACE.set(trace_id)
 

@@ -129,3 +129,21 @@ def test_worker_start_up_lines_are_in_its_log(worker: Worker) -> None:
     text = worker.log.read_text(errors="replace")
     assert "intra-op threads" in text
     assert "loaded digits v1 on cpu (warm-up" in text
+
+
+def test_latency_buckets_carry_the_trace_id_as_an_exemplar(api: ApiThread) -> None:
+    from prometheus_client.openmetrics.exposition import generate_latest
+
+    from api import metrics
+
+    trace_id = secrets.token_hex(16)
+    x = np.random.default_rng(44).random((1, 1, 28, 28), dtype=np.float32)
+    with grpc.insecure_channel(api.target) as channel:
+        inference_pb2_grpc.InferenceServiceStub(channel).Classify(
+            classify_request(x, "digits"),
+            timeout=30,
+            metadata=_metadata(("traceparent", f"00-{trace_id}-{secrets.token_hex(8)}-01")),
+        )
+    exposition = generate_latest(metrics.REGISTRY).decode()
+    lines = [line for line in exposition.splitlines() if f'trace_id="{trace_id}"' in line]
+    assert any(line.startswith("inferpool_request_duration_seconds_bucket{") for line in lines), lines

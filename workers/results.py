@@ -185,7 +185,7 @@ class ResultWriter:
             self._m_queue.observe_many(max(0.0, wait_ns / 1e9), n)
         size = len(rows)
         self._m_batch.observe(size)
-        self._m_compute.observe(compute_s)
+        self._m_compute.observe(compute_s, tracing.exemplar())
         failed = 0 if isinstance(rows, np.ndarray) else sum(row is None for row in rows)
         if failed < size:
             self.stats.batch(size - failed, compute_s)
