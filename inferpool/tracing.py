@@ -394,13 +394,24 @@ def _batch_scope(
         trace.end()
 
 
+@contextmanager
+def _bound(trace_id: str) -> Iterator[None]:
+    token = _LOG_TRACE.set(trace_id)
+    try:
+        yield
+    finally:
+        _LOG_TRACE.reset(token)
+
+
 def batch_scope(live: Sequence[Any], attributes: Callable[[], Mapping[str, Any]], started_ns: int) -> Any:
     """The span of one interactive batch (`live`: the batcher's Pending items, each
     with `.item.traceparent` and `.ticket.enqueued_unix_ns`), current for
     batch_child() while it runs; the items' queue waits end at `started_ns`. A no-op
     when off or when no item carries a trace context."""
     if _tracer is None:
-        return NO_SPAN
+        # Off, log lines still name the first request's trace when its caller sent one.
+        first = live[0].item.traceparent if live else ""
+        return _bound(trace_id_of(first)) if first else NO_SPAN
     traceparents = [p.item.traceparent for p in live]
     if not any(traceparents):
         return NO_SPAN

@@ -49,7 +49,7 @@ with tracing.span("x", {{"a": 1}}) as s:
     s.set_attribute("k", 1)
     assert s is tracing.NO_SPAN and tracing.traceparent() == ""
 assert tracing.server_span("/a.B/C", ()) is tracing.NO_SPAN
-assert tracing.batch_scope([object()], dict, 0) is tracing.NO_SPAN
+assert tracing.batch_scope([], dict, 0) is tracing.NO_SPAN
 assert tracing.batch_child("m") is tracing.NO_SPAN
 tracing.dropped("{TRACEPARENT}", 0, "deadline expired", 1)
 tracing.record_spans("c", iter(["{TRACEPARENT}"]), 0)
@@ -57,6 +57,16 @@ with tracing.server_span("/a.B/C", (("traceparent", "{TRACEPARENT}"),)):
     assert tracing.traceparent() == "{TRACEPARENT}"
     assert tracing.current_trace_id() == "{TRACE}"
 assert tracing.current_trace_id() == "" and tracing.traceparent() == ""
+
+class Item:  # what batch_scope reads of the batcher's items
+    class item:
+        traceparent = "{TRACEPARENT}"
+    class ticket:
+        enqueued_unix_ns = 0
+
+with tracing.batch_scope([Item()], dict, 0):
+    assert tracing.current_trace_id() == "{TRACE}"  # the worker's log lines name it
+assert tracing.current_trace_id() == ""
 # (redis-py imports OpenTelemetry's metrics API when it is installed; the tracing SDK,
 # the exporter and the propagator are ours to import, and only when on.)
 ours = ("opentelemetry.sdk.trace", "opentelemetry.exporter", "opentelemetry.trace.propagation.tracecontext")
