@@ -22,6 +22,7 @@ test session) may set tracing up and shut it down more than once.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import os
@@ -230,12 +231,12 @@ def _server_span(method: str, metadata: Sequence[tuple[str, Any]] | None) -> Ite
             yield NO_SPAN
             return
         t1 = _LOG_TRACE.set(parsed[0])
-        t2 = _INCOMING.set(incoming.strip().lower())
+        t2 = _INCOMING.set(f"00-{parsed[0]}-{parsed[1]}-{parsed[2] & 0xFF:02x}")
         try:
             yield NO_SPAN
         finally:
-            _INCOMING.reset(t2)
-            _LOG_TRACE.reset(t1)
+            _reset(_INCOMING, t2)
+            _reset(_LOG_TRACE, t1)
         return
     from opentelemetry.trace import SpanKind
 
@@ -254,7 +255,14 @@ def _server_span(method: str, metadata: Sequence[tuple[str, Any]] | None) -> Ite
         try:
             yield span
         finally:
-            _LOG_TRACE.reset(token)
+            _reset(_LOG_TRACE, token)
+
+
+def _reset(var: contextvars.ContextVar[str], token: contextvars.Token[str]) -> None:
+    # A response stream closed from another task than the one it ran in (grpc
+    # cleaning up after a vanished client) ends its span there: nothing to restore.
+    with contextlib.suppress(ValueError):
+        var.reset(token)
 
 
 def set_rpc_code(span: Any, code: str) -> None:
