@@ -20,6 +20,7 @@ from api.auth import caller
 from api.dispatcher import Dispatcher, Miss, ReplyListener, deadline_exceeded, new_id
 from api.front_cache import CacheReader, FrontCache, LocalCache
 from api.publisher import FlightLocks, Publisher
+from inferpool import tracing
 from inferpool.cache import Cache
 from inferpool.errors import DeadlineExceeded, InferpoolError, InvalidInput, ModelFailed
 from inferpool.names import MODEL_NAME_RE
@@ -149,12 +150,15 @@ class DataPlane:
         meter = metrics.for_model(cfg.name)
         # Only inputs whose values passed validation are ever cached: an input found here
         # is valid, and checking its values again would be a third of a hit's handler time.
-        scores = self.results.get_local(key)
-        if scores is not None:
-            meter.local_cache_hits.inc()
-        else:
-            cfg.validate(tensor)
-            scores = await self.results.get(key)
+        with tracing.span("inferpool.cache_lookup") as lookup:
+            scores = self.results.get_local(key)
+            if scores is not None:
+                meter.local_cache_hits.inc()
+            else:
+                with tracing.span("inferpool.validate"):
+                    cfg.validate(tensor)
+                scores = await self.results.get(key)
+            lookup.set_attribute("inferpool.cache.hit", scores is not None)
         if scores is not None:
             self.counters.hits += 1
             meter.cache_hits.inc()
@@ -169,7 +173,8 @@ class DataPlane:
         try:
             if budget_s <= 0:
                 raise deadline_exceeded()
-            reply = await self._single_flight(Miss(cfg, key, tensor, request_id, scope, meter), deadline)
+            with tracing.span("inferpool.single_flight", {"inferpool.flight.role": "leader"}):
+                reply = await self._single_flight(Miss(cfg, key, tensor, request_id, scope, meter), deadline)
         except DeadlineExceeded:
             self.counters.deadline_exceeded += 1
             meter.deadline_exceeded.inc()
@@ -206,6 +211,7 @@ class DataPlane:
             if not following:
                 self.counters.coalesced += 1
                 following = True
+                tracing.annotate("inferpool.flight.role", "follower")
             try:
                 async with asyncio.timeout_at(deadline):
                     await asyncio.shield(leader)

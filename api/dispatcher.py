@@ -33,6 +33,7 @@ from api.admission import Admission
 from api.front_cache import CacheReader
 from api.metrics import ModelMetrics
 from api.publisher import FlightLocks, FlightTaken, Publisher
+from inferpool import tracing
 from inferpool.broker import Reconnect
 from inferpool.cache import Cache
 from inferpool.errors import BackendUnavailable, DeadlineExceeded
@@ -84,7 +85,7 @@ class Miss:
     cfg: ModelConfig
     key: str  # its cache key
     tensor: tensor_pb2.Tensor
-    trace_id: str  # the caller's request id
+    request_id: str  # the caller's own id (logs); the trace travels as traceparent
     cache_scope: str
     meter: ModelMetrics  # the model's metrics, looked up once per request
 
@@ -162,7 +163,8 @@ class Dispatcher:
         if budget_s <= 0:
             raise deadline_exceeded()
         cfg = miss.cfg
-        self.admission.admit(cfg, budget_s)
+        with tracing.span("inferpool.admission"):
+            self.admission.admit(cfg, budget_s)
         # Correlate on our own id: callers' request ids need not be unique.
         correlation = new_id()
         item = envelope_pb2.EnvelopeItem(
@@ -170,7 +172,7 @@ class Dispatcher:
             input=miss.tensor,
             deadline_unix_ns=time.time_ns() + int(budget_s * 1e9),
             reply_key=self.replies.key,
-            trace_id=miss.trace_id,
+            traceparent=tracing.traceparent(),
             cache_scope=miss.cache_scope,
         )
         published = self.publisher.enqueue(cfg, item, flight)
@@ -182,9 +184,11 @@ class Dispatcher:
         try:
             async with asyncio.timeout(budget_s):
                 # Shielded: on timeout it is withdrawn below instead of cancelled blindly.
-                await asyncio.shield(published)
-                reply = await waiter
-            miss.meter.worker_roundtrip.observe(time.perf_counter() - t0)
+                with tracing.span("inferpool.publish") as span:
+                    tracing.published(span, await asyncio.shield(published))
+                with tracing.span("inferpool.reply_wait"):
+                    reply = await waiter
+            miss.meter.worker_roundtrip.observe(time.perf_counter() - t0, tracing.exemplar())
             answered = True
             return reply
         except TimeoutError:

@@ -26,7 +26,7 @@ from api.auth import caller
 from api.core import DataPlane, top_classes
 from api.job_watch import watch_job
 from api.upload import Upload
-from inferpool import jobs
+from inferpool import jobs, tracing
 from inferpool.bulkqueue import push_chunk
 from inferpool.codec import ENVELOPE_VERSION, encode
 from inferpool.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, JobNotFound, Overloaded, clip
@@ -304,6 +304,7 @@ class JobPlane:
         chunk.job_indexes[:] = indexes
         chunk.deadline_unix_ns = deadline_ns
         chunk.cache_scope = self.plane.cache.keys.scope(caller())
+        chunk.traceparent = tracing.traceparent()  # the job's trace: SubmitJob's span
         chunk.inputs.dtype = cfg.input_dtype  # type: ignore[assignment]
         chunk.inputs.shape[:] = (len(indexes), *cfg.input_shape)
         chunk.inputs.data = b"".join(piece.data for piece in pieces)

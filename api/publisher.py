@@ -132,10 +132,12 @@ class FlightLocks:
 class Published:
     """One published envelope; each of its requests releases it once when done waiting."""
 
-    def __init__(self, group: _Group, count: int, publisher: Publisher) -> None:
+    def __init__(self, group: _Group, count: int, publisher: Publisher, nbytes: int = 0) -> None:
         self._group = group
         self._left = count
         self._publisher = publisher
+        self.items = count  # the envelope's, for its callers' trace spans
+        self.nbytes = nbytes
 
     def release(self) -> None:
         self._left -= 1
@@ -254,14 +256,14 @@ class Publisher:
     async def _publish(self, group: _Group, batches: list[list[_Entry]]) -> None:
         # A second pass only for envelopes that lost an item's flight lock.
         while batches:
-            results = await self._push(group, batches)
-            if results is None:
+            pushed = await self._push(group, batches)
+            if pushed is None:
                 return
-            batches = self._published(group, batches, results)
+            batches = self._published(group, batches, *pushed)
 
-    async def _push(self, group: _Group, batches: list[list[_Entry]]) -> list[Any] | None:
-        """One round trip: each envelope's message, and its items' flight locks. None when
-        it failed (its callers were told)."""
+    async def _push(self, group: _Group, batches: list[list[_Entry]]) -> tuple[list[Any], list[int]] | None:
+        """One round trip: each envelope's message, and its items' flight locks; the
+        results and each envelope's size. None when it failed (its callers were told)."""
         model = group.cfg.name
         try:
             if self.celery is None or self.broker is None:
@@ -269,6 +271,7 @@ class Publisher:
             pipe = self.broker.pipeline(transaction=False)
             queue = queue_name(model)
             now_ns = time.time_ns()
+            sizes: list[int] = []
             for take in batches:
                 envelope = envelope_pb2.Envelope(
                     envelope_version=ENVELOPE_VERSION,
@@ -280,6 +283,7 @@ class Publisher:
                 # Workers discard the message unseen once no caller in it is still waiting.
                 latest_ns = max(item.deadline_unix_ns for item, _, _ in take)
                 body = codec.encode(envelope)
+                sizes.append(len(body))
                 message = task_payload(self.celery, task_name(model), queue, body, latest_ns)
                 # Held no longer than its caller waits: a crashed leader frees it by itself.
                 locks = [
@@ -293,7 +297,7 @@ class Publisher:
                     pipe.lpush(queue, message)
             async with asyncio.timeout(PUBLISH_TIMEOUT_S):
                 results: list[Any] = await pipe.execute()
-            return results
+            return results, sizes
         except Exception as exc:  # Redis down or slow, mostly: callers see UNAVAILABLE
             group.inflight -= len(batches)
             metrics.PUBLISH_FAILURES.labels(model).inc(len(batches))
@@ -306,16 +310,16 @@ class Publisher:
             return None
 
     def _published(
-        self, group: _Group, batches: list[list[_Entry]], results: list[Any]
+        self, group: _Group, batches: list[list[_Entry]], results: list[Any], sizes: list[int]
     ) -> list[list[_Entry]]:
         """Tells the callers of pushed envelopes, and those whose flight lock another
         replica holds; returns the envelopes to push again without the latter (their
         other items hold their locks now)."""
         again: list[list[_Entry]] = []
-        pushed: list[list[_Entry]] = []
-        for take, result in zip(batches, results, strict=True):
+        pushed: list[tuple[list[_Entry], int]] = []
+        for take, result, size in zip(batches, results, sizes, strict=True):
             if not isinstance(result, list) or all(result):
-                pushed.append(take)
+                pushed.append((take, size))
                 continue
             taken = iter(result)
             kept: list[_Entry] = []
@@ -329,11 +333,11 @@ class Publisher:
             else:
                 group.inflight -= 1  # nothing left to send: _flush sends what waits next
         model = group.cfg.name
-        for take in pushed:
+        for take, size in pushed:
             self.messages += 1
             self.items += len(take)
             metrics.ENVELOPE_ITEMS.labels(model).observe(len(take))
-            published = Published(group, len(take), self)
+            published = Published(group, len(take), self, size)
             for _, done, _ in take:
                 if done.done():
                     published.release()  # its caller gave up while we were publishing

@@ -25,6 +25,7 @@ from api.job_servicer import JobServicer
 from api.jobs import JobPlane
 from api.publisher import FlightLocks, Publisher
 from api.servicer import InferenceServicer
+from inferpool import logs, tracing
 from inferpool.broker import make_celery
 from inferpool.cache import Cache
 from inferpool.heap import freeze_startup_heap, keep_large_buffers
@@ -51,7 +52,9 @@ class ApiServer:
         # else looks at it; the status interceptor then wraps every registered method.
         interceptors = [
             *auth.interceptors(settings),
-            status.StatusInterceptor(counted_services=(SERVICE, JOB_SERVICE, kserve.SERVICE)),
+            status.StatusInterceptor(
+                counted_services=(SERVICE, JOB_SERVICE, kserve.SERVICE), access_log=settings.access_log
+            ),
         ]
         self.repository = Repository.load(settings.model_repository)
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -216,6 +219,7 @@ async def serve(settings: Settings) -> None:
         metrics.register_queue_depth(settings.redis_url, queues)
         metrics.CACHE_AVAILABLE.set_function(lambda: float(server.cache.available))
         metrics.serve(settings.metrics_port, settings.metrics_host)
+    tracing.setup(tracing.API_SERVICE)
     await server.start()
     freeze_startup_heap()
     stop = asyncio.Event()
@@ -225,15 +229,16 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     log.info("shutting down")
     await server.stop()
+    tracing.shutdown()
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keep_large_buffers()
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
         sys.exit(str(exc))
+    logs.configure(settings.log_format)
     try:
         try:
             import uvloop

@@ -10,6 +10,13 @@ domain errors and never touch a status code.
 Whatever a client can trigger at will (undecodable bytes, a method this server
 does not implement) is logged as one short line, at most once per LOG_INTERVAL_S
 per method and kind, with the count of the lines suppressed since.
+
+Each counted call also runs inside its server span (inferpool/tracing.py: the
+caller's trace context from its metadata is honoured) and ends in one access-log
+line on `inferpool.access`: method, code, duration, peer, request id and trace id,
+never metadata values or payloads. Successful calls are logged each; failed ones at
+most once per LOG_INTERVAL_S per method and code, the next line saying how many
+were left out, so a flood of bad calls cannot flood the log.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ from typing import Any, NoReturn
 import grpc
 
 from api import metrics
-from inferpool import errors
+from inferpool import errors, tracing
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("inferpool.access")
 
 _CODES: dict[type[BaseException], grpc.StatusCode] = {
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
@@ -46,6 +54,8 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
 MAX_DETAILS_CHARS = 256
 # How often one method may log the same kind of client mistake.
 LOG_INTERVAL_S = 10.0
+# Client-chosen text in an access line (request id, peer) is cut to this.
+ACCESS_FIELD_CHARS = 64
 
 
 def code_for(exc: BaseException) -> grpc.StatusCode:
@@ -157,9 +167,14 @@ class _Method:
         # The labelled children by code, looked up once: labels() costs as much as the rest.
         self._children: dict[str, tuple[Any, Any]] = {}
 
-    def record(self, code: str, t0: float) -> None:
+    def record(
+        self, code: str, t0: float, context: grpc.aio.ServicerContext, request: Any, span: Any
+    ) -> None:
         if not self.counted:
             return
+        tracing.set_rpc_code(span, code)
+        if self.interceptor.access_log:
+            self.interceptor.access(self.method, code, t0, context, request)
         pair = self._children.get(code)
         if pair is None:
             pair = self._children[code] = (
@@ -167,7 +182,7 @@ class _Method:
                 metrics.REQUEST_DURATION.labels(self.rpc, code),
             )
         pair[0].inc()
-        pair[1].observe(time.perf_counter() - t0)
+        pair[1].observe(time.perf_counter() - t0, tracing.exemplar())
 
     def undecodable(self, context: grpc.aio.ServicerContext, size: int) -> errors.Undecodable:
         self.interceptor.note(self.method, "undecodable", f"{size}-byte message", context)
@@ -187,6 +202,13 @@ class _Method:
                 yield message
 
         return checked()
+
+    def span(self, context: grpc.aio.ServicerContext) -> Any:
+        """The call's server span (a no-op for uncounted methods, and with tracing off
+        unless the caller sent a trace context)."""
+        if not self.counted:
+            return tracing.NO_SPAN
+        return tracing.server_span(self.method, context.invocation_metadata())
 
     def status(self, context: grpc.aio.ServicerContext) -> str:
         code = context.code()
@@ -209,53 +231,74 @@ class _Method:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             t0 = time.perf_counter()
             code = "OK"
-            try:
+            with self.span(context) as span:
                 try:
-                    if is_async:
-                        return await inner(arguments(request, context), context)
-                    return inner(arguments(request, context), context)
-                except grpc.aio.AbortError:
-                    raise  # the behaviour aborted the call itself
-                except Exception as exc:
-                    await self.fail(context, exc)
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except BaseException:
-                code = self.status(context)
-                raise
-            finally:
-                self.record(code, t0)
+                    try:
+                        if is_async:
+                            return await inner(arguments(request, context), context)
+                        return inner(arguments(request, context), context)
+                    except grpc.aio.AbortError:
+                        raise  # the behaviour aborted the call itself
+                    except Exception as exc:
+                        await self.fail(context, exc)
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
+                    raise
+                except BaseException:
+                    code = self.status(context)
+                    raise
+                finally:
+                    self.record(code, t0, context, request, span)
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             t0 = time.perf_counter()
             code = "OK"
-            try:
+            with self.span(context) as span:
                 try:
-                    responses = inner(arguments(request, context), context)
-                    if is_async:
-                        async for response in responses:
-                            yield response
-                    else:
-                        for response in responses:
-                            yield response
-                except grpc.aio.AbortError:
+                    try:
+                        responses = inner(arguments(request, context), context)
+                        if is_async:
+                            async for response in responses:
+                                yield response
+                        else:
+                            for response in responses:
+                                yield response
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as exc:
+                        await self.fail(context, exc)
+                except (asyncio.CancelledError, GeneratorExit):
+                    code = "CANCELLED"
                     raise
-                except Exception as exc:
-                    await self.fail(context, exc)
-            except (asyncio.CancelledError, GeneratorExit):
-                code = "CANCELLED"
-                raise
-            except BaseException:
-                code = self.status(context)
-                raise
-            finally:
-                self.record(code, t0)
+                except BaseException:
+                    code = self.status(context)
+                    raise
+                finally:
+                    self.record(code, t0, context, request, span)
 
         # A response stream is an (async) generator, or a coroutine that writes its
         # responses with context.write (as grpc's health Watch does) and returns None.
         streams = handler.response_streaming and not inspect.iscoroutinefunction(inner)
         return with_behaviour(handler, stream if streams else unary, _tolerant(handler.request_deserializer))
+
+
+def _field(text: str) -> str:
+    """Client text for a log line: printable ASCII only (no forged lines), bounded."""
+    text = text[:ACCESS_FIELD_CHARS] + ("..." if len(text) > ACCESS_FIELD_CHARS else "")
+    return text if text.isascii() and text.isprintable() else ascii(text)[1:-1]
+
+
+def _request_id(context: grpc.aio.ServicerContext, request: Any) -> str:
+    """The caller's id for the call: its x-request-id metadata, else the request
+    message's own id field (Classify's request_id, KServe's id), else ""."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id":
+            return value if isinstance(value, str) else ""
+    for name in ("request_id", "id"):
+        value = getattr(request, name, None)
+        if isinstance(value, str):
+            return value
+    return ""
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
@@ -265,9 +308,15 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     series of its own. Unknown methods are left to grpc, which answers UNIMPLEMENTED
     without a handler, and are never counted (their names are the client's choice)."""
 
-    def __init__(self, counted_services: Iterable[str] = (), log_interval_s: float | None = None) -> None:
+    def __init__(
+        self,
+        counted_services: Iterable[str] = (),
+        log_interval_s: float | None = None,
+        access_log: bool = True,
+    ) -> None:
         self.counted = tuple(f"/{service}/" for service in counted_services)
         self.limiter = RateLimiter(LOG_INTERVAL_S if log_interval_s is None else log_interval_s)
+        self.access_log = access_log
         # method -> (the handler grpc resolved, its wrapped twin): handlers are
         # registered once, so each is wrapped once, not on every call.
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -284,6 +333,50 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             details(context.peer() or "?", 64),
             f"; {suppressed} more since the last line" if suppressed else "",
         )
+
+    def access(
+        self, method: str, code: str, t0: float, context: grpc.aio.ServicerContext, request: Any
+    ) -> None:
+        """The call's access line; failed calls rate-limited per method and code."""
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        suppressed = 0
+        if code != "OK":
+            allowed = self.limiter.allow((method, "access:" + code))
+            if allowed is None:
+                return
+            suppressed = allowed
+        duration_ms = (time.perf_counter() - t0) * 1000
+        peer = _field(context.peer() or "")
+        request_id = _field(_request_id(context, request))
+        # The record is built here rather than by access_log.info(), which would walk the
+        # stack for the caller's file and line: a third of the line's cost, for a
+        # location that is always this one.
+        record = access_log.makeRecord(
+            access_log.name,
+            logging.INFO,
+            __file__,
+            0,
+            "%s %s %.1fms peer=%s request_id=%s%s",
+            (
+                method,
+                code,
+                duration_ms,
+                peer,
+                request_id,
+                f" ({suppressed} failed calls like it not logged)" if suppressed else "",
+            ),
+            None,
+            extra={
+                "method": method,
+                "code": code,
+                "duration_ms": round(duration_ms, 3),
+                "peer": peer,
+                "request_id": request_id,
+                "suppressed": suppressed,
+            },
+        )
+        access_log.handle(record)
 
     async def intercept_service(
         self,

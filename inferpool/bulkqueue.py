@@ -118,6 +118,15 @@ class BulkQueues:
         )
         return (first, moved) if moved is not None else None
 
+    def delivery(self, chunk_id: str, ttl_s: int = 86400) -> int:
+        """How many times the chunk `chunk_id` has been taken, this time included (a
+        redelivery after a lost lease counts 2 and up). Traced workers only ask."""
+        key = f"{PREFIX}:bulk:delivery:{chunk_id}"
+        pipe = self.client.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, ttl_s)
+        return int(pipe.execute()[0])
+
     def ack(self, queue: str, chunk: bytes) -> None:
         self.client.execute_command("LREM", processing_key(self.consumer, queue), 1, chunk)
 

@@ -137,6 +137,12 @@ def _bool(raw: str) -> bool:
     raise ValueError("expected true or false")
 
 
+def _log_format(raw: str) -> str:
+    if raw not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return raw
+
+
 def _setting(default: Any, parse: Callable[[str], Any], doc: str) -> Any:
     return field(default=default, metadata={"parse": parse, "doc": doc})
 
@@ -156,6 +162,8 @@ class Settings:
     job_ttl_s: int = _setting(86400, _positive_int, "lifetime of a bulk job's record and results")
     metrics_host: str = _setting("127.0.0.1", str, "address the Prometheus /metrics server binds")
     metrics_port: int = _setting(0, _port, "Prometheus /metrics port; 0 = no metrics server")
+    log_format: str = _setting("text", _log_format, "log lines as text or json (one object per line)")
+    access_log: bool = _setting(True, _bool, "one log line per RPC (inferpool.access); false turns it off")
     # API.
     grpc_host: str = _setting("127.0.0.1", str, "address the gRPC server binds")
     grpc_port: int = _setting(50051, _port, "gRPC port; 0 picks a free one")

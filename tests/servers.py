@@ -162,11 +162,17 @@ class Worker(Proc):
 
     _count = 0
 
-    def __init__(self, settings: Settings, logdir: Path, ready_timeout_s: float = 90) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        logdir: Path,
+        ready_timeout_s: float = 90,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         Worker._count += 1
         self.name = f"test-{os.getpid()}-{Worker._count}@localhost"
         self.settings = settings
-        env = {**os.environ, **settings.env()}
+        env = {**os.environ, **settings.env(), **(extra_env or {})}
         super().__init__(
             [sys.executable, "-m", "workers.main", f"--hostname={self.name}"],
             logdir / f"worker-{Worker._count}.log",

@@ -22,6 +22,7 @@ from celery.worker.control import Panel, inspect_command
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from inferpool import tracing
 from inferpool.broker import defer_unacked_while, make_celery
 from inferpool.cache import Cache, key_secret
 from inferpool.heap import freeze_startup_heap
@@ -201,6 +202,7 @@ class _Lifecycle:
         runtime = self.intake.runtime
         if self._ours(sender) and runtime is not None:
             runtime.stop()
+            tracing.force_flush()  # what the last batches traced
 
 
 def create_app(settings: Settings, repository: Repository | None = None) -> Celery:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
+from inferpool import tracing
 from inferpool.cache import Cache
 from inferpool.jobs import JobStore
 from inferpool.repository import ModelConfig
@@ -68,6 +69,7 @@ class BulkWork:
     job_id: str
     deadline_unix_ns: int = 0
     cache_scope: str = ""  # the tenant its cache keys are scoped to
+    traceparent: str = ""  # the chunk's span, parent of its compute spans ("": not traced)
 
 
 @dataclass
@@ -240,6 +242,7 @@ class Batcher(threading.Thread):
         live: list[Pending] = []
         for p in batch:
             if p.item.deadline_unix_ns and p.item.deadline_unix_ns <= now_ns:
+                tracing.dropped(p.item.traceparent, p.ticket.enqueued_unix_ns, "deadline expired", now_ns)
                 p.ticket.settle(Outcome.EXPIRED)
             else:
                 live.append(p)
@@ -276,9 +279,19 @@ class Batcher(threading.Thread):
         live = self._drop_dead(batch)
         if not live:
             return
-        t0 = time.perf_counter()
-        rows = self._model.run(np.concatenate([p.array for p in live]))
-        self._writer.answer(live, rows, time.perf_counter() - t0, started_unix_ns)
+        with tracing.batch_scope(live, lambda: self._span_attributes(len(live)), started_unix_ns):
+            t0 = time.perf_counter()
+            with tracing.batch_child("worker.model"):
+                rows = self._model.run(np.concatenate([p.array for p in live]))
+            self._writer.answer(live, rows, time.perf_counter() - t0, started_unix_ns)
+
+    def _span_attributes(self, size: int) -> dict[str, str | int]:
+        return {
+            "inferpool.model": self.cfg.name,
+            "inferpool.model.version": self.cfg.version,
+            "inferpool.batch.size": size,
+            "inferpool.device": str(getattr(self.runner, "device", "")),
+        }
 
     def _process_bulk(self, batch: list[BulkSlice]) -> None:
         """A bulk batch: computed here, written by the results thread while the model
@@ -291,5 +304,7 @@ class Batcher(threading.Thread):
         # A fresh array even for one slice: a chunk's rows are a read-only view of its message.
         rows = self._model.run(np.concatenate([part.work.rows[part.start : part.stop] for part in live]))
         compute_s = time.perf_counter() - t0
+        chunks = (part.work.traceparent for part in live)
+        tracing.record_spans("worker.compute", chunks, started_unix_ns, self._span_attributes(len(rows)))
         # Its metrics too are the results thread's: this thread's time is the model's.
         self._writer.put(Computed(live, rows, compute_s, started_unix_ns))

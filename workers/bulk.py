@@ -34,7 +34,7 @@ import numpy as np
 import redis
 from celery import Celery
 
-from inferpool import codec, jobs
+from inferpool import codec, jobs, tracing
 from inferpool.broker import Reconnect
 from inferpool.bulkqueue import BulkQueues
 from inferpool.errors import InvalidInput
@@ -60,6 +60,7 @@ class _Chunk:
         self.task_id = task_id
         self.task = task
         self.t0 = time.monotonic()
+        self.span: Any = tracing.NO_SPAN  # the chunk's span in its job's trace
 
 
 class BulkConsumer(threading.Thread):
@@ -203,6 +204,7 @@ class BulkConsumer(threading.Thread):
             self._inflight -= 1
             self._held[chunk.queue] -= 1
             self._holding.discard(chunk)
+            tracing.end_chunk(chunk.span, ticket.unrecorded)
             if ticket.unrecorded:
                 self.queues.requeue(chunk.queue, chunk.body)  # compute it again later
                 metrics.TASKS.labels(chunk.task, "failed").inc()
@@ -284,7 +286,9 @@ class BulkConsumer(threading.Thread):
         self._holding.add(chunk)
         self._event("task-started", chunk)
         scope = envelope.chunk.cache_scope
-        batcher.submit_bulk(BulkWork(indexes, rows, ticket, job_id, _deadline(envelope), scope))
+        chunk.span = tracing.start_chunk(envelope, chunk.task_id, len(indexes), self.queues.delivery)
+        traceparent = tracing.child_traceparent(chunk.span)
+        batcher.submit_bulk(BulkWork(indexes, rows, ticket, job_id, _deadline(envelope), scope, traceparent))
 
 
 def _job_indexes(envelope: envelope_pb2.Envelope) -> list[int]:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from inferpool import logs, tracing
 from inferpool.heap import keep_large_buffers
 from inferpool.names import bulk_queue_name, queue_name
 from inferpool.repository import Repository, RepositoryError
@@ -49,6 +50,8 @@ def _log_level(args: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     keep_large_buffers()  # before the model's and the chunks' buffers exist
+    from celery import signals
+
     from workers import metrics
     from workers.app import create_app
 
@@ -61,6 +64,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(str(exc))
 
     own, extra = _own_options(list(sys.argv[1:] if argv is None else argv))
+    # Logging is set up now, not by Celery once the worker starts: the start-up lines
+    # (device, threads, each model's warm-up) are written before that. A setup_logging
+    # receiver tells Celery to leave the root logger as it is; --loglevel still applies.
+    level = _log_level(["--loglevel=INFO", *extra])
+    logs.configure(settings.log_format, level)
+    signals.setup_logging.connect(
+        lambda loglevel=None, **_: logging.getLogger().setLevel(loglevel or level), weak=False
+    )
+    try:
+        tracing.setup(tracing.WORKER_SERVICE)
+    except SettingsError as exc:
+        sys.exit(str(exc))
     queues = [queue_name(n) for n in repository.names]
     metrics.install(app, [*queues, *(bulk_queue_name(n) for n in repository.names)])
     port = own.metrics_port if own.metrics_port is not None else (settings.metrics_port or None)

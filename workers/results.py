@@ -14,6 +14,7 @@ import enum
 import logging
 import queue
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from inferpool import codec, jobs
+from inferpool import codec, jobs, tracing
 from inferpool.cache import Cache
 from inferpool.jobs import JobStore
 from inferpool.repository import ModelConfig
@@ -182,7 +183,7 @@ class ResultWriter:
             self._m_queue.observe_many(max(0.0, wait_ns / 1e9), n)
         size = len(rows)
         self._m_batch.observe(size)
-        self._m_compute.observe(compute_s)
+        self._m_compute.observe(compute_s, tracing.exemplar())
         failed = 0 if isinstance(rows, np.ndarray) else sum(row is None for row in rows)
         if failed < size:
             self._m_ok.inc(size - failed)
@@ -216,8 +217,10 @@ class ResultWriter:
                     cache_values[key] = scores
                 replies[p.item.reply_key].append(reply.SerializeToString())
             # Cache first, and acknowledged: a caller who got its reply and asks again must hit.
-            self.cache.set_many(cache_values)
-            self.sink.push(replies)
+            with tracing.batch_child("worker.cache_write"):
+                self.cache.set_many(cache_values)
+            with tracing.batch_child("worker.reply"):
+                self.sink.push(replies)
         finally:
             for p, row in zip(live, rows, strict=True):
                 p.ticket.settle(Outcome.COMPUTED if row is not None else Outcome.FAILED)
@@ -247,6 +250,7 @@ class ResultWriter:
         tickets. A result holds what GetJob reads: status, scores (or error)."""
         recorded: set[str] = set()
         failed_rows: dict[int, int] = {}  # id(slice) -> its rows the model failed on
+        t0_ns = time.time_ns()
         try:
             results: dict[str, list[tuple[int, str, bytes]]] = defaultdict(list)
             cache_values: dict[str, bytes] = {}
@@ -290,6 +294,8 @@ class ResultWriter:
                 recorded.add(job_id)
                 if state is not None and state not in jobs.LIVE:
                     self.ended.add(job_id)  # cancelled, ended or gone: drop what is queued
+            chunks = (part.work.traceparent for done in group for part in done.live)
+            tracing.record_spans("worker.result_write", chunks, t0_ns)
         finally:
             # Every slice settles, whatever failed above: its chunk is acknowledged, or put
             # back on its queue when its results were not written.

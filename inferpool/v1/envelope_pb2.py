@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from inferpool.v1 import tensor_pb2 as inferpool_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1binferpool/v1/envelope.proto\x12\x0cinferpool.v1\x1a\x19inferpool/v1/tensor.proto\"\xc7\x01\n\x08\x45nvelope\x12\x18\n\x10\x65nvelope_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12)\n\x05items\x18\x04 \x03(\x0b\x32\x1a.inferpool.v1.EnvelopeItem\x12\x18\n\x10\x65nqueued_unix_ns\x18\x05 \x01(\x03\x12\x0e\n\x06job_id\x18\x06 \x01(\t\x12&\n\x05\x63hunk\x18\x07 \x01(\x0b\x32\x17.inferpool.v1.BulkChunk\"u\n\tBulkChunk\x12$\n\x06inputs\x18\x01 \x01(\x0b\x32\x14.inferpool.v1.Tensor\x12\x13\n\x0bjob_indexes\x18\x02 \x03(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ns\x18\x03 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_scope\x18\x04 \x01(\t\"\xae\x01\n\x0c\x45nvelopeItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x05input\x18\x02 \x01(\x0b\x32\x14.inferpool.v1.Tensor\x12\x18\n\x10\x64\x65\x61\x64line_unix_ns\x18\x03 \x01(\x03\x12\x11\n\treply_key\x18\x04 \x01(\t\x12\x10\n\x08trace_id\x18\x05 \x01(\t\x12\x11\n\tjob_index\x18\x06 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_scope\x18\x07 \x01(\t\"\xa6\x02\n\x05Reply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.inferpool.v1.Reply.Status\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12$\n\x06scores\x18\x04 \x01(\x0b\x32\x14.inferpool.v1.Scores\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x12\n\ncompute_ms\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12\x0e\n\x06\x63\x61\x63hed\x18\x08 \x01(\x08\"^\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n\tSTATUS_OK\x10\x01\x12\x18\n\x14STATUS_INVALID_INPUT\x10\x02\x12\x13\n\x0fSTATUS_INTERNAL\x10\x03\"\x18\n\x06Scores\x12\x0e\n\x06values\x18\x01 \x03(\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1binferpool/v1/envelope.proto\x12\x0cinferpool.v1\x1a\x19inferpool/v1/tensor.proto\"\xc7\x01\n\x08\x45nvelope\x12\x18\n\x10\x65nvelope_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12)\n\x05items\x18\x04 \x03(\x0b\x32\x1a.inferpool.v1.EnvelopeItem\x12\x18\n\x10\x65nqueued_unix_ns\x18\x05 \x01(\x03\x12\x0e\n\x06job_id\x18\x06 \x01(\t\x12&\n\x05\x63hunk\x18\x07 \x01(\x0b\x32\x17.inferpool.v1.BulkChunk\"\x8a\x01\n\tBulkChunk\x12$\n\x06inputs\x18\x01 \x01(\x0b\x32\x14.inferpool.v1.Tensor\x12\x13\n\x0bjob_indexes\x18\x02 \x03(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ns\x18\x03 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_scope\x18\x04 \x01(\t\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\"\xb1\x01\n\x0c\x45nvelopeItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x05input\x18\x02 \x01(\x0b\x32\x14.inferpool.v1.Tensor\x12\x18\n\x10\x64\x65\x61\x64line_unix_ns\x18\x03 \x01(\x03\x12\x11\n\treply_key\x18\x04 \x01(\t\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\x12\x11\n\tjob_index\x18\x06 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_scope\x18\x07 \x01(\t\"\xa6\x02\n\x05Reply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.inferpool.v1.Reply.Status\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12$\n\x06scores\x18\x04 \x01(\x0b\x32\x14.inferpool.v1.Scores\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x12\n\ncompute_ms\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12\x0e\n\x06\x63\x61\x63hed\x18\x08 \x01(\x08\"^\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n\tSTATUS_OK\x10\x01\x12\x18\n\x14STATUS_INVALID_INPUT\x10\x02\x12\x13\n\x0fSTATUS_INTERNAL\x10\x03\"\x18\n\x06Scores\x12\x0e\n\x06values\x18\x01 \x03(\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,14 +34,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENVELOPE']._serialized_start=73
   _globals['_ENVELOPE']._serialized_end=272
-  _globals['_BULKCHUNK']._serialized_start=274
-  _globals['_BULKCHUNK']._serialized_end=391
-  _globals['_ENVELOPEITEM']._serialized_start=394
-  _globals['_ENVELOPEITEM']._serialized_end=568
-  _globals['_REPLY']._serialized_start=571
-  _globals['_REPLY']._serialized_end=865
-  _globals['_REPLY_STATUS']._serialized_start=771
-  _globals['_REPLY_STATUS']._serialized_end=865
-  _globals['_SCORES']._serialized_start=867
-  _globals['_SCORES']._serialized_end=891
+  _globals['_BULKCHUNK']._serialized_start=275
+  _globals['_BULKCHUNK']._serialized_end=413
+  _globals['_ENVELOPEITEM']._serialized_start=416
+  _globals['_ENVELOPEITEM']._serialized_end=593
+  _globals['_REPLY']._serialized_start=596
+  _globals['_REPLY']._serialized_end=890
+  _globals['_REPLY_STATUS']._serialized_start=796
+  _globals['_REPLY_STATUS']._serialized_end=890
+  _globals['_SCORES']._serialized_start=892
+  _globals['_SCORES']._serialized_end=916
 # @@protoc_insertion_point(module_scope)

@@ -27,34 +27,36 @@ class Envelope(_message.Message):
     def __init__(self, envelope_version: _Optional[int] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., items: _Optional[_Iterable[_Union[EnvelopeItem, _Mapping]]] = ..., enqueued_unix_ns: _Optional[int] = ..., job_id: _Optional[str] = ..., chunk: _Optional[_Union[BulkChunk, _Mapping]] = ...) -> None: ...
 
 class BulkChunk(_message.Message):
-    __slots__ = ("inputs", "job_indexes", "deadline_unix_ns", "cache_scope")
+    __slots__ = ("inputs", "job_indexes", "deadline_unix_ns", "cache_scope", "traceparent")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     JOB_INDEXES_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     CACHE_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     inputs: _tensor_pb2.Tensor
     job_indexes: _containers.RepeatedScalarFieldContainer[int]
     deadline_unix_ns: int
     cache_scope: str
-    def __init__(self, inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., job_indexes: _Optional[_Iterable[int]] = ..., deadline_unix_ns: _Optional[int] = ..., cache_scope: _Optional[str] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., job_indexes: _Optional[_Iterable[int]] = ..., deadline_unix_ns: _Optional[int] = ..., cache_scope: _Optional[str] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class EnvelopeItem(_message.Message):
-    __slots__ = ("request_id", "input", "deadline_unix_ns", "reply_key", "trace_id", "job_index", "cache_scope")
+    __slots__ = ("request_id", "input", "deadline_unix_ns", "reply_key", "traceparent", "job_index", "cache_scope")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     REPLY_KEY_FIELD_NUMBER: _ClassVar[int]
-    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     JOB_INDEX_FIELD_NUMBER: _ClassVar[int]
     CACHE_SCOPE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input: _tensor_pb2.Tensor
     deadline_unix_ns: int
     reply_key: str
-    trace_id: str
+    traceparent: str
     job_index: int
     cache_scope: str
-    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., deadline_unix_ns: _Optional[int] = ..., reply_key: _Optional[str] = ..., trace_id: _Optional[str] = ..., job_index: _Optional[int] = ..., cache_scope: _Optional[str] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., deadline_unix_ns: _Optional[int] = ..., reply_key: _Optional[str] = ..., traceparent: _Optional[str] = ..., job_index: _Optional[int] = ..., cache_scope: _Optional[str] = ...) -> None: ...
 
 class Reply(_message.Message):
     __slots__ = ("request_id", "status", "error", "scores", "queue_ms", "compute_ms", "batch_size", "cached")

@@ -22,7 +22,16 @@ from tests.servers import ApiThread
 ROOT = Path(__file__).resolve().parents[2]
 
 # Top-level modules that only the server extras bring (or that are the server itself).
-SERVER_ONLY = ("celery", "kombu", "redis", "pymemcache", "aiomcache", "torch", "prometheus_client")
+SERVER_ONLY = (
+    "celery",
+    "kombu",
+    "redis",
+    "pymemcache",
+    "aiomcache",
+    "torch",
+    "prometheus_client",
+    "opentelemetry",
+)
 
 CHECK = f"""
 import json, sys

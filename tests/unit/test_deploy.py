@@ -28,7 +28,7 @@ COMPOSE = ROOT / "compose"
 
 K8S = COMPOSE / "k8s"
 
-SERVICES = {"redis", "memcached", "api", "worker", "flower", "prometheus", "grafana"}
+SERVICES = {"redis", "memcached", "api", "worker", "flower", "prometheus", "grafana", "jaeger"}
 
 # The oldest Kubernetes these manifests target (gRPC probes are GA from 1.27) and the
 # newest whose schemas kubernetes-validate ships.
@@ -170,12 +170,21 @@ def test_compose_backends_reachable_only_by_their_clients(compose_config: dict[s
             assert networks[network].get("internal") is True, network
     # Grafana talks to Prometheus only; metrics ports are published nowhere.
     assert reachable_from("grafana") == {"prometheus"}
+    # Jaeger receives the API's and the workers' traces, and reaches nothing else.
+    assert reachable_from("jaeger") == {"api", "worker"}
     for name in ("api", "worker"):
         ports = compose_config["services"][name].get("ports", [])
         published = {
             p["target"] if isinstance(p, dict) else int(p.rsplit(":", 1)[-1].split("/")[0]) for p in ports
         }
         assert not published & {8000, 8001}, name
+
+
+def test_compose_api_and_workers_send_traces_to_jaeger(compose_config: dict[str, Any]) -> None:
+    services = compose_config["services"]
+    for name in ("api", "worker"):
+        assert services[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317", name
+    assert services["jaeger"]["ports"] == ["127.0.0.1:16686:16686/tcp"]
 
 
 def test_compose_clients_log_in_to_redis_as_their_own_user(compose_config: dict[str, Any]) -> None:

@@ -1,0 +1,149 @@
+"""The access log against a real API (and worker): one structured line per call with
+its method, code, duration, peer, request id and trace id, never a token; failed calls
+rate-limited; and the worker's start-up lines in its log."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from api import status
+from inferpool import logs
+from inferpool.client import classify_request
+from inferpool.v1 import inference_pb2, inference_pb2_grpc
+from tests.servers import ApiThread, MemcachedServer, RedisServer, Worker, stack_settings
+
+pytestmark = pytest.mark.timeout(120)
+
+TOKEN = "s3cret-" + secrets.token_hex(16)
+CLASSIFY = "/inferpool.v1.InferenceService/Classify"
+
+
+@pytest.fixture(scope="module")
+def api(redis_server: RedisServer, memcached_server: MemcachedServer, worker: Worker) -> Iterator[ApiThread]:
+    # A rate-limit window longer than the module: "one line per window" then does not
+    # depend on how fast the machine sends the calls.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(status, "LOG_INTERVAL_S", 3600.0)
+        server = ApiThread(stack_settings(redis_server, memcached_server, auth_tokens=f"alice:{TOKEN}"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def access() -> Iterator[io.StringIO]:
+    """The access lines, as the API writes them with INFERPOOL_LOG_FORMAT=json."""
+    out = io.StringIO()
+    handler = logs.handler(logs.JSON, out)
+    logger = logging.getLogger("inferpool.access")
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    yield out
+    logger.removeHandler(handler)
+    logger.setLevel(old)
+
+
+def _lines(out: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def _metadata(*extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {TOKEN}"), *extra)
+
+
+def test_one_line_per_call_with_its_fields_and_never_the_token(api: ApiThread, access: io.StringIO) -> None:
+    trace_id = secrets.token_hex(16)
+    traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-01"
+    x = np.random.default_rng(41).random((1, 1, 28, 28), dtype=np.float32)
+    with grpc.insecure_channel(api.target) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        for i in range(3):
+            stub.Classify(
+                classify_request(x, "digits", request_id=f"body-{i}"),
+                timeout=30,
+                metadata=_metadata(("x-request-id", f"req-{i}"), ("traceparent", traceparent)),
+            )
+        # Without x-request-id: the message's own id.
+        stub.Classify(classify_request(x, "digits", request_id="from-body"), timeout=30, metadata=_metadata())
+    lines = _lines(access)
+    assert len(lines) == 4
+    for i, line in enumerate(lines[:3]):
+        assert line["logger"] == "inferpool.access"
+        assert (line["method"], line["code"], line["request_id"]) == (CLASSIFY, "OK", f"req-{i}")
+        assert line["duration_ms"] > 0
+        assert line["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:"))
+        # Tracing is off here: the trace id is the caller's, from its traceparent.
+        assert line["trace_id"] == trace_id
+    assert lines[3]["request_id"] == "from-body" and "trace_id" not in lines[3]
+    assert TOKEN not in access.getvalue() and "Bearer" not in access.getvalue()
+
+
+def test_a_flood_of_bad_calls_logs_one_line_and_good_calls_still_each(
+    api: ApiThread, access: io.StringIO
+) -> None:
+    with grpc.insecure_channel(api.target) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        for _ in range(60):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Classify(inference_pb2.ClassifyRequest(model=""), timeout=10, metadata=_metadata())
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        x = np.random.default_rng(42).random((1, 1, 28, 28), dtype=np.float32)
+        for _ in range(2):
+            stub.Classify(classify_request(x, "digits"), timeout=30, metadata=_metadata())
+    lines = _lines(access)
+    bad = [line for line in lines if line["code"] == "INVALID_ARGUMENT"]
+    assert len(bad) <= 1  # one per window, which the module's API keeps for an hour
+    assert [line["code"] for line in lines if line["code"] != "INVALID_ARGUMENT"] == ["OK", "OK"]
+
+
+def test_client_text_cannot_forge_or_bloat_a_line(api: ApiThread) -> None:
+    out = io.StringIO()
+    handler = logs.handler(logs.TEXT, out)
+    logger = logging.getLogger("inferpool.access")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        x = np.random.default_rng(43).random((1, 1, 28, 28), dtype=np.float32)
+        forged = "a\n2026-01-01 INFO inferpool.access: forged" + "x" * 5000
+        with grpc.insecure_channel(api.target) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            stub.Classify(classify_request(x, "digits", request_id=forged), timeout=30, metadata=_metadata())
+    finally:
+        logger.removeHandler(handler)
+    text = out.getvalue()
+    # One line, the client's newline escaped in it, its text cut.
+    assert text.count("\n") == 1 and len(text) < 500
+    assert "request_id=a\\n2026-01-01" in text
+
+
+def test_worker_start_up_lines_are_in_its_log(worker: Worker) -> None:
+    text = worker.log.read_text(errors="replace")
+    assert "intra-op threads" in text
+    assert "loaded digits v1 on cpu (warm-up" in text
+
+
+def test_latency_buckets_carry_the_trace_id_as_an_exemplar(api: ApiThread) -> None:
+    from prometheus_client.openmetrics.exposition import generate_latest
+
+    from api import metrics
+
+    trace_id = secrets.token_hex(16)
+    x = np.random.default_rng(44).random((1, 1, 28, 28), dtype=np.float32)
+    with grpc.insecure_channel(api.target) as channel:
+        inference_pb2_grpc.InferenceServiceStub(channel).Classify(
+            classify_request(x, "digits"),
+            timeout=30,
+            metadata=_metadata(("traceparent", f"00-{trace_id}-{secrets.token_hex(8)}-01")),
+        )
+    exposition = generate_latest(metrics.REGISTRY).decode()
+    lines = [line for line in exposition.splitlines() if f'trace_id="{trace_id}"' in line]
+    assert any(line.startswith("inferpool_request_duration_seconds_bucket{") for line in lines), lines
