@@ -47,7 +47,7 @@ def _check_signature(cfg: ModelConfig, session: Any) -> None:
         raise ModelLoadError(cfg, f"the model takes {len(inputs)} inputs, the config declares 1")
     shape = list(inputs[0].shape)
     want = list(cfg.input_shape)
-    fixed = [d if isinstance(d, int) else "n" for d in shape]
+    fixed = "[" + ", ".join(str(d) if isinstance(d, int) else "n" for d in shape) + "]"
     if len(shape) != len(want) + 1 or any(
         isinstance(d, int) and d != w for d, w in zip(shape[1:], want, strict=False)
     ):

@@ -39,7 +39,7 @@ def _check_signature(cfg: ModelConfig, program: Any) -> None:
     if len(shape) != len(want) + 1 or any(
         not isinstance(d, torch.SymInt) and int(d) != w for d, w in zip(shape[1:], want, strict=False)
     ):
-        got = ["n" if isinstance(d, torch.SymInt) else int(d) for d in shape]
+        got = "[" + ", ".join("n" if isinstance(d, torch.SymInt) else str(int(d)) for d in shape) + "]"
         raise ModelLoadError(
             cfg, f"input shape {got} does not match the config's [n, {', '.join(map(str, want))}]"
         )
