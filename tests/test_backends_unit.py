@@ -84,7 +84,9 @@ def test_corrupt_file_names_model_and_file(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_input_shape_disagreeing_with_config(tmp_path: Path, name: str) -> None:
-    cfg = copy_model(tmp_path, name, "broken", input={"name": "image", "dtype": "float32", "shape": [1, 32, 32]})
+    cfg = copy_model(
+        tmp_path, name, "broken", input={"name": "image", "dtype": "float32", "shape": [1, 32, 32]}
+    )
     with pytest.raises(ModelLoadError) as err:
         ModelRunner(cfg, CPU)
     message = str(err.value)
@@ -97,7 +99,9 @@ def test_input_shape_disagreeing_with_config(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.parametrize("name", ["digits_export", "digits_onnx"])
 def test_input_dtype_disagreeing_with_config(tmp_path: Path, name: str) -> None:
-    cfg = copy_model(tmp_path, name, "broken", input={"name": "image", "dtype": "float64", "shape": [1, 28, 28]})
+    cfg = copy_model(
+        tmp_path, name, "broken", input={"name": "image", "dtype": "float64", "shape": [1, 28, 28]}
+    )
     with pytest.raises(ModelLoadError, match="does not match the config's float64"):
         ModelRunner(cfg, CPU)
 
@@ -121,7 +125,7 @@ def test_unknown_platform_or_precision_is_a_config_error(tmp_path: Path) -> None
 def test_bf16_on_cpu_agrees_with_fp32(
     tmp_path: Path, name: str, heldout: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    x, y = heldout
+    x, _ = heldout
     runner = ModelRunner(copy_model(tmp_path, name, precision="bf16"), CPU)
     fp32 = ModelRunner(Repository.load(ROOT / "models").resolve(name), CPU)
     got, want = runner.run(x[:64]), fp32.run(x[:64])
@@ -153,7 +157,7 @@ def test_onnx_optimised_graph_is_cached_and_reused(
     cache = tmp_path / "cache"
     first = ModelRunner(cfg, CPU, LoadOptions(cache, 1))
     (entry,) = cache.iterdir()
-    assert entry.name.startswith(f"digits_onnx-v1-") and f"-{torch.device('cpu')}-fp32-ort" in entry.name
+    assert entry.name.startswith("digits_onnx-v1-") and f"-{torch.device('cpu')}-fp32-ort" in entry.name
     cached = entry / "model.onnx"
     assert cached.stat().st_size > 0
     mtime = cached.stat().st_mtime_ns
