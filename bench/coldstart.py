@@ -236,9 +236,11 @@ def main() -> None:
         try:
             for backend in backends:
                 table[backend] = measure(args, servers, work, backend)
-                print(
-                    f"{backend}: {json.dumps({k: {m: round(v, 3) for m, v in r.items() if m != 'runs'} for k, r in table[backend].items()})}"
-                )
+                medians = {
+                    k: {m: round(v, 3) for m, v in r.items() if m != "runs"}
+                    for k, r in table[backend].items()
+                }
+                print(f"{backend}: {json.dumps(medians)}")
         finally:
             servers.stop()
     print(
@@ -248,7 +250,8 @@ def main() -> None:
         nc, c, z = row["no_cache"], row["cache"], row["scale_from_zero"]
         print(
             f"{backend:18s}  {nc['ready_s']:8.2f} / {nc['first_answer_s']:6.2f} s   "
-            f"{c['ready_s']:8.2f} / {c['first_answer_s']:6.2f} s   {z['first_answer_s']:8.2f} / {z['last_answer_s']:6.2f} s"
+            f"{c['ready_s']:8.2f} / {c['first_answer_s']:6.2f} s   "
+            f"{z['first_answer_s']:8.2f} / {z['last_answer_s']:6.2f} s"
         )
     data = {"repeats": args.repeats, "queued": args.queued, "backends": table}
     print(f"\nwrote {results.write('coldstart', data, args.out)}")
