@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +182,25 @@ def test_cache_key_changes_with_the_model_file(tmp_path: Path) -> None:
     assert cache_key(cfg, "cpu", "1.1") != before
     cfg.model_file.write_bytes(cfg.model_file.read_bytes() + b"\0")
     assert cache_key(cfg, "cpu", "1.0") != before
+
+
+def test_a_worker_serving_only_onnx_models_never_imports_torch(tmp_path: Path) -> None:
+    copy_model(tmp_path, "digits_onnx")
+    script = f"""
+import sys
+from pathlib import Path
+import workers.app, workers.main
+from inferpool.repository import Repository
+from workers.runtime import ModelRunner, configure_threads, needs_torch, pick_device
+configs = Repository.load(Path({str(tmp_path)!r})).all()
+use_torch = needs_torch(configs)
+configure_threads(1, use_torch)
+runner = ModelRunner(configs[0], pick_device("cpu", use_torch))
+runner.warm_up(repeats=1)
+print(use_torch, "torch" in sys.modules, runner.run(runner._sample(2)).shape)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False", "(2,", "10)"]

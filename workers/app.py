@@ -64,11 +64,12 @@ class Runtime:
     ) -> None:
         from workers.backends import LoadOptions, ModelLoadError
         from workers.backends.base import usable_cache_dir
-        from workers.runtime import ModelRunner, configure_threads, pick_device
+        from workers.runtime import ModelRunner, configure_threads, needs_torch, pick_device
 
-        threads = configure_threads(settings.torch_threads)
-        device = pick_device(settings.device)
-        log.info("torch on %s with %d intra-op threads", device, threads)
+        use_torch = needs_torch(repository.all())
+        threads = configure_threads(settings.torch_threads, use_torch)
+        device = pick_device(settings.device, use_torch)
+        log.info("models on %s with %d intra-op threads", device, threads)
         options = LoadOptions(usable_cache_dir(settings.compiled_cache_dir), threads)
         self.failed: dict[tuple[str, int], str] = {}
         self.cache = Cache.from_settings(settings)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import sys
 import time
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from inferpool.repository import ModelConfig
 from inferpool.tensor import dtype_name
@@ -19,12 +19,43 @@ from workers.backends.base import PRECISION_ATOL
 from workers.stats import WorkerStats
 
 if TYPE_CHECKING:
+    import torch
+
     from workers.results import Rows
 
 log = logging.getLogger(__name__)
 
+# Importing torch is most of a worker's start when its models need none of it (ONNX
+# Runtime only): this module, and so the batcher, imports it only when asked.
+TORCH_PLATFORMS = frozenset({"torchscript", "torch_export"})
 
-def pick_device(setting: str) -> torch.device:
+
+def needs_torch(configs: list[ModelConfig]) -> bool:
+    return any(cfg.platform in TORCH_PLATFORMS for cfg in configs)
+
+
+class Device:
+    """A device named without torch ("cpu", "cuda", "cuda:N"), for workers whose models
+    are all ONNX: the same `type` and `index` the backends read from a torch.device."""
+
+    def __init__(self, name: str) -> None:
+        self.type, _, index = name.partition(":")
+        self.index = int(index) if index else None
+
+    def __str__(self) -> str:
+        return self.type if self.index is None else f"{self.type}:{self.index}"
+
+
+def pick_device(setting: str, use_torch: bool = True) -> torch.device:
+    if not use_torch:
+        if setting == "auto":
+            import onnxruntime
+
+            cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+            setting = "cuda" if cuda else "cpu"
+        return Device(setting)  # type: ignore[return-value]  # duck-typed for the ONNX backend
+    import torch
+
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(setting)
@@ -38,7 +69,7 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def configure_threads(torch_threads: int) -> int:
+def configure_threads(torch_threads: int, use_torch: bool = True) -> int:
     """Sizes torch's intra-op pool and returns the size. 0 = one fewer than the usable
     cores (at least 1): a worker's own threads (Celery's consumer, the bulk consumer, the
     results writers) need a core, and when they preempt one of the model's threads
@@ -46,8 +77,17 @@ def configure_threads(torch_threads: int) -> int:
     1.1-1.4x faster with 1 thread than with 2, Classify unchanged. Inter-op parallelism
     buys nothing for one batch at a time and oversubscribes small machines."""
     n = torch_threads or max(1, usable_cores() - 1)
-    torch.set_num_threads(n)
+    if use_torch:
+        import torch
+
+        torch.set_num_threads(n)
     return n
+
+
+def _default_threads() -> int:
+    """torch's pool size when torch is loaded (configure_threads set it), else the rule's."""
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else configure_threads(0, use_torch=False)
 
 
 # About how long warm_up times one variant at one batch size.
@@ -68,7 +108,7 @@ class ModelRunner:
     def __init__(self, cfg: ModelConfig, device: torch.device, options: LoadOptions | None = None) -> None:
         self.cfg = cfg
         self.device = device
-        options = options or LoadOptions(threads=torch.get_num_threads())
+        options = options or LoadOptions(threads=_default_threads())
         try:
             self.variants = load_variants(cfg, device, options)
             self._check_outputs()

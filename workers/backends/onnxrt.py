@@ -7,14 +7,16 @@ optimisation already done."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from inferpool.repository import ModelConfig
 from inferpool.tensor import dtype_name
 from workers.backends.base import LoadOptions, ModelLoadError, Variant, cache_key, require_file, softmax
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
