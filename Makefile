@@ -5,7 +5,7 @@ PYTHON ?= python3
 PROTO_SRC := protos/inferpool/v1
 PROTO_OUT := inferpool/v1
 
-.PHONY: help venv servers proto proto-check lint typecheck docs docs-check test demo up flower bench bench-all train clean
+.PHONY: help venv servers proto proto-check lint typecheck docs docs-check test demo up flower bench bench-all train export clean
 
 help:
 	@echo "make demo        start the stack on loopback, classify held-out digits, print figures, stop"
@@ -16,7 +16,8 @@ help:
 	@echo "make bench       bounded load test of the miss and hit paths (writes bench/results/*.json)"
 	@echo "make bench-all   the harness: inferpool against its baselines (~10 min; BENCH_ARGS=--quick ~2)"
 	@echo "make proto       regenerate inferpool/v1/ and inferpool/triton/ *_pb2*.py from protos/"
-	@echo "make train       retrain models/digits/1 (seeded)"
+	@echo "make train       retrain models/digits/1 (seeded) and export it (make export)"
+	@echo "make export      write models/digits_export (torch.export) and models/digits_onnx from digits' weights"
 	@echo "make docs        regenerate docs/configuration.md and the metrics table in docs/operations.md"
 	@echo "make docs-check  fail when those drifted from the code (part of make test)"
 
@@ -91,6 +92,11 @@ bench-all: venv servers
 
 train: venv
 	$(PY) models/train_digits.py
+	$(PY) models/export.py
+
+# models/digits_export and models/digits_onnx from models/digits' weights.
+export: venv
+	$(PY) models/export.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

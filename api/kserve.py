@@ -47,6 +47,12 @@ SERVICE: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # Triton's name for TorchScript models (its PyTorch backend), in ModelMetadata and ModelConfig.
 PLATFORM = "pytorch_libtorch"
 BACKEND = "pytorch"
+# Triton's (platform, backend) for each repository platform.
+TRITON_PLATFORMS = {
+    "torchscript": (PLATFORM, BACKEND),
+    "torch_export": ("torch_export", BACKEND),
+    "onnxruntime": ("onnxruntime_onnx", "onnxruntime"),
+}
 
 
 def model_metadata(plane: DataPlane, cfg: ModelConfig) -> pb.ModelMetadataResponse:
@@ -54,7 +60,7 @@ def model_metadata(plane: DataPlane, cfg: ModelConfig) -> pb.ModelMetadataRespon
     return pb.ModelMetadataResponse(
         name=cfg.name,
         versions=[str(v) for v in plane.repository.versions(cfg.name)],
-        platform=PLATFORM,
+        platform=TRITON_PLATFORMS[cfg.platform][0],
         inputs=[
             pb.ModelMetadataResponse.TensorMetadata(
                 name=cfg.input_name, datatype=kserve_datatype(cfg.input_dtype), shape=[-1, *cfg.input_shape]
@@ -72,8 +78,8 @@ def model_config(plane: DataPlane, cfg: ModelConfig) -> mc.ModelConfig:
     classes = len(cfg.labels) or -1
     return mc.ModelConfig(
         name=cfg.name,
-        platform=PLATFORM,
-        backend=BACKEND,
+        platform=TRITON_PLATFORMS[cfg.platform][0],
+        backend=TRITON_PLATFORMS[cfg.platform][1],
         # Every version in the repository is served (version "" picks the latest).
         version_policy=mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All()),
         max_batch_size=cfg.max_batch_size,

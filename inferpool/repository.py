@@ -1,8 +1,10 @@
-"""The model repository: `<root>/<name>/<version>/{config.json, model.pt}`.
+"""The model repository: `<root>/<name>/<version>/{config.json, model file}`.
 
-Laid out like Triton's so users bring their own TorchScript models by copying a
-folder. This module reads configs only (no torch): the API validates requests
-against the declared signature, the worker loads the weights next to it.
+Laid out like Triton's so users bring their own models by copying a folder; each
+config names its backend (`platform`: torchscript, torch_export or onnxruntime), whose
+model file is model.pt, model.pt2 or model.onnx unless `default_model_filename` says.
+This module reads configs only (no torch): the API validates requests against the
+declared signature, the worker loads the weights next to it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from inferpool.names import MODEL_NAME_RE
 from inferpool.v1 import tensor_pb2
 
 CONFIG_FILE = "config.json"
-MODEL_FILE = "model.pt"
+# The backends a config may name, and the file each reads by default.
+MODEL_FILES = {"torchscript": "model.pt", "torch_export": "model.pt2", "onnxruntime": "model.onnx"}
+PRECISIONS = ("fp32", "fp16", "bf16")
 OUTPUT_KINDS = ("logits", "probabilities")
 
 
@@ -57,10 +61,19 @@ class ModelConfig:
     # Misses one API process lets wait for a worker before it answers RESOURCE_EXHAUSTED
     # (Triton's dynamic_batching.max_queue_size, but bounded by default).
     max_queue_size: int = 0
+    platform: str = "torchscript"
+    model_filename: str = MODEL_FILES["torchscript"]
+    # The precision the model's weights and inputs run in (its answers stay float32).
+    precision: str = "fp32"
+    # Backend-specific switches (e.g. torch_export's "aot_inductor"), read by the worker.
+    options: tuple[tuple[str, object], ...] = ()
 
     @property
     def model_file(self) -> Path:
-        return self.path / MODEL_FILE
+        return self.path / self.model_filename
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return dict(self.options).get(key, default)
 
     @property
     def request_shape(self) -> tuple[int, ...]:
@@ -99,6 +112,22 @@ class ModelConfig:
                 raise RepositoryError(
                     f"{where}: max_batch_size and max_queue_size must be > 0 and max_delay_ms >= 0"
                 )
+            platform = str(raw.get("platform", "torchscript"))
+            if platform not in MODEL_FILES:
+                raise RepositoryError(
+                    f"{where}: platform must be one of {sorted(MODEL_FILES)}, got {platform!r}"
+                )
+            filename = str(raw.get("default_model_filename", MODEL_FILES[platform]))
+            if not filename or "/" in filename or filename.startswith("."):
+                raise RepositoryError(
+                    f"{where}: default_model_filename must be a file name in the version folder"
+                )
+            precision = str(raw.get("precision", "fp32"))
+            if precision not in PRECISIONS:
+                raise RepositoryError(f"{where}: precision must be one of {PRECISIONS}, got {precision!r}")
+            options = raw.get("backend_options", {})
+            if not isinstance(options, dict):
+                raise RepositoryError(f"{where}: backend_options must be an object")
             return cls(
                 name=name,
                 version=version,
@@ -112,6 +141,10 @@ class ModelConfig:
                 max_delay_ms=max_delay_ms,
                 channels_last=bool(raw.get("channels_last", False)),
                 max_queue_size=max_queue_size,
+                platform=platform,
+                model_filename=filename,
+                precision=precision,
+                options=tuple(sorted((str(k), v) for k, v in options.items())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, RepositoryError):

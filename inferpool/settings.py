@@ -269,6 +269,18 @@ class Settings:
     torch_threads: int = _setting(
         0, _non_negative_int, "intra-op CPU threads; 0 = the usable cores minus one (at least 1)"
     )
+    compiled_cache_dir: str = _setting(
+        "~/.cache/inferpool/compiled",
+        str,
+        "folder keeping compiled model forms between starts (AOTInductor packages, optimised ONNX graphs), "
+        "keyed by model version, runtime version and device; empty = none kept",
+    )
+    ready_file: str = _setting(
+        "",
+        str,
+        "file the worker creates once its models are loaded and warmed up and it consumes (removed at "
+        "shutdown): a readiness probe's test; empty = none",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -62,11 +63,16 @@ class Runtime:
         hostname: str | None = None,
         task_events: bool = False,
     ) -> None:
-        from workers.runtime import ModelRunner, configure_threads, pick_device
+        from workers.backends import LoadOptions, ModelLoadError
+        from workers.backends.base import usable_cache_dir
+        from workers.runtime import ModelRunner, configure_threads, needs_torch, pick_device
 
-        threads = configure_threads(settings.torch_threads)
-        device = pick_device(settings.device)
-        log.info("torch on %s with %d intra-op threads", device, threads)
+        use_torch = needs_torch(repository.all())
+        threads = configure_threads(settings.torch_threads, use_torch)
+        device = pick_device(settings.device, use_torch)
+        log.info("models on %s with %d intra-op threads", device, threads)
+        options = LoadOptions(usable_cache_dir(settings.compiled_cache_dir), threads)
+        self.failed: dict[tuple[str, int], str] = {}
         self.cache = Cache.from_settings(settings)
         # Replies and result writes may be repeated (a reply nobody waits for any more is
         # dropped, results are written once per index): redis-py's retries stay, at the
@@ -79,7 +85,13 @@ class Runtime:
         self.jobs = JobStore(client)
         self.batchers: dict[tuple[str, int], Batcher] = {}
         for cfg in repository.all():
-            runner = ModelRunner(cfg, device)
+            try:
+                runner = ModelRunner(cfg, device, options)
+            except ModelLoadError as exc:
+                # The other models still serve; this one's messages are answered with an error.
+                log.error("not serving: %s", exc)
+                self.failed[cfg.name, cfg.version] = str(exc)
+                continue
             warm_s = runner.warm_up()
             log.info("loaded %s v%d on %s (warm-up %.2fs)", cfg.name, cfg.version, device, warm_s)
             batcher = Batcher(cfg, runner, self.sink, self.jobs, self.cache)
@@ -151,6 +163,7 @@ class _Lifecycle:
         signals.worker_init.connect(self.start_runtime, weak=False)
         signals.worker_ready.connect(self.follow_task_events, weak=False)
         signals.worker_ready.connect(self.freeze_heap, weak=False)
+        signals.worker_ready.connect(self.announce_ready, weak=False)
         signals.worker_shutdown.connect(self.stop_runtime, weak=False)
 
     def _ours(self, sender: Any) -> bool:
@@ -198,8 +211,15 @@ class _Lifecycle:
         if self._ours(sender):
             freeze_startup_heap()
 
+    def announce_ready(self, sender: Any = None, **_: Any) -> None:
+        # Models warmed up (worker_init built them) and the consumer connected.
+        if self._ours(sender) and self.intake.runtime is not None and self.settings.ready_file:
+            Path(self.settings.ready_file).write_text("ready\n")
+
     def stop_runtime(self, sender: Any = None, **_: Any) -> None:
         runtime = self.intake.runtime
+        if self._ours(sender) and self.settings.ready_file:
+            Path(self.settings.ready_file).unlink(missing_ok=True)
         if self._ours(sender) and runtime is not None:
             runtime.stop()
             tracing.force_flush()  # what the last batches traced

@@ -1,28 +1,61 @@
-"""Loads a TorchScript model from the repository and runs batches on CUDA or CPU; a batch
-the model fails on is run again row by row (`RowFallback`)."""
+"""Loads a model from the repository through its backend and runs batches on CUDA or
+CPU; a batch the model fails on is run again row by row (`RowFallback`)."""
 
 from __future__ import annotations
 
 import bisect
 import logging
 import os
+import sys
 import time
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from inferpool.repository import ModelConfig
 from inferpool.tensor import dtype_name
 from workers import metrics
+from workers.backends import LoadOptions, ModelLoadError, Variant, load_variants
+from workers.backends.base import PRECISION_ATOL
 
 if TYPE_CHECKING:
+    import torch
+
     from workers.results import Rows
 
 log = logging.getLogger(__name__)
 
+# Importing torch is most of a worker's start when its models need none of it (ONNX
+# Runtime only): this module, and so the batcher, imports it only when asked.
+TORCH_PLATFORMS = frozenset({"torchscript", "torch_export"})
 
-def pick_device(setting: str) -> torch.device:
+
+def needs_torch(configs: list[ModelConfig]) -> bool:
+    return any(cfg.platform in TORCH_PLATFORMS for cfg in configs)
+
+
+class Device:
+    """A device named without torch ("cpu", "cuda", "cuda:N"), for workers whose models
+    are all ONNX: the same `type` and `index` the backends read from a torch.device."""
+
+    def __init__(self, name: str) -> None:
+        self.type, _, index = name.partition(":")
+        self.index = int(index) if index else None
+
+    def __str__(self) -> str:
+        return self.type if self.index is None else f"{self.type}:{self.index}"
+
+
+def pick_device(setting: str, use_torch: bool = True) -> torch.device:
+    if not use_torch:
+        if setting == "auto":
+            import onnxruntime
+
+            cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+            setting = "cuda" if cuda else "cpu"
+        return Device(setting)  # type: ignore[return-value]  # duck-typed for the ONNX backend
+    import torch
+
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(setting)
@@ -36,7 +69,7 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def configure_threads(torch_threads: int) -> int:
+def configure_threads(torch_threads: int, use_torch: bool = True) -> int:
     """Sizes torch's intra-op pool and returns the size. 0 = one fewer than the usable
     cores (at least 1): a worker's own threads (Celery's consumer, the bulk consumer, the
     results writers) need a core, and when they preempt one of the model's threads
@@ -44,61 +77,92 @@ def configure_threads(torch_threads: int) -> int:
     1.1-1.4x faster with 1 thread than with 2, Classify unchanged. Inter-op parallelism
     buys nothing for one batch at a time and oversubscribes small machines."""
     n = torch_threads or max(1, usable_cores() - 1)
-    torch.set_num_threads(n)
+    if use_torch:
+        import torch
+
+        torch.set_num_threads(n)
     return n
+
+
+def _default_threads() -> int:
+    """torch's pool size when torch is loaded (configure_threads set it), else the rule's."""
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else configure_threads(0, use_torch=False)
 
 
 # About how long warm_up times one variant at one batch size.
 TUNE_S_PER_SIZE = 0.05
 
 
-class _Variant:
-    """One compiled form of the model, and whether it takes channels_last inputs."""
-
-    def __init__(self, name: str, module: torch.jit.ScriptModule, channels_last: bool) -> None:
-        self.name = name
-        self.module = module
-        self.channels_last = channels_last
-
-
 class ModelRunner:
-    """One model version on one device. Not thread-safe: its batcher thread owns it.
+    """One model version on one device, through its backend (workers/backends/, chosen by
+    the config's `platform`). Not thread-safe: its batcher thread owns it.
 
-    The model is compiled two ways: frozen (weights inlined as constants, so the JIT
-    folds and fuses them; channels_last for image models), and that plus
-    torch.jit.optimize_for_inference (oneDNN layouts, conv-bn folding). Neither wins
-    everywhere: on this CPU the second ran the digits CNN 1.6-2x faster at batches of
-    32-64 and 2x slower at batch 1. So warm_up() times both at each batch size the
-    batcher can use and run() takes, per size, the one that measured faster."""
+    A backend may give several forms of the model (TorchScript frozen and
+    optimize_for_inference; an exported program and its AOTInductor build); neither wins
+    everywhere, so warm_up() times each at every batch size the batcher can use and
+    run() takes, per size, the one that measured faster. The constructor checks the
+    model against its config (output per input, class count, a reduced precision's
+    agreement with fp32) and raises ModelLoadError naming the model, file and mismatch."""
 
-    def __init__(self, cfg: ModelConfig, device: torch.device) -> None:
+    def __init__(self, cfg: ModelConfig, device: torch.device, options: LoadOptions | None = None) -> None:
         self.cfg = cfg
         self.device = device
-        module = torch.jit.load(str(cfg.model_file), map_location=device).eval()
-        image = len(cfg.input_shape) == 3
-        channels_last = cfg.channels_last and image
-        # Weights and inputs both NHWC, so convolutions need no layout conversion.
-        shaped = module.to(memory_format=torch.channels_last) if channels_last else module
-        self.variants = [_Variant("frozen", torch.jit.freeze(shaped), channels_last)]
+        options = options or LoadOptions(threads=_default_threads())
         try:
-            # From a second load: .to(memory_format=...) changed the first in place.
-            optimized = torch.jit.optimize_for_inference(
-                torch.jit.freeze(torch.jit.load(str(cfg.model_file), map_location=device).eval())
-            )
-            self.variants.append(_Variant("optimized", optimized, False))
-        except Exception as exc:  # a model it cannot take runs frozen only
-            log.warning("optimize_for_inference failed for %s v%d: %r", cfg.name, cfg.version, exc)
+            self.variants = load_variants(cfg, device, options)
+            self._check_outputs()
+            if cfg.precision != "fp32":
+                self._check_precision(load_variants(cfg, device, options, fp32=True)[0])
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # whatever a backend raises on a model it cannot run
+            raise ModelLoadError(cfg, f"{type(exc).__name__}: {str(exc)[:300]}") from exc
         # Batch sizes (ascending) and the variant for batches up to each; until warm_up
-        # has measured, the frozen one.
+        # has measured, the first one.
         self._sizes = [cfg.max_batch_size]
         self._chosen = [self.variants[0]]
-        self._dtype = getattr(torch, dtype_name(cfg.input_dtype))
-        self._staging: torch.Tensor | None = None
-        if device.type == "cuda":
-            # Page-locked staging lets the host-to-device copy run asynchronously.
-            self._staging = torch.empty(
-                (cfg.max_batch_size, *cfg.input_shape), dtype=self._dtype, pin_memory=True
-            )
+
+    def _sample(self, n: int) -> np.ndarray:
+        return np.random.default_rng(0).random((n, *self.cfg.input_shape)).astype(self._np_dtype())
+
+    def _check_outputs(self) -> None:
+        """A batch of 1 and of 3 (at most max_batch_size) shaped as the config says must
+        each give one row of class scores per input (as many as the config's labels)."""
+        for n in sorted({1, min(3, self.cfg.max_batch_size)}):
+            try:
+                out = self.variants[0].run(self._sample(n))
+            except Exception as exc:
+                raise ModelLoadError(
+                    self.cfg,
+                    f"fails on input [{n}, {', '.join(map(str, self.cfg.input_shape))}] "
+                    f"{dtype_name(self.cfg.input_dtype)} as the config declares "
+                    f"({type(exc).__name__}: {str(exc)[:200]})",
+                ) from exc
+            if out.ndim != 2 or out.shape[0] != n:
+                raise ModelLoadError(
+                    self.cfg, f"output shape {list(out.shape)} for {n} inputs, expected [{n}, classes]"
+                )
+            if self.cfg.labels and out.shape[1] != len(self.cfg.labels):
+                raise ModelLoadError(
+                    self.cfg,
+                    f"output size {out.shape[1]} does not match the config's {len(self.cfg.labels)} labels",
+                )
+
+    def _check_precision(self, reference: Variant) -> None:
+        """A reduced precision serves only when its answers stay near fp32's on the same
+        inputs (PRECISION_ATOL per class probability)."""
+        x = self._sample(min(16, self.cfg.max_batch_size))
+        want = reference.run(x)
+        atol = PRECISION_ATOL[self.cfg.precision]
+        for variant in self.variants:
+            diff = float(np.abs(variant.run(x) - want).max())
+            if diff > atol:
+                raise ModelLoadError(
+                    self.cfg,
+                    f"precision {self.cfg.precision}: the {variant.name} form differs from fp32 "
+                    f"by {diff:.3g} in a class probability (allowed {atol})",
+                )
 
     def warm_up(self, repeats: int = 5) -> float:
         """Runs every variant at batch sizes 1, 2, 4, ... up to max_batch_size, so the
@@ -110,19 +174,19 @@ class ModelRunner:
         self._drop_disagreeing()
         top = self.cfg.max_batch_size
         sizes = sorted({*(1 << i for i in range(top.bit_length()) if 1 << i <= top), top})
-        chosen: list[_Variant] = []
+        chosen: list[Variant] = []
         for n in sizes:
             x = np.zeros((n, *self.cfg.input_shape), dtype=self._np_dtype())
             times: dict[str, float] = {}
             for variant in self.variants:
-                self._run(variant, x)
+                variant.run(x)
                 t = time.perf_counter()
-                self._run(variant, x)
+                variant.run(x)
                 runs_wanted = max(1, min(repeats, int(TUNE_S_PER_SIZE / (time.perf_counter() - t + 1e-9))))
                 runs = []
                 for _ in range(runs_wanted):
                     t = time.perf_counter()
-                    self._run(variant, x)
+                    variant.run(x)
                     runs.append(time.perf_counter() - t)
                 times[variant.name] = float(np.median(runs))
             chosen.append(min(self.variants, key=lambda v: times[v.name]))
@@ -137,25 +201,28 @@ class ModelRunner:
 
     def _drop_disagreeing(self) -> None:
         """A variant whose answers differ from the frozen model's on the same inputs by
-        more than float rounding is not used (and said so in the log)."""
+        more than float rounding (at the model's precision) is not used (and said so
+        in the log)."""
         shape = (min(8, self.cfg.max_batch_size), *self.cfg.input_shape)
         x = np.random.default_rng(0).random(shape).astype(self._np_dtype())
-        reference = self._run(self.variants[0], x)
+        reference = self.variants[0].run(x)
         for variant in self.variants[1:]:
-            out = self._run(variant, x)
-            if out.shape != reference.shape or not np.allclose(out, reference, rtol=1e-3, atol=1e-3):
+            out = variant.run(x)
+            atol = PRECISION_ATOL[self.cfg.precision]
+            if out.shape != reference.shape or not np.allclose(out, reference, rtol=1e-3, atol=atol):
                 log.warning(
-                    "%s v%d: the %s form answers differently from the frozen one; not used",
+                    "%s v%d: the %s form answers differently from the %s one; not used",
                     self.cfg.name,
                     self.cfg.version,
                     variant.name,
+                    self.variants[0].name,
                 )
                 self.variants.remove(variant)
 
     def variant_for(self, n: int) -> str:
         return self._pick(n).name
 
-    def _pick(self, n: int) -> _Variant:
+    def _pick(self, n: int) -> Variant:
         # The variant measured at the smallest size >= n (the largest beyond them).
         return self._chosen[min(bisect.bisect_left(self._sizes, n), len(self._sizes) - 1)]
 
@@ -164,22 +231,7 @@ class ModelRunner:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """[N, *input_shape] -> [N, classes] float32 probabilities."""
-        return self._run(self._pick(len(batch)), batch)
-
-    def _run(self, variant: _Variant, batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            x = torch.from_numpy(batch)
-            if self._staging is not None:
-                staged = self._staging[: len(batch)]
-                staged.copy_(x)
-                x = staged.to(self.device, non_blocking=True)
-            if variant.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            out = variant.module(x)
-            if self.cfg.output_kind == "logits":
-                out = torch.softmax(out.float(), dim=1)
-            result: np.ndarray = out.float().cpu().numpy()
-            return result
+        return self._pick(len(batch)).run(batch)
 
 
 class RowFallback:

@@ -316,7 +316,7 @@ def test_the_runners_compiled_variants_agree_and_each_batch_size_gets_one() -> N
     names = {v.name for v in runner.variants}
     assert all(runner.variant_for(n) in names for n in range(1, cfg.max_batch_size + 1))
     x = np.random.default_rng(9).random((cfg.max_batch_size, *cfg.input_shape), dtype=np.float32)
-    outputs = [runner._run(v, x) for v in runner.variants]
+    outputs = [v.run(x) for v in runner.variants]
     for out in outputs:
         assert out.shape == (len(x), len(cfg.labels))
         np.testing.assert_allclose(out, outputs[0], atol=1e-5)

@@ -169,7 +169,11 @@ def test_model_config_and_statistics(api: ApiThread) -> None:
 
 def test_statistics_filters_and_rejects(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
     every = stub.ModelStatistics(pb.ModelStatisticsRequest(), timeout=10).model_stats
-    assert [(s.name, s.version) for s in every] == [("digits", "1")]
+    assert [(s.name, s.version) for s in every] == [
+        ("digits", "1"),
+        ("digits_export", "1"),
+        ("digits_onnx", "1"),
+    ]
     one = stub.ModelStatistics(pb.ModelStatisticsRequest(name="digits", version="1"), timeout=10)
     assert [(s.name, s.version) for s in one.model_stats] == [("digits", "1")]
     for bad, code in (
