@@ -71,6 +71,11 @@ def parse_version(version: str) -> int:
     return int(version)
 
 
+def contents_field(datatype: str) -> str | None:
+    """The typed `contents` field that carries `datatype`'s values (None: raw bytes only)."""
+    return _CONTENTS_FIELD.get(datatype)
+
+
 def kserve_datatype(dtype: int) -> str:
     return _KSERVE_NAMES[tensor.dtype_name(dtype)]
 
