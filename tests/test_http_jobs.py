@@ -106,7 +106,7 @@ def test_npy_job_succeeds_with_pages_and_jsonl(
 
 
 def test_json_and_raw_bodies(jobs_api: ApiThread, heldout: tuple[np.ndarray, np.ndarray]) -> None:
-    x, y = heldout
+    x = heldout[0]
     body = json.dumps({"model": "digits", "inputs": x[:5].tolist()}).encode()
     status, got = jcall(jobs_api, "POST", "/v1/jobs", body, Content_Type="application/json")
     assert status == 201 and got["job"]["counts"]["total"] == 5
