@@ -73,6 +73,7 @@ class LocalStack:
             "REDIS_PORT": free_port(),
             "MEMCACHED_PORT": free_port(),
             "GRPC_PORT": free_port(),
+            "HTTP_PORT": free_port(),
             "FLOWER_PORT": free_port(),
             "API_METRICS_PORT": free_port(),
             "WORKER_METRICS_PORT": free_port(),
@@ -96,6 +97,10 @@ class LocalStack:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.ports['GRPC_PORT']}"
+
+    @property
+    def http_target(self) -> str:
+        return f"127.0.0.1:{self.ports['HTTP_PORT']}"
 
     @property
     def redis_url(self) -> str:
