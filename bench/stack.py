@@ -119,7 +119,8 @@ class LocalStack:
         }
 
     def __enter__(self) -> LocalStack:
-        env = dict(os.environ, **{k: str(v) for k, v in self.ports.items()}, **self.extra_env)
+        # extra_env last: it may override a port (HTTP_PORT=0 turns the HTTP server off).
+        env = {**os.environ, **{k: str(v) for k, v in self.ports.items()}, **self.extra_env}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env["INFERPOOL_MODEL_REPOSITORY"] = str(self.model_repository)
         env["FLOWER_BASIC_AUTH"] = self._flower_basic_auth
