@@ -29,7 +29,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -79,6 +79,14 @@ class Front:
         self.access_log = access_log
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
+    def _endpoint(self, scope: Scope) -> Any:
+        """The endpoint a request refused before routing (401) would have reached."""
+        for route in getattr(self.app, "routes", ()):
+            match, child = route.matches(scope)
+            if match == Match.FULL:
+                return child.get("endpoint")
+        return None
+
     def _record(self, route: str, status: int, t0: float) -> None:
         pair = self._children.get((route, status))
         if pair is None:
@@ -97,15 +105,38 @@ class Front:
         t0 = time.perf_counter()
         scope["inferpool.arrived"] = time.monotonic()
         status = 0
+        name = ""
+        done = False
+
+        def finish() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            route = self.routes.get(scope.get("endpoint") or self._endpoint(scope), "unmatched")
+            self._record(route, status or 500, t0)
+            if self.access_log:
+                client = scope.get("client") or ("?", 0)
+                access.info(
+                    "%s %s %s %d %.1f ms%s",
+                    client[0],
+                    scope["method"],
+                    route,
+                    status,
+                    (time.perf_counter() - t0) * 1000,
+                    f" ({name})" if name else "",
+                )
 
         async def sending(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Counted before the last byte leaves: whoever saw the answer sees it counted.
+                finish()
             await send(message)
 
         path: str = scope["path"]
-        name = ""
         try:
             if self.bearer is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
                 headers = [(k.decode("latin-1"), v) for k, v in scope["headers"]]
@@ -125,19 +156,7 @@ class Front:
             with auth.as_caller(name):
                 await self.app(scope, receive, sending)
         finally:
-            route = self.routes.get(scope.get("endpoint"), "unmatched")
-            self._record(route, status or 500, t0)
-            if self.access_log:
-                client = scope.get("client") or ("?", 0)
-                access.info(
-                    "%s %s %s %d %.1f ms%s",
-                    client[0],
-                    scope["method"],
-                    route,
-                    status,
-                    (time.perf_counter() - t0) * 1000,
-                    f" ({name})" if name else "",
-                )
+            finish()  # an answer cut off (client gone, or a bug) is counted too
 
 
 async def _page(request: Request) -> Response:
@@ -301,11 +320,13 @@ class HttpFront:
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         self._task = asyncio.create_task(self.server.serve(sockets=[sock]), name="http")
-        while not self.server.started:
-            if self._task.done():
-                self._task.result()
-                raise OSError("the HTTP server stopped at start-up")
-            await asyncio.sleep(0.01)
+        # uvicorn says it has started only by a flag; its start-up is a few loop turns.
+        async with asyncio.timeout(10):
+            while not self.server.started:
+                if self._task.done():
+                    self._task.result()
+                    raise OSError("the HTTP server stopped at start-up")
+                await asyncio.sleep(0.01)
         log.info("serving HTTP on %s:%d", self.settings.http_host, self.port)
         return self.port
 
