@@ -127,3 +127,23 @@ def test_overload_and_deadline_map_as_triton_does(fresh_redis: RedisServer, tmp_
         assert all("deadline" in e["message"].lower() for e in got if e["status"] == "504")
     finally:
         api.stop()
+
+
+def test_perf_analyzer_reads_the_http_fronts_statistics(http_api: ApiThread) -> None:
+    triton(http_target(http_api), "repeat", 4242)  # four rows computed, then four hits
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, json; from bench.perf_analyzer import model_stats; "
+            "print(json.dumps(model_stats(sys.argv[1], 'http')))",
+            http_target(http_api),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    stats = json.loads(done.stdout)
+    assert stats["hits"] >= 4 and stats["misses"] >= 4 and stats["requests"] >= 3
