@@ -28,7 +28,9 @@ def curl_blocks() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def docs_api(redis_server: RedisServer, memcached_server: MemcachedServer, worker: Worker) -> Iterator[ApiThread]:
+def docs_api(
+    redis_server: RedisServer, memcached_server: MemcachedServer, worker: Worker
+) -> Iterator[ApiThread]:
     api = ApiThread(stack_settings(redis_server, memcached_server, http_port=free_port()))
     yield api
     api.stop()
@@ -44,7 +46,12 @@ def test_curl_examples_run_as_written(docs_api: ApiThread, index: int, tmp_path:
     (tmp_path / "models").symlink_to(ROOT / "models")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     done = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        ["bash", "-euo", "pipefail", "-c", block],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
     if index == 0:
