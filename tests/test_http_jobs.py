@@ -143,7 +143,12 @@ def test_a_body_cut_short_fails_its_job(
             + data[: len(data) // 2]
         )
         # And the client stops sending (it stalls): the upload is broken off after the idle bound.
-        answer = sock.recv(65536)
+        answer = b""
+        while b'"}' not in answer:  # the head and the JSON body may come apart
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
     assert answer.startswith(b"HTTP/1.1 504") or answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"sent nothing" in answer
     # Its job exists only as FAILED (never sealed, never SUCCEEDED).
