@@ -19,11 +19,12 @@ name the source and line instead.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hmac
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,16 @@ def caller(context: grpc.aio.ServicerContext | None = None) -> str:
     `context` is accepted so call sites read naturally (and a future transport could
     use it); the value comes from the interceptor's per-call context variable."""
     return _CALLER.get()
+
+
+@contextlib.contextmanager
+def as_caller(name: str) -> Iterator[None]:
+    """Runs the block as `name`'s call, for fronts other than gRPC's interceptor (api/http/)."""
+    reset = _CALLER.set(name)
+    try:
+        yield
+    finally:
+        _CALLER.reset(reset)
 
 
 def parse_tokens(text: str, source: str, separator: str = "\n") -> dict[bytes, str]:

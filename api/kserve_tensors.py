@@ -30,6 +30,11 @@ OUTPUT_NAME = "probabilities"
 CLASSIFICATION = "classification"
 # Response parameter: how many of the request's rows were answered from the cache.
 CACHE_HITS = "inferpool_cache_hits"
+# Response parameters when a row was computed: its wait in the queue, its batch's compute
+# time and size, as the worker reported them.
+QUEUE_MS = "inferpool_queue_ms"
+COMPUTE_MS = "inferpool_compute_ms"
+BATCH_SIZE = "inferpool_batch_size"
 # Triton's request parameters for scheduling: `timeout` in microseconds (0: none), a
 # bound on the request's wait besides its gRPC deadline, and `priority` (0: the
 # model's default), accepted and not used (interactive requests have one priority).
@@ -69,6 +74,11 @@ def parse_version(version: str) -> int:
     if not _VERSION_RE.fullmatch(version):
         raise InvalidInput(f"model version must be '' (latest) or a positive integer, got {version[:32]!r}")
     return int(version)
+
+
+def contents_field(datatype: str) -> str | None:
+    """The typed `contents` field that carries `datatype`'s values (None: raw bytes only)."""
+    return _CONTENTS_FIELD.get(datatype)
 
 
 def kserve_datatype(dtype: int) -> str:
@@ -193,6 +203,12 @@ def infer_response(
     probs = np.stack([np.asarray(r.scores.values, dtype="<f4") for r in results])
     response = pb.ModelInferResponse(model_name=cfg.name, model_version=str(cfg.version), id=request.id)
     response.parameters[CACHE_HITS].int64_param = sum(r.cached for r in results)
+    # Where a computed row's time went, for people watching (the slowest row's figures).
+    computed = [r.reply for r in results if r.reply is not None]
+    if computed:
+        response.parameters[QUEUE_MS].double_param = max(r.queue_ms for r in computed)
+        response.parameters[COMPUTE_MS].double_param = max(r.compute_ms for r in computed)
+        response.parameters[BATCH_SIZE].int64_param = max(r.batch_size for r in computed)
     # Always raw, as Triton answers: tritonclient's as_numpy reads only raw_output_contents.
     for name, k in outputs:
         if k:

@@ -45,6 +45,20 @@ REQUEST_DURATION = Histogram(
     buckets=shared.LATENCY_BUCKETS,
     registry=REGISTRY,
 )
+HTTP_REQUESTS = Counter(
+    "inferpool_http_requests",
+    "HTTP requests answered, by route template (/v2/models/{model}/infer, ...; 'unmatched' for "
+    "paths no route serves) and HTTP status code. Recorded by api/http/app.py.",
+    ["route", "code"],
+    registry=REGISTRY,
+)
+HTTP_REQUEST_DURATION = Histogram(
+    "inferpool_http_request_duration_seconds",
+    "Server-side time from an HTTP request's head to the end of its answer, by route and status code.",
+    ["route", "code"],
+    buckets=shared.LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
 CACHE_HITS = Counter(
     "inferpool_cache_hits",
     "Requests answered from Memcached without touching a worker.",

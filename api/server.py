@@ -21,6 +21,7 @@ from api.admission import Admission, LoopLag, SheddingInterceptor
 from api.core import DataPlane
 from api.dispatcher import ReplyListener
 from api.front_cache import CacheReader, LocalCache
+from api.http.app import HttpFront
 from api.job_servicer import JobServicer
 from api.jobs import JobPlane
 from api.publisher import FlightLocks, Publisher
@@ -146,6 +147,9 @@ class ApiServer:
         )
         self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
+        # The HTTP front (api/http/), on its own port, over the same planes, auth and health.
+        self.http = HttpFront(self, interceptors) if settings.http_port else None
+        self.http_port = 0
 
     async def start(self) -> int:
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
@@ -162,6 +166,8 @@ class ApiServer:
             asyncio.create_task(self.loop_lag.run(), name="loop-lag"),
         ]
         await self.server.start()
+        if self.http is not None:
+            self.http_port = await self.http.start()
         log.info(
             "serving %s on %s:%d (models: %s)",
             SERVICE,
@@ -200,6 +206,8 @@ class ApiServer:
     async def stop(self, grace_s: float = 5.0) -> None:
         # Readiness goes first, so load balancers stop sending before we refuse.
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace_s)
         for task in self._tasks:
             task.cancel()

@@ -48,6 +48,26 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
 }
 
+# The HTTP front's status for each gRPC code (api/http/), so both fronts answer a domain
+# error alike: Triton's HTTP codes (400 bad input, 404 unknown, 503 unavailable or
+# overloaded, 500 the model failed), and 504 for a spent deadline (Triton's 503 would
+# not tell a client whether to retry with a longer one).
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+
+
+def http_status_for(exc: BaseException) -> int:
+    return HTTP_STATUS.get(code_for(exc), 500)
+
+
 # Status details travel in a trailer, and grpc refuses metadata over 8 KiB by default
 # (the whole call then fails RESOURCE_EXHAUSTED): a message that quotes client text is
 # cut well below that, whatever the raise site did.

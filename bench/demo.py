@@ -75,6 +75,7 @@ def main() -> None:
     with LocalStack() as stack:
         user, password = stack.flower_auth
         print(f"stack ready, API on {stack.target}, Flower on {stack.flower_url}/ ({user} / {password})")
+        print(f"draw a digit at http://{stack.http_target}/ (KServe v2 REST on the same port)")
         # The stack waited for Flower to reach the worker: its tasks show from the first.
         events_on = stack.task_events_on
         try:

@@ -1,4 +1,5 @@
-"""Triton's perf_analyzer against a local stack, over the KServe v2 / Triton gRPC front.
+"""Triton's perf_analyzer against a local stack, over the KServe v2 / Triton gRPC front
+(or, with `--protocol http`, its REST front: `perf_analyzer -i http`).
 
 `python -m bench.perf_analyzer` starts bench.stack.LocalStack (redis, memcached, a worker,
 the API and Flower, as `make up` does; `--no-flower` leaves Flower out), then runs the
@@ -111,10 +112,22 @@ def distinct_inputs(path: Path, count: int, seed: int) -> None:
     path.write_text(json.dumps({"data": steps}))
 
 
-def model_stats(target: str) -> dict[str, int]:
+def model_stats(target: str, protocol: str = "grpc") -> dict[str, int]:
     """Cumulative cache hits / misses / successful requests for the model, via Triton's
     ModelStatistics. tritonclient is imported here only: it must not share a process with
-    inferpool.triton (the same `inference.*` protobuf symbols), which this module never loads."""
+    inferpool.triton (the same `inference.*` protobuf symbols), which this module never loads.
+    Each front keeps its own statistics: ask the one perf_analyzer drives."""
+    if protocol == "http":
+        import tritonclient.http as triton_http
+
+        with triton_http.InferenceServerClient(target) as http_client:
+            (doc,) = http_client.get_inference_statistics(MODEL)["model_stats"]
+        stats = doc.get("inference_stats", {})
+
+        def n(name: str) -> int:  # protobuf's JSON: uint64 as strings, zeros left out
+            return int(stats.get(name, {}).get("count", 0))
+
+        return {"hits": n("cache_hit"), "misses": n("cache_miss"), "requests": n("success")}
     import tritonclient.grpc as triton
 
     with triton.InferenceServerClient(target) as client:
@@ -165,7 +178,7 @@ def run_one(
         "-u",
         target,
         "-i",
-        "grpc",
+        args.protocol,
         "-b",
         "1",
         "--concurrency-range",
@@ -193,11 +206,11 @@ def run_one(
             "--measurement-request-count",
             str(per_window),
         ]
-    before = model_stats(target)
+    before = model_stats(target, args.protocol)
     t0 = time.monotonic()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.run_timeout_s)
     wall_s = time.monotonic() - t0
-    after = model_stats(target)
+    after = model_stats(target, args.protocol)
     if done.returncode != 0 or not out.exists():
         raise RuntimeError(f"perf_analyzer exited {done.returncode}:\n{(done.stdout + done.stderr)[-3000:]}")
     rows = after["hits"] + after["misses"] - before["hits"] - before["misses"]
@@ -229,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--perf-analyzer", help="the binary (default: from the venv's bin/, then PATH)")
     parser.add_argument("--lib-dir", action="append", default=[], help="extra LD_LIBRARY_PATH directory")
     parser.add_argument("--flower", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="perf_analyzer -i")
     parser.add_argument("--out", type=Path, help="default bench/results/perf_analyzer/<date>-<commit>.json")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -244,11 +258,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     runs: list[dict[str, Any]] = []
-    info = results.meta({"flower": args.flower})
+    info = results.meta({"flower": args.flower, "protocol": args.protocol})
     with LocalStack(flower=args.flower) as stack, tempfile.TemporaryDirectory() as tmp:
         for path in paths:
             for concurrency in levels:
-                result = run_one(binary, env, stack.target, path, concurrency, args, Path(tmp))
+                result = run_one(
+                    binary,
+                    env,
+                    stack.http_target if args.protocol == "http" else stack.target,
+                    path,
+                    concurrency,
+                    args,
+                    Path(tmp),
+                )
                 runs.append(result)
                 print(
                     f"{path:4} c={concurrency:<3} {result['infer_per_s']:8.0f} infer/s  "

@@ -73,6 +73,7 @@ class LocalStack:
             "REDIS_PORT": free_port(),
             "MEMCACHED_PORT": free_port(),
             "GRPC_PORT": free_port(),
+            "HTTP_PORT": free_port(),
             "FLOWER_PORT": free_port(),
             "API_METRICS_PORT": free_port(),
             "WORKER_METRICS_PORT": free_port(),
@@ -98,6 +99,10 @@ class LocalStack:
         return f"127.0.0.1:{self.ports['GRPC_PORT']}"
 
     @property
+    def http_target(self) -> str:
+        return f"127.0.0.1:{self.ports['HTTP_PORT']}"
+
+    @property
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.ports['REDIS_PORT']}/0"
 
@@ -114,7 +119,8 @@ class LocalStack:
         }
 
     def __enter__(self) -> LocalStack:
-        env = dict(os.environ, **{k: str(v) for k, v in self.ports.items()}, **self.extra_env)
+        # extra_env last: it may override a port (HTTP_PORT=0 turns the HTTP server off).
+        env = {**os.environ, **{k: str(v) for k, v in self.ports.items()}, **self.extra_env}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env["INFERPOOL_MODEL_REPOSITORY"] = str(self.model_repository)
         env["FLOWER_BASIC_AUTH"] = self._flower_basic_auth

@@ -173,6 +173,24 @@ class Settings:
     max_envelope_items: int = _setting(0, _non_negative_int, "misses per queue message; 0 = max_batch_size")
     max_message_bytes: int = _setting(4 * 1024 * 1024, _positive_int, "largest gRPC message accepted")
     health_interval_s: float = _setting(1.0, _positive_float, "period of the Redis health probe")
+    # HTTP front (api/http/): KServe v2 REST, job endpoints and the page, beside gRPC.
+    http_port: int = _setting(0, _port, "HTTP port (KServe v2 REST, jobs, the page at /); 0 = no HTTP server")
+    http_host: str = _setting("127.0.0.1", str, "address the HTTP server binds")
+    http_max_connections: int = _setting(
+        1024, _positive_int, "HTTP requests held at once; more are answered 503 at once"
+    )
+    http_header_timeout_s: float = _setting(
+        10.0, _positive_float, "an HTTP connection that has not sent a whole request head this long is closed"
+    )
+    http_body_timeout_s: float = _setting(
+        10.0,
+        _positive_float,
+        "an HTTP body that sends nothing this long is refused (408); job uploads excepted",
+    )
+    http_cors_origins: str = _setting(
+        "", str, "comma-separated origins allowed cross-origin calls; empty = CORS off"
+    )
+    http_access_log: bool = _setting(False, _bool, "one log line per HTTP request (route, status, duration)")
     # Admission (api/admission.py): refuse what cannot be answered in time, before it waits.
     max_concurrent_rpcs: int = _setting(
         512, _non_negative_int, "RPCs the server holds at once; more are refused at once; 0 = no bound"

@@ -508,7 +508,7 @@ def test_network_policies_let_only_clients_reach_the_backends() -> None:
 
 
 def test_only_prometheus_reaches_metrics_ports() -> None:
-    assert _ingress("api") == {50051: {"any"}, 8000: {"namespace:monitoring"}}
+    assert _ingress("api") == {50051: {"any"}, 8080: {"any"}, 8000: {"namespace:monitoring"}}
     assert _ingress("worker") == {8001: {"namespace:monitoring"}}
     objects = _objects()
     keda = _scaled_object("keda-prometheus.yaml")["spec"]["triggers"][0]["metadata"]
@@ -518,9 +518,9 @@ def test_only_prometheus_reaches_metrics_ports() -> None:
         assert int(annotations["prometheus.io/port"]) in _ingress(name.removeprefix("inferpool-"))
 
 
-def test_api_service_publishes_grpc_only() -> None:
+def test_api_service_publishes_grpc_and_http_only() -> None:
     service = _objects()["Service", "inferpool-api"]
-    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [("grpc", 50051)]
+    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [("grpc", 50051), ("http", 8080)]
 
 
 ROLE_PASSWORDS = {"api": "api0pw", "worker": "worker0pw", "flower": "flower0pw", "keda": "keda0pw"}
