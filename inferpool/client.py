@@ -85,6 +85,9 @@ def service_config(max_attempts: int = MAX_ATTEMPTS, *, round_robin: bool = True
     config: dict[str, Any] = {}
     if round_robin:
         config["loadBalancingConfig"] = [{"round_robin": {}}]
+        # Replicas that report NOT_SERVING (draining, Redis lost) get no new calls;
+        # a server without the health service counts as healthy.
+        config["healthCheckConfig"] = {"serviceName": ""}
     if max_attempts > 1:
         config["methodConfig"] = [
             {
