@@ -37,6 +37,7 @@ __all__ = [
     "channel_credentials",
     "channel_options",
     "classify_request",
+    "health_checked",
     "service_config",
     "submit_requests",
 ]
@@ -76,17 +77,24 @@ RETRYABLE_METHODS: tuple[tuple[str, str], ...] = (
 RETRYABLE_CODES = ("UNAVAILABLE",)
 
 
-def service_config(max_attempts: int = MAX_ATTEMPTS, *, round_robin: bool = True) -> str:
+def health_checked(target: str) -> bool:
+    """Whether a channel to `target` watches each address's health by default: yes for
+    a target naming replicas through a resolver (`dns:`, `ipv4:`, `ipv6:`), no for a
+    plain host:port, which is usually a proxy: its health answer would be the one of
+    whichever replica the proxy picked, and the proxy checks its replicas itself."""
+    return target.split(":", 1)[0] in ("dns", "ipv4", "ipv6")
+
+
+def service_config(max_attempts: int = MAX_ATTEMPTS, *, health_check: bool = False) -> str:
     """The gRPC service config (JSON) every client channel carries: `round_robin` over
     every address the target resolves to (`dns:///api:50051`, `ipv4:10.0.0.1:50051,
     10.0.0.2:50051`), and a retry policy for UNAVAILABLE on the calls safe to repeat.
     gRPC jitters each backoff (uniform in [0, backoff]) and never retries past the
-    call's deadline. `max_attempts` 1 turns retries off."""
-    config: dict[str, Any] = {}
-    if round_robin:
-        config["loadBalancingConfig"] = [{"round_robin": {}}]
-        # Replicas that report NOT_SERVING (draining, Redis lost) get no new calls;
-        # a server without the health service counts as healthy.
+    call's deadline. `max_attempts` 1 turns retries off. With `health_check`, an
+    address whose `grpc.health.v1` status is not SERVING (a replica draining, or
+    without Redis) gets no calls; a server without the health service counts as up."""
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if health_check:
         config["healthCheckConfig"] = {"serviceName": ""}
     if max_attempts > 1:
         config["methodConfig"] = [
@@ -104,10 +112,10 @@ def service_config(max_attempts: int = MAX_ATTEMPTS, *, round_robin: bool = True
     return json.dumps(config)
 
 
-def channel_options(max_attempts: int = MAX_ATTEMPTS, *, round_robin: bool = True) -> list[tuple[str, Any]]:
+def channel_options(max_attempts: int = MAX_ATTEMPTS, *, health_check: bool = False) -> list[tuple[str, Any]]:
     """The options of a client channel: the service config, and keepalive the server accepts."""
     return [
-        ("grpc.service_config", service_config(max_attempts, round_robin=round_robin)),
+        ("grpc.service_config", service_config(max_attempts, health_check=health_check)),
         ("grpc.enable_retries", 1 if max_attempts > 1 else 0),
         ("grpc.keepalive_time_ms", int(KEEPALIVE_TIME_S * 1000)),
         ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
@@ -310,13 +318,16 @@ class Client:
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
         max_attempts: int = MAX_ATTEMPTS,
+        health_check: bool | None = None,
     ) -> None:
         """`token` is sent as `authorization: Bearer <token>` on every call. TLS is on
         with `tls=True` or any of the PEM arguments: `root_certificates` verifies the
         server (None: system roots); `private_key` + `certificate_chain` for mutual TLS.
         `target` may name several replicas (`dns:///api:50051`, `ipv4:a:p,b:p`): calls
-        go round-robin over them. Calls safe to repeat are tried up to `max_attempts`
-        times on UNAVAILABLE, within their deadline (1: never retried)."""
+        go round-robin over them, skipping those not SERVING (`health_check`; by
+        default on for such targets, off for a plain host:port, e.g. a proxy). Calls
+        safe to repeat are tried up to `max_attempts` times on UNAVAILABLE, within
+        their deadline (1: never retried)."""
         self.max_attempts = max_attempts
         self.channel = channel or _channel(
             target,
@@ -325,7 +336,9 @@ class Client:
             root_certificates,
             private_key,
             certificate_chain,
-            channel_options(max_attempts),
+            channel_options(
+                max_attempts, health_check=health_checked(target) if health_check is None else health_check
+            ),
         )
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
@@ -417,11 +430,14 @@ class AsyncClient:
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
         max_attempts: int = MAX_ATTEMPTS,
+        health_check: bool | None = None,
     ) -> None:
         """The same `token`, TLS, target and retry options as `Client`."""
         interceptors = [_AsyncBearer(token)] if token else None
         self.max_attempts = max_attempts
-        options = channel_options(max_attempts)
+        options = channel_options(
+            max_attempts, health_check=health_checked(target) if health_check is None else health_check
+        )
         if tls or root_certificates or private_key or certificate_chain:
             creds = channel_credentials(root_certificates, private_key, certificate_chain)
             self.channel = grpc.aio.secure_channel(target, creds, options=options, interceptors=interceptors)
