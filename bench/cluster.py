@@ -79,6 +79,7 @@ class Cluster:
         wait_port(redis_port, 10, redis)
         wait_port(memcached_port, 10, memcached)
         self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        self.memcached = f"127.0.0.1:{memcached_port}"
         env = {
             **os.environ,
             "INFERPOOL_REDIS_URL": self.redis_url,
