@@ -203,6 +203,16 @@ class ApiServer:
                 )
                 was_ok = ok
 
+    async def drain(self, drain_s: float, cut: asyncio.Event | None = None) -> None:
+        """NOT_SERVING now, for good, while calls are still served for `drain_s` (or until
+        `cut` is set): health-checking load balancers and clients stop sending here
+        before this replica refuses anything."""
+        await self.health.enter_graceful_shutdown()
+        if drain_s > 0:
+            log.info("draining: health NOT_SERVING, still serving for %g s", drain_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for((cut or asyncio.Event()).wait(), drain_s)
+
     async def stop(self, grace_s: float = 5.0) -> None:
         # Readiness goes first, so load balancers stop sending before we refuse.
         await self.health.enter_graceful_shutdown()
@@ -230,13 +240,15 @@ async def serve(settings: Settings) -> None:
     tracing.setup(tracing.API_SERVICE)
     await server.start()
     freeze_startup_heap()
-    stop = asyncio.Event()
+    stop, cut = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        # The first signal drains; a second one ends the drain early.
+        loop.add_signal_handler(sig, lambda: cut.set() if stop.is_set() else stop.set())
     await stop.wait()
     log.info("shutting down")
-    await server.stop()
+    await server.drain(settings.drain_s, cut)
+    await server.stop(settings.shutdown_grace_s)
     tracing.shutdown()
 
 

@@ -175,7 +175,12 @@ async def drive(load: Load) -> Run:
         run.sent += 1
         return inference_pb2.ClassifyRequest(model=load.model, input=tensor.to_proto(x))
 
-    async with grpc.aio.insecure_channel(load.target) as channel:
+    from inferpool.client import service_config
+
+    # round_robin over every address of the target (`ipv4:a,b`: several replicas, no
+    # proxy); no retries: a benchmark counts each failure.
+    options = [("grpc.service_config", service_config(1))]
+    async with grpc.aio.insecure_channel(load.target, options=options) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         await asyncio.wait_for(channel.channel_ready(), 10)
         if load.start_at:

@@ -222,7 +222,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target",
         default=os.environ.get("INFERPOOL_TARGET", "127.0.0.1:50051"),
-        help="API address (env INFERPOOL_TARGET)",
+        help=(
+            "API address; dns:///host:port or ipv4:a:port,b:port spreads calls over every replica "
+            "(env INFERPOOL_TARGET)"
+        ),
     )
     # The token's default comes from the environment so it stays out of shell history and `ps`.
     p.add_argument(

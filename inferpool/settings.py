@@ -191,6 +191,16 @@ class Settings:
         "", str, "comma-separated origins allowed cross-origin calls; empty = CORS off"
     )
     http_access_log: bool = _setting(False, _bool, "one log line per HTTP request (route, status, duration)")
+    # Shutdown on SIGTERM: NOT_SERVING at once, new calls still served for drain_s (so load
+    # balancers see it and move away), then in-flight calls get shutdown_grace_s to finish.
+    drain_s: float = _setting(
+        0.0,
+        _non_negative_float,
+        "on SIGTERM, health NOT_SERVING but calls still served this long; a 2nd signal ends it",
+    )
+    shutdown_grace_s: float = _setting(
+        5.0, _non_negative_float, "after draining, calls in flight get this long before they are cut"
+    )
     # Admission (api/admission.py): refuse what cannot be answered in time, before it waits.
     max_concurrent_rpcs: int = _setting(
         512, _non_negative_int, "RPCs the server holds at once; more are refused at once; 0 = no bound"

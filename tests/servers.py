@@ -249,6 +249,40 @@ class ApiThread:
         self.thread.join(10)
 
 
+class ApiProcess(Proc):
+    """`python -m api` as a real process on free ports (gRPC and /metrics), as deployed:
+    SIGTERM drains it (INFERPOOL_DRAIN_S), SIGKILL kills it."""
+
+    _count = 0
+
+    def __init__(self, settings: Settings, logdir: Path, **env: str) -> None:
+        ApiProcess._count += 1
+        self.port, self.metrics_port = free_port(), free_port()
+        variables = {
+            **os.environ,
+            **settings.env(),
+            "INFERPOOL_GRPC_PORT": str(self.port),
+            "INFERPOOL_METRICS_PORT": str(self.metrics_port),
+            **env,
+        }
+        super().__init__(
+            [sys.executable, "-m", "api"], logdir / f"api-{ApiProcess._count}.log", env=variables
+        )
+        self.target = f"127.0.0.1:{self.port}"
+        self.ready(lambda: wait_port(self.port, 60, self.popen))
+
+    def answered(self, rpc: str = "Classify", code: str = "OK") -> float:
+        """How many `rpc` calls this replica answered with `code` (its own counter)."""
+        from bench.scrape import scrape, total
+
+        return total(
+            scrape(f"http://127.0.0.1:{self.metrics_port}/metrics"),
+            "inferpool_requests_total",
+            rpc=rpc,
+            code=code,
+        )
+
+
 # --- Security stacks: certificates made at test time, Redis with a password
 # and/or TLS, Memcached over TLS.
 

@@ -19,6 +19,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from api import metrics as api_metrics
+from bench.proxies import compose_haproxy_config, kubernetes_haproxy_config
 from inferpool.names import bulk_queue_name, queue_name
 from inferpool.repository import Repository
 from tests.servers import ROOT
@@ -28,7 +29,7 @@ COMPOSE = ROOT / "compose"
 
 K8S = COMPOSE / "k8s"
 
-SERVICES = {"redis", "memcached", "api", "worker", "flower", "prometheus", "grafana", "jaeger"}
+SERVICES = {"redis", "memcached", "api", "proxy", "worker", "flower", "prometheus", "grafana", "jaeger"}
 
 # The oldest Kubernetes these manifests target (gRPC probes are GA from 1.27) and the
 # newest whose schemas kubernetes-validate ships.
@@ -114,6 +115,68 @@ def test_compose_worker_scales_on_gpus_and_drains(compose_config: dict[str, Any]
     assert devices == [{"capabilities": ["gpu"], "count": 1, "driver": "nvidia"}]
     grace = _worker_deployment()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert _seconds(worker["stop_grace_period"]) == grace
+
+
+def test_compose_runs_api_replicas_behind_the_proxy(compose_config: dict[str, Any]) -> None:
+    services = compose_config["services"]
+    api, proxy = services["api"], services["proxy"]
+    # Replicas: no host port, no fixed name; the proxy publishes the gRPC port.
+    assert api["deploy"]["replicas"] >= 2
+    assert "ports" not in api and "container_name" not in api
+    assert [str(p).removesuffix("/tcp") for p in proxy["ports"]] == [
+        "127.0.0.1:50051:50051",
+        "127.0.0.1:8080:8080",
+    ]
+    assert any(v.endswith("/usr/local/etc/haproxy/haproxy.cfg") for v in _volume_targets(proxy))
+    # The replicas' gRPC port is on a network of their own with the proxy only.
+    members = _network_members(compose_config)
+    assert members["grpc"] == {"api", "proxy"}
+    assert compose_config["networks"]["grpc"].get("internal") is True
+    # Draining fits in the stop bound: NOT_SERVING, drain, then grace for calls in flight.
+    env = api["environment"]
+    drain = float(env["INFERPOOL_DRAIN_S"]) + float(env["INFERPOOL_SHUTDOWN_GRACE_S"])
+    assert _seconds(api["stop_grace_period"]) > drain
+
+
+def _volume_targets(service: dict[str, Any]) -> list[str]:
+    return [v["target"] if isinstance(v, dict) else v.split(":")[1] for v in service.get("volumes", [])]
+
+
+def _haproxy_check(config: str, tmp_path: Path) -> None:
+    binary = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
+    if binary is None:
+        pytest.fail("haproxy not found: run scripts/ensure-servers.sh (or apt-get install haproxy)")
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(config)
+    run = subprocess.run([binary, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_proxy_configs_are_generated_and_valid(tmp_path: Path) -> None:
+    compose = (COMPOSE / "haproxy.cfg").read_text()
+    assert compose == compose_haproxy_config(), (
+        "regenerate: python -m bench.proxies compose > compose/haproxy.cfg"
+    )
+    kubernetes = _objects()["ConfigMap", "inferpool-haproxy"]["data"]["haproxy.cfg"]
+    assert kubernetes == kubernetes_haproxy_config()
+    for config in (compose, kubernetes):
+        _haproxy_check(config, tmp_path)
+    service = _objects()["Service", "inferpool-proxy"]
+    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [("grpc", 50051)]
+
+
+def test_headless_service_for_client_side_balancing() -> None:
+    objects = _objects()
+    headless = objects["Service", "inferpool-api-headless"]["spec"]
+    deployment = objects["Deployment", "inferpool-api"]["spec"]
+    assert headless["clusterIP"] == "None"
+    assert not headless.get("publishNotReadyAddresses", False)
+    assert headless["selector"] == deployment["selector"]["matchLabels"]
+    assert "inferpool-api-headless.default.svc.cluster.local:50051" in kubernetes_haproxy_config()
+    pod = deployment["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    drain = float(env["INFERPOOL_DRAIN_S"]) + float(env["INFERPOOL_SHUTDOWN_GRACE_S"])
+    assert pod["terminationGracePeriodSeconds"] > drain
 
 
 @pytest.mark.parametrize("missing", sorted(COMPOSE_ENV))
