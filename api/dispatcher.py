@@ -147,12 +147,16 @@ class Dispatcher:
         while (left := deadline - loop.time()) > 0:
             await asyncio.sleep(min(delay_s, left))
             delay_s = min(delay_s * 2, 0.02)
+            # The lock first, then the cache: a leader writes the entry before it frees
+            # the lock, so a lock seen gone here means the entry, if any, is readable next
+            # (the other order computed again whenever both happened between the reads).
+            held = await self.flight_locks.held(lock)
             cached = await self.cache_reads.get(miss.key)
             if cached is not None:
                 reply = envelope_pb2.Reply(status=Reply.STATUS_OK, cached=True)
                 reply.scores.ParseFromString(cached)
                 return reply
-            if not await self.flight_locks.held(lock):
+            if not held:
                 break  # the leader finished without a cache entry, or gave up
         return await self._compute(miss, deadline)
 

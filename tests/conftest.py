@@ -63,7 +63,11 @@ def worker(redis_server: RedisServer, memcached_server: MemcachedServer, logdir:
 
 @pytest.fixture(scope="session")
 def api(redis_server: RedisServer, memcached_server: MemcachedServer, worker: Worker) -> Iterator[ApiThread]:
-    server = ApiThread(stack_settings(redis_server, memcached_server))
+    # No shedding on loop lag here: this API shares its GIL with the test process, whose
+    # own work (a browser, an OTLP receiver, fuzzing) can stall its loop for a moment and
+    # turn an unrelated test's call into RESOURCE_EXHAUSTED. tests/integration/
+    # test_overload.py sheds on lag with an API of its own.
+    server = ApiThread(stack_settings(redis_server, memcached_server, shed_loop_lag_ms=0))
     yield server
     server.stop()
 
