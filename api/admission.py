@@ -18,6 +18,13 @@ A call's wait has parts the handler sees and parts it does not, and admission we
 - The backlog: once a batch or more waits, the requests of this process still waiting on
   the model, plus the batch the call would be computed in, at the rate workers recently
   answered them.
+- What the answers say: a concurrency limit per model, learned from outcomes (additive
+  increase, multiplicative decrease, as TCP and Netflix's concurrency-limits do). An
+  answer within `admit_share` of its budget raises the limit by about one per round trip;
+  a call answered later than that, or lapsed, cuts it to 0.9x the requests in flight when
+  it came back, once per round trip. The estimate above cannot see everything a call
+  waits for (a batch larger than the deadline allows, a worker sharing its core with the
+  API, the reply's way back); the limit sees the result of all of it.
 
 The wait must fit in `admit_share` of what is left: under a sustained overload the backlog
 sits at the admission bound, so the calls let in wait about as long as the bound allows,
@@ -45,6 +52,17 @@ RATE_WINDOW_S = 2.0
 ADMIT_SHARE = 0.8
 # A call is refused at the door when it has no more than this left beyond the loop's lag.
 MIN_LEFT_S = 0.001
+# The learned concurrency limit: cut to this share of the requests in flight when one came
+# back late, and never below this many (a pool that answers nothing in time still gets
+# calls through to show when it recovers).
+LIMIT_CUT = 0.9
+MIN_LIMIT = 2.0
+# While the pool is overloaded (a call refused for its backlog within this long), a call
+# is refused at the door unless it has at least a quick answer's time left (the first
+# quartile of the last ROUND_TRIPS answered): it would lapse, and a lapse costs the pool
+# as much as an answer while its caller retries at once; a refusal tells it to back off.
+OVERLOAD_HOLD_S = 1.0
+ROUND_TRIPS = 64
 
 
 @dataclass
@@ -60,6 +78,22 @@ class _Backlog:
     # passed since, answers are counted over that shorter span, not the whole window
     # (which would read a cold start's first answers as a fraction of the true rate).
     since: float = field(default_factory=time.monotonic)
+    # The learned bound on `waiting` (starts at max_queue_size: it only falls on evidence),
+    # and when it was last cut: calls admitted before then carry no news about the cut.
+    limit: float = 0.0
+    cut_at: float = 0.0
+
+    def learn(self, admitted_at: float, late: bool, now: float, ceiling: int) -> None:
+        """One call's outcome: answered within its share of the deadline, or `late`."""
+        if late:
+            if admitted_at >= self.cut_at and self.rate(now) > 0:
+                # With no recent answers the pool is down or cold, not overloaded:
+                # max_queue_size bounds it, and the limit keeps what it learned.
+                self.limit = max(MIN_LIMIT, min(self.limit, self.waiting + 1) * LIMIT_CUT)
+                self.cut_at = now
+        elif self.waiting + 1 >= self.limit / 2:
+            # Only while the limit binds: an idle period must not raise it unchecked.
+            self.limit = min(float(ceiling), self.limit + 1 / self.limit)
 
     def trim(self, now: float) -> None:
         while self.answered_at and self.answered_at[0] < now - RATE_WINDOW_S:
@@ -115,17 +149,30 @@ class Admission:
         self.rejected = 0
         self.shed_on_lag = 0  # of rejected: while the loop ran behind
         self.shed_spent = 0  # of rejected: too little of the deadline left on arrival
+        self.over_limit = 0  # of rejected: past the limit learned from answers
+        # How long recent answers took from admission (any model), and when a call was
+        # last refused for a model's backlog.
+        self.round_trips: deque[float] = deque(maxlen=ROUND_TRIPS)
+        self.overloaded_at = -OVERLOAD_HOLD_S
+
+    def quick_answer_s(self) -> float:
+        """The first quartile of the recent answers' round trips."""
+        ordered = sorted(self.round_trips)
+        return ordered[len(ordered) // 4]
 
     def shed(self, left_s: float | None) -> str | None:
         """Why a call with `left_s` of its deadline left must be refused before any work
         is done for it, or None. Counted in SHED and `rejected`."""
         lag_s = self.lag.lag_s
+        floor_s = MIN_LEFT_S
+        if self.round_trips and time.monotonic() - self.overloaded_at < OVERLOAD_HOLD_S:
+            floor_s = max(floor_s, self.quick_answer_s())
         if self.shed_lag_s and lag_s > self.shed_lag_s:
             self.shed_on_lag += 1
             self.rejected += 1
             SHED.labels("loop_lag").inc()
             return f"the server is overloaded (event loop {lag_s * 1000:.0f} ms behind); retry later"
-        if left_s is not None and left_s <= lag_s + MIN_LEFT_S:
+        if left_s is not None and left_s <= lag_s + floor_s:
             self.shed_spent += 1
             self.rejected += 1
             SHED.labels("spent").inc()
@@ -138,7 +185,7 @@ class Admission:
     def backlog(self, cfg: ModelConfig) -> _Backlog:
         backlog = self._backlogs.get((cfg.name, cfg.version))
         if backlog is None:
-            backlog = self._backlogs[cfg.name, cfg.version] = _Backlog()
+            backlog = self._backlogs[cfg.name, cfg.version] = _Backlog(limit=float(cfg.max_queue_size))
         return backlog
 
     @property
@@ -155,6 +202,12 @@ class Admission:
             self._refuse(
                 f"model {cfg.name!r} has {backlog.waiting} requests waiting for a worker "
                 f"(max_queue_size {cfg.max_queue_size}); retry later"
+            )
+        if backlog.waiting >= backlog.limit:
+            self.over_limit += 1
+            self._refuse(
+                f"model {cfg.name!r} has {backlog.waiting} requests waiting, as many as recent answers "
+                "within their deadlines allow; retry later"
             )
         lag_s = self.lag.lag_s
         if self.shed_lag_s and lag_s > self.shed_lag_s:
@@ -186,15 +239,28 @@ class Admission:
         backlog.waiting += 1
         self.admitted += 1
 
-    def settle(self, cfg: ModelConfig, answered: bool = False) -> None:
-        """The caller of one admit() stopped waiting: answered by a worker, or not."""
+    def settle(
+        self, cfg: ModelConfig, answered: bool = False, elapsed_s: float = 0.0, budget_s: float | None = None
+    ) -> None:
+        """The caller of one admit() stopped waiting: answered by a worker, or not, after
+        `elapsed_s` of the `budget_s` it was admitted with. An answer within admit_share of
+        the budget, or one later than that or none by the deadline, teaches the limit; a
+        caller that left early (or a call with no deadline) teaches nothing."""
         backlog = self.backlog(cfg)
         backlog.waiting -= 1
+        now = time.monotonic()
         if answered:
-            backlog.answered(time.monotonic())
+            backlog.answered(now)
+            self.round_trips.append(elapsed_s)
+        if budget_s is None:
+            return
+        late = elapsed_s > self.admit_share * budget_s
+        if answered or late:
+            backlog.learn(now - elapsed_s, late, now, cfg.max_queue_size)
 
     def _refuse(self, message: str) -> None:
         self.rejected += 1
+        self.overloaded_at = time.monotonic()
         raise Overloaded(message)
 
 

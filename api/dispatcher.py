@@ -169,6 +169,7 @@ class Dispatcher:
         cfg = miss.cfg
         with tracing.span("inferpool.admission"):
             self.admission.admit(cfg, budget_s)
+        admitted_at = time.monotonic()
         # Correlate on our own id: callers' request ids need not be unique.
         correlation = new_id()
         item = envelope_pb2.EnvelopeItem(
@@ -200,7 +201,7 @@ class Dispatcher:
         finally:
             inflight.dec()
             self.replies.forget(correlation)
-            self.admission.settle(cfg, answered)
+            self.admission.settle(cfg, answered, time.monotonic() - admitted_at, budget_s)
             self.publisher.done_with(published)
 
 

@@ -9,6 +9,7 @@ import json
 import shutil
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -16,16 +17,27 @@ import numpy as np
 import pytest
 import redis
 import redis.asyncio as aioredis
+import torch
 from kombu.serialization import loads
 
 from api.publisher import FlightLocks, FlightTaken, Publisher
 from inferpool import codec
 from inferpool.broker import make_celery
-from inferpool.client import Client
+from inferpool.client import AsyncClient, Client
 from inferpool.names import queue_name
 from inferpool.repository import Repository
 from inferpool.v1 import envelope_pb2
-from tests.servers import ROOT, ApiThread, MemcachedServer, RedisServer, Worker, stack_settings, wait_until
+from tests.servers import (
+    ROOT,
+    ApiProcess,
+    ApiThread,
+    MemcachedServer,
+    RedisServer,
+    Worker,
+    stack_settings,
+    wait_until,
+    write_model,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -257,3 +269,79 @@ def test_misses_are_shed_while_the_event_loop_runs_behind(
     finally:
         hog_on.clear()
         api.stop()
+
+
+class PerItem(torch.nn.Module):
+    """Real work that grows with the batch (a few ms a row on one thread): a batch of
+    as many rows as callers wait takes longer than their 100 ms deadline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(384, 384) / 20)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.flatten(1).repeat(16, 96)
+        for _ in range(40):
+            y = torch.tanh(y @ self.w)
+        return torch.softmax(y[: x.shape[0], :4], dim=1)
+
+
+async def _closed_loop(
+    target: str, callers: int, seconds: float, deadline_s: float
+) -> list[tuple[float, str]]:
+    """`callers` each calling Classify back to back (a new input each time), pausing 20 ms
+    after a refusal as a client should; (finish time, status code name) per call."""
+    outcomes: list[tuple[float, str]] = []
+    rng = np.random.default_rng(2121)
+    async with AsyncClient(target, max_attempts=1) as client:
+        end = time.monotonic() + seconds
+
+        async def caller() -> None:
+            while time.monotonic() < end:
+                x = rng.random((1, 4), dtype=np.float32)
+                try:
+                    await client.classify(x, "peritem", timeout_s=deadline_s)
+                    code = "OK"
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code().name
+                outcomes.append((time.monotonic(), code))
+                if code == "RESOURCE_EXHAUSTED":
+                    await asyncio.sleep(0.02)
+
+        await asyncio.gather(*(caller() for _ in range(callers)))
+    return outcomes
+
+
+def test_sustained_overload_with_short_deadlines_refuses_instead_of_lapsing(
+    fresh_redis: RedisServer, tmp_path: Path, logdir: Path
+) -> None:
+    # 48 callers with 100 ms deadlines against a model whose batch of 48 takes about as
+    # long as the deadline: the backlog never reaches one batch (64), so the estimate
+    # from the answer rate never refuses, and without a limit learned from late answers
+    # most accepted calls lapsed. With it, admission settles on what the worker answers
+    # in time: after the first second, few accepted calls lapse and most calls that are
+    # not refused are answered.
+    torch.manual_seed(0)
+    config = {
+        "input": {"name": "x", "dtype": "float32", "shape": [4]},
+        "output": {"name": "p", "kind": "probabilities"},
+        "labels": ["a", "b", "c", "d"],
+        "max_batch_size": 64,
+        "max_delay_ms": 2,
+    }
+    repo = write_model(tmp_path, "peritem", PerItem(), config)
+    settings = dataclasses.replace(stack_settings(fresh_redis, None), model_repository=repo)
+    worker = Worker(settings, logdir, extra_env={"INFERPOOL_TORCH_THREADS": "1"})
+    api = ApiProcess(settings, logdir)
+    try:
+        outcomes = asyncio.run(_closed_loop(api.target, 48, 4.0, 0.1))
+    finally:
+        api.stop()
+        worker.stop()
+    start = outcomes[0][0]
+    settled = Counter(code for t, code in outcomes if t - start > 1.5)
+    answered = settled["OK"] + settled["DEADLINE_EXCEEDED"] + settled["CANCELLED"]
+    assert settled["OK"] >= 100, settled
+    lapsed = (settled["DEADLINE_EXCEEDED"] + settled["CANCELLED"]) / answered
+    assert lapsed <= 0.10, settled
+    assert settled["RESOURCE_EXHAUSTED"] > 0, settled  # the excess was refused, not queued
