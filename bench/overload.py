@@ -41,6 +41,7 @@ from bench import procs, scrape
 from bench.generators import Generators
 from bench.heavy import make_repository
 from bench.loadgen import SHAPES, Load, Run
+from bench.proxies import ProxyProcess
 from bench.stack import ROOT, LocalStack
 
 RESULTS = ROOT / "bench" / "results"
@@ -255,6 +256,12 @@ def main() -> None:
         default=[],
         help="NAME=VALUE for the stack (INFERPOOL_* settings); repeatable",
     )
+    parser.add_argument(
+        "--proxy-limit",
+        type=int,
+        default=0,
+        help="call the API through HAProxy, refusing inference calls past this many in flight",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "overload.json")
     args = parser.parse_args()
     args.generator_cpus = None
@@ -275,7 +282,15 @@ def main() -> None:
                         pin(pid, worker_cpus if pid == pids["worker"] else rest)
                     args.generator_cpus = rest
                     print(f"pinned: worker on CPU {sorted(worker_cpus)}, the rest on {sorted(rest)}")
-                result = sweep(args, stack.target, stack.metrics_urls.get("api"))
+                with contextlib.ExitStack() as proxied:
+                    target = stack.target
+                    if args.proxy_limit:
+                        proxy = ProxyProcess("haproxy", [stack.target], inflight_limit=args.proxy_limit)
+                        proxied.callback(proxy.stop)
+                        if args.generator_cpus:
+                            pin(proxy.popen.pid, args.generator_cpus)
+                        target = proxy.target
+                    result = sweep(args, target, stack.metrics_urls.get("api"))
     print_table(result, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {

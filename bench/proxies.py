@@ -50,6 +50,10 @@ def health_check_hex(authority: str = "localhost") -> str:
     return (preface + settings + headers + data).hex()
 
 
+# The calls the in-flight guard refuses: inference, never job streams or health checks.
+INFERENCE_PATHS = "/inferpool.v1.InferenceService/Classify /inference.GRPCInferenceService/ModelInfer"
+
+
 def haproxy_config(
     listen: str,
     backends: list[str] | None = None,
@@ -62,6 +66,7 @@ def haproxy_config(
     monitor: str = "",
     maxconn: int = 4000,
     http: tuple[str, str] | None = None,
+    inflight_limit: int = 0,
 ) -> str:
     """An HAProxy config: `listen` (host:port, HTTP/2 cleartext) round-robin over the
     replicas, each health-checked every `check_inter_ms`. The replicas are `backends`
@@ -70,7 +75,13 @@ def haproxy_config(
     `parse-resolv-conf`), as compose's and Kubernetes' replicas come and go.
     `monitor` (host:port) answers GET /healthz 200 while at least one replica is up.
     `http` = (listen, name:port): the replicas' HTTP front too (template only), checked
-    on its KServe readiness route."""
+    on its KServe readiness route.
+    `inflight_limit` (0: none): inference calls past that many in flight per replica
+    up (every call through the proxy counts toward it) are refused by HAProxy itself,
+    as a gRPC RESOURCE_EXHAUSTED (a trailers-only answer), in well under a millisecond
+    and without a byte reaching a replica. A grpc.aio server takes calls from gRPC's core
+    one per event-loop turn: past what that allows, calls wait in the core, where no
+    handler sees them, until their deadlines pass."""
     check = f"check inter {check_inter_ms}ms fall 2 rise 1"
     if template is not None:
         name, count = template
@@ -96,6 +107,17 @@ backend api_http
   server-template api_http {template[1]} {http_name} {check} resolvers dns init-addr none
 """
     stats = f"  stats socket {stats_socket} level admin\n" if stats_socket else ""
+    # Per replica up: the bound grows and shrinks with the replicas HAProxy sees.
+    guard = (
+        f"  acl inference path {INFERENCE_PATHS}\n"
+        f"  http-request set-var(txn.inflight_cap) nbsrv(api),mul({inflight_limit}) if inference\n"
+        "  http-request return status 200 hdr content-type application/grpc hdr grpc-status 8 "
+        f'hdr grpc-message "inferpool%%20is%%20at%%20its%%20limit%%20of%%20{inflight_limit}%%20calls%%20'
+        'in%%20flight%%20per%%20replica%%3B%%20retry%%20later" '
+        "if inference { nbsrv(api) gt 0 } { be_conn(api),sub(txn.inflight_cap) ge 0 }\n"
+        if inflight_limit
+        else ""
+    )
     health = (
         f"""
 frontend health
@@ -126,7 +148,7 @@ defaults
 {resolver_section}
 frontend grpc
   bind {listen} proto h2
-  default_backend api
+{guard}  default_backend api
 {health}
 backend api
   balance roundrobin
@@ -140,6 +162,12 @@ backend api
 {http_section}"""
 
 
+# The deployed proxies' bound on inference calls in flight per API replica: about one
+# full batch of the default model waiting per replica, well within what one grpc.aio
+# process takes from gRPC's core without a queue forming there (docs/scaling.md).
+INFLIGHT_PER_REPLICA = 64
+
+
 def compose_haproxy_config() -> str:
     """compose/haproxy.cfg: the `api` service's replicas, found through Docker's DNS."""
     return haproxy_config(
@@ -148,6 +176,7 @@ def compose_haproxy_config() -> str:
         resolvers="nameserver docker 127.0.0.11:53",
         monitor=":8404",
         http=(":8080", "api:8080"),
+        inflight_limit=INFLIGHT_PER_REPLICA,
     )
 
 
@@ -159,6 +188,7 @@ def kubernetes_haproxy_config() -> str:
         template=("inferpool-api-headless.default.svc.cluster.local:50051", 64),
         resolvers="parse-resolv-conf",
         monitor=":8404",
+        inflight_limit=INFLIGHT_PER_REPLICA,
     )
 
 
@@ -205,7 +235,12 @@ class ProxyProcess:
     """HAProxy or nginx on a free loopback port in front of `backends`, until stop()."""
 
     def __init__(
-        self, kind: str, backends: list[str], log: Path | None = None, check_inter_ms: int = 200
+        self,
+        kind: str,
+        backends: list[str],
+        log: Path | None = None,
+        check_inter_ms: int = 200,
+        inflight_limit: int = 0,
     ) -> None:
         if kind not in ("haproxy", "nginx"):
             raise ValueError(f"unknown proxy {kind!r}")
@@ -218,7 +253,12 @@ class ProxyProcess:
         self.stats_socket = str(self.workdir / "stats.sock")
         if kind == "haproxy":
             config = haproxy_config(
-                listen, backends, check_inter_ms=check_inter_ms, timeout_s=60, stats_socket=self.stats_socket
+                listen,
+                backends,
+                check_inter_ms=check_inter_ms,
+                timeout_s=60,
+                stats_socket=self.stats_socket,
+                inflight_limit=inflight_limit,
             )
             path = self.workdir / "haproxy.cfg"
             args = [binary("haproxy"), "-db", "-f", str(path)]

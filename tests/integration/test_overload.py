@@ -21,12 +21,14 @@ import torch
 from kombu.serialization import loads
 
 from api.publisher import FlightLocks, FlightTaken, Publisher
+from bench.proxies import ProxyProcess
+from bench.scrape import scrape, total
 from inferpool import codec
 from inferpool.broker import make_celery
 from inferpool.client import AsyncClient, Client
 from inferpool.names import queue_name
 from inferpool.repository import Repository
-from inferpool.v1 import envelope_pb2
+from inferpool.v1 import envelope_pb2, jobs_pb2
 from tests.servers import (
     ROOT,
     ApiProcess,
@@ -345,3 +347,41 @@ def test_sustained_overload_with_short_deadlines_refuses_instead_of_lapsing(
     lapsed = (settled["DEADLINE_EXCEEDED"] + settled["CANCELLED"]) / answered
     assert lapsed <= 0.10, settled
     assert settled["RESOURCE_EXHAUSTED"] > 0, settled  # the excess was refused, not queued
+
+
+def test_the_proxy_refuses_inference_past_its_in_flight_limit_before_a_replica_sees_it(
+    fresh_redis: RedisServer, logdir: Path
+) -> None:
+    # No worker: two calls wait out their deadlines holding the proxy's two slots. A third
+    # Classify is answered RESOURCE_EXHAUSTED by HAProxy itself, at once, and never
+    # reaches the replica; calls that are not inference (health, job queries) pass.
+    api = ApiProcess(stack_settings(fresh_redis, None), logdir)
+    proxy = ProxyProcess("haproxy", [api.target], logdir / "haproxy.log", inflight_limit=2)
+    metrics = f"http://127.0.0.1:{api.metrics_port}/metrics"
+    try:
+        wait_until(lambda: proxy.servers_up().get("api0"), 10, "HAProxy to see the replica up")
+        with Client(proxy.target, max_attempts=1) as client:
+            rng = np.random.default_rng(48)
+            waiting = [
+                client.classify_future(rng.random((1, 1, 28, 28), dtype=np.float32), "digits", timeout_s=5)
+                for _ in range(2)
+            ]
+            wait_until(
+                lambda: total(scrape(metrics), "inferpool_inflight_requests") == 2, 10, "two in flight"
+            )
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                client.classify(rng.random((1, 1, 28, 28), dtype=np.float32), "digits", timeout_s=5)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "limit of 2 calls in flight" in (info.value.details() or "")
+            assert time.monotonic() - started < 0.5
+            assert total(scrape(metrics), "inferpool_requests_total", rpc="Classify") == 0
+            assert client.health() == "SERVING"
+            with pytest.raises(grpc.RpcError) as missing:
+                client.jobs.GetJob(jobs_pb2.GetJobRequest(job_id="0" * 32), timeout=5)
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            for f in waiting:
+                f.cancel()
+    finally:
+        proxy.stop()
+        api.stop()
