@@ -163,7 +163,9 @@ class Settings:
     metrics_host: str = _setting("127.0.0.1", str, "address the Prometheus /metrics server binds")
     metrics_port: int = _setting(0, _port, "Prometheus /metrics port; 0 = no metrics server")
     log_format: str = _setting("text", _log_format, "log lines as text or json (one object per line)")
-    access_log: bool = _setting(True, _bool, "one log line per RPC (inferpool.access); false turns it off")
+    access_log: bool = _setting(
+        True, _bool, "one log line per call, gRPC and HTTP (inferpool.access); false turns it off"
+    )
     # API.
     grpc_host: str = _setting("127.0.0.1", str, "address the gRPC server binds")
     grpc_port: int = _setting(50051, _port, "gRPC port; 0 picks a free one")
@@ -190,7 +192,6 @@ class Settings:
     http_cors_origins: str = _setting(
         "", str, "comma-separated origins allowed cross-origin calls; empty = CORS off"
     )
-    http_access_log: bool = _setting(False, _bool, "one log line per HTTP request (route, status, duration)")
     # Shutdown on SIGTERM: NOT_SERVING at once, new calls still served for drain_s (so load
     # balancers see it and move away), then in-flight calls get shutdown_grace_s to finish.
     drain_s: float = _setting(

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 API_SERVICE = "inferpool-api"
 WORKER_SERVICE = "inferpool-worker"
 TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
 # version-traceid-parentid-flags; version ff is invalid, all-zero ids are invalid.
 _TRACEPARENT_RE = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 
@@ -202,30 +203,52 @@ def _format(ctx: SpanContext) -> str:
 # -- the API side
 
 
-def _metadata_traceparent(metadata: Sequence[tuple[str, Any]] | None) -> str:
+def _metadata_value(metadata: Sequence[tuple[str, Any]] | None, name: str) -> str:
     for key, value in metadata or ():
-        if key == TRACEPARENT:
+        if key == name:
             return value if isinstance(value, str) else value.decode("ascii", "replace")
     return ""
 
 
 def server_span(method: str, metadata: Sequence[tuple[str, Any]] | None) -> Any:
     """The span of one RPC (`/package.Service/Method`), as a context manager: the child
-    of the caller's span when its metadata carries a traceparent; binds the trace id
-    for log lines. Off, and with no trace context from the caller: NO_SPAN."""
-    if _tracer is None and not _metadata_traceparent(metadata):
+    of the caller's span when its metadata carries a traceparent (and its tracestate);
+    binds the trace id for log lines. Off, and with no trace context from the caller:
+    NO_SPAN."""
+    incoming = _metadata_value(metadata, TRACEPARENT)
+    if _tracer is None and not incoming:
         return NO_SPAN
-    return _server_span(method, metadata)
+    service, _, name = method.lstrip("/").rpartition("/")
+    return _server_span(
+        f"{service}/{name}",
+        {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        incoming,
+        _metadata_value(metadata, TRACESTATE) if incoming else "",
+    )
+
+
+def http_server_span(method: str, path: str, headers: Sequence[tuple[bytes, bytes]]) -> Any:
+    """The span of one HTTP request (ASGI `headers`), as server_span() is of an RPC:
+    the child of the caller's span when it sent W3C `traceparent` (and `tracestate`)
+    headers. Named by its method until set_http_status() knows its route."""
+    incoming = ""
+    states: list[str] = []
+    for key, value in headers:
+        if key == b"traceparent":
+            incoming = value.decode("latin-1")
+        elif key == b"tracestate":
+            states.append(value.decode("latin-1"))  # several headers make one list (W3C)
+    if _tracer is None and not incoming:
+        return NO_SPAN
+    # The path is the client's text: bounded, as every attribute a client chooses.
+    attributes = {"http.request.method": method, "url.path": path[:256]}
+    return _server_span(method, attributes, incoming, ",".join(states))
 
 
 @contextmanager
-def _server_span(method: str, metadata: Sequence[tuple[str, Any]] | None) -> Iterator[Any]:
-    incoming = _metadata_traceparent(metadata)
+def _server_span(name: str, attributes: dict[str, str], incoming: str, tracestate: str) -> Iterator[Any]:
     tracer = _tracer
     if tracer is None:
-        if not incoming:
-            yield NO_SPAN
-            return
         parsed = parse_traceparent(incoming)
         if parsed is None:
             yield NO_SPAN
@@ -240,13 +263,12 @@ def _server_span(method: str, metadata: Sequence[tuple[str, Any]] | None) -> Ite
         return
     from opentelemetry.trace import SpanKind
 
-    parent = _extract(incoming) if incoming else None
-    service, _, name = method.lstrip("/").rpartition("/")
+    parent = _extract(incoming, tracestate) if incoming else None
     with tracer.start_as_current_span(
-        f"{service}/{name}",
+        name,
         context=parent,
         kind=SpanKind.SERVER,
-        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        attributes=attributes,
         # The interceptor records the status code; a domain error is not a crash.
         record_exception=False,
         set_status_on_exception=False,
@@ -274,6 +296,20 @@ def set_rpc_code(span: Any, code: str) -> None:
     span.set_attribute("rpc.grpc.status_code", code)
     if code != "OK":
         span.set_status(Status(StatusCode.ERROR, code))
+
+
+def set_http_status(span: Any, method: str, route: str, status: int) -> None:
+    """The HTTP request's route (its span's name from now on) and final status (a
+    server error is an error status; a client's 4xx is not the server's fault)."""
+    if span is NO_SPAN or not span.is_recording():
+        return
+    from opentelemetry.trace import Status, StatusCode
+
+    span.update_name(f"{method} {route}")
+    span.set_attribute("http.route", route)
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR, str(status)))
 
 
 def span(name: str, attributes: Mapping[str, Any] | None = None) -> Any:
@@ -315,12 +351,13 @@ def traceparent() -> str:
 # -- the worker side: spans started from traceparents, in threads with no current span
 
 
-def _extract(traceparent: str) -> Context | None:
+def _extract(traceparent: str, tracestate: str = "") -> Context | None:
     if not traceparent:
         return None
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    ctx = TraceContextTextMapPropagator().extract({TRACEPARENT: traceparent})
+    carrier = {TRACEPARENT: traceparent, TRACESTATE: tracestate} if tracestate else {TRACEPARENT: traceparent}
+    ctx = TraceContextTextMapPropagator().extract(carrier)
     from opentelemetry import trace
 
     return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None

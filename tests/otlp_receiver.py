@@ -30,6 +30,7 @@ class Span:
     events: list[tuple[str, dict[str, Any]]]
     links: list[tuple[str, str]]  # (trace id, span id)
     status_code: int = 0
+    trace_state: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -82,6 +83,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                             events=[(e.name, _attrs(e.attributes)) for e in s.events],
                             links=[(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
                             status_code=s.status.code,
+                            trace_state=s.trace_state,
                         )
                     )
         with self._cond:

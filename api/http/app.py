@@ -8,7 +8,9 @@ server could not do without a second copy of the data plane.
 One pure-ASGI middleware does, for every request, what gRPC's interceptors do: bearer
 auth (the same tokens; health and the page's static files exempt, as gRPC health is),
 the caller's name for tenancy and cache scope, metrics by route template and status,
-domain errors to Triton's error JSON (api/http/errors.py), and an optional access log.
+domain errors to Triton's error JSON (api/http/errors.py), the request's server span
+(the child of the caller's when it sent W3C `traceparent`/`tracestate` headers) and
+the access line (api/http/access.py).
 """
 
 from __future__ import annotations
@@ -35,16 +37,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api import auth, metrics
+from api.http.access import HttpAccessLog
 from api.http.errors import error_response, response_for
 from api.http.jobs_rest import JobsRest
 from api.http.kserve_rest import KServeRest
 from api.kserve import KServeServicer
+from inferpool import tracing
 
 if TYPE_CHECKING:
     from api.server import ApiServer
 
 log = logging.getLogger("inferpool.http")
-access = logging.getLogger("inferpool.http.access")
 
 STATIC = Path(__file__).parent / "static"
 # Paths served without a token: probes cannot send one, and the page must load before a
@@ -67,8 +70,9 @@ def _guard(endpoint: Endpoint, route: str) -> Endpoint:
 
 
 class Front:
-    """Auth, caller, metrics and access log around the app (pure ASGI, so the caller's
-    context variable is set in the task that runs the endpoint)."""
+    """Auth, caller, metrics, server span and access log around the app (pure ASGI, so
+    the caller's and the trace's context variables are set in the task that runs the
+    endpoint)."""
 
     def __init__(
         self, app: ASGIApp, bearer: auth.BearerAuth | None, routes: dict[Any, str], access_log: bool
@@ -76,7 +80,7 @@ class Front:
         self.app = app
         self.bearer = bearer
         self.routes = routes
-        self.access_log = access_log
+        self.access = HttpAccessLog() if access_log else None
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def _endpoint(self, scope: Scope) -> Any:
@@ -114,18 +118,10 @@ class Front:
                 return
             done = True
             route = self.routes.get(scope.get("endpoint") or self._endpoint(scope), "unmatched")
+            tracing.set_http_status(span, scope["method"], route, status or 500)
             self._record(route, status or 500, t0)
-            if self.access_log:
-                client = scope.get("client") or ("?", 0)
-                access.info(
-                    "%s %s %s %d %.1f ms%s",
-                    client[0],
-                    scope["method"],
-                    route,
-                    status,
-                    (time.perf_counter() - t0) * 1000,
-                    f" ({name})" if name else "",
-                )
+            if self.access is not None:
+                self.access.write(scope, route, status or 500, t0, name)
 
         async def sending(message: Message) -> None:
             nonlocal status
@@ -137,26 +133,27 @@ class Front:
             await send(message)
 
         path: str = scope["path"]
-        try:
-            if self.bearer is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
-                headers = [(k.decode("latin-1"), v) for k, v in scope["headers"]]
-                found = self.bearer.identify(headers)
-                if found is None:
-                    has = any(k == "authorization" for k, _ in headers)
-                    message = (
-                        "invalid bearer token"
-                        if has
-                        else "missing credentials: send the header 'Authorization: Bearer <token>'"
-                    )
-                    await error_response(401, message, {"WWW-Authenticate": "Bearer"})(
-                        scope, receive, sending
-                    )
-                    return
-                name = found
-            with auth.as_caller(name):
-                await self.app(scope, receive, sending)
-        finally:
-            finish()  # an answer cut off (client gone, or a bug) is counted too
+        with tracing.http_server_span(scope["method"], path, scope["headers"]) as span:
+            try:
+                if self.bearer is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
+                    headers = [(k.decode("latin-1"), v) for k, v in scope["headers"]]
+                    found = self.bearer.identify(headers)
+                    if found is None:
+                        has = any(k == "authorization" for k, _ in headers)
+                        message = (
+                            "invalid bearer token"
+                            if has
+                            else "missing credentials: send the header 'Authorization: Bearer <token>'"
+                        )
+                        await error_response(401, message, {"WWW-Authenticate": "Bearer"})(
+                            scope, receive, sending
+                        )
+                        return
+                    name = found
+                with auth.as_caller(name):
+                    await self.app(scope, receive, sending)
+            finally:
+                finish()  # an answer cut off (client gone, or a bug) is counted too
 
 
 async def _page(request: Request) -> Response:
@@ -216,7 +213,7 @@ def build_app(server: ApiServer, bearer: auth.BearerAuth | None) -> ASGIApp:
     app = Starlette(
         routes=routes, middleware=middleware, exception_handlers={404: _not_found, 405: _not_allowed}
     )
-    return Front(app, bearer, names, settings.http_access_log)
+    return Front(app, bearer, names, settings.access_log)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 import inferpool
+from api.http.access import REQUEST_ID
 from api.http.body import read_body
 from api.http.errors import HttpError
 from api.kserve import KServeServicer, model_config, model_metadata
@@ -333,5 +334,6 @@ class KServeRest:
         message, binary, default_binary = parse_infer(
             body, head_length, params["model"][:64], params.get("version", "")
         )
+        request.scope[REQUEST_ID] = message.id  # for the access line
         response = await self.servicer.ModelInfer(message, context)
         return encode_infer(response, binary, default_binary)

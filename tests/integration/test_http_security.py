@@ -61,7 +61,7 @@ def test_tls_auth_cors_metrics_and_access_log(
             tls_cert_file=str(tls.cert),
             tls_key_file=str(tls.key),
             http_cors_origins="https://app.example",
-            http_access_log=True,
+            access_log=True,
         )
     )
     try:
@@ -79,7 +79,7 @@ def test_tls_auth_cors_metrics_and_access_log(
             api, "/v2/models/digits", {"Authorization": "Bearer wrong-token-000000"}, context
         )
         assert status == 401 and json.loads(body)["error"] == "invalid bearer token"
-        with caplog.at_level(logging.INFO, logger="inferpool.http.access"):
+        with caplog.at_level(logging.INFO, logger="inferpool.access"):
             status, body, response = get(
                 api,
                 "/v2/models/digits",
@@ -99,8 +99,8 @@ def test_tls_auth_cors_metrics_and_access_log(
         # Counted by route template and status; one access-log line naming the caller.
         assert count("/v2/models/{model}", "401") - before[0] == 2
         assert count("/v2/models/{model}", "200") - before[1] == 2
-        lines = [r.getMessage() for r in caplog.records if r.name == "inferpool.http.access"]
-        assert any("GET /v2/models/{model} 200" in line and "(alice)" in line for line in lines), lines
+        lines = [r.getMessage() for r in caplog.records if r.name == "inferpool.access"]
+        assert any("GET /v2/models/digits 200" in line and "caller=alice" in line for line in lines), lines
         assert all(TOKEN not in line for line in lines)
     finally:
         api.stop()

@@ -4,6 +4,8 @@ a collector, and the tests read back the spans they sent."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import secrets
 import time
 from collections.abc import Iterator
@@ -20,7 +22,15 @@ from inferpool.client import Client, Job, classify_request, created_id, submit_r
 from inferpool.names import job_key
 from inferpool.v1 import envelope_pb2, inference_pb2_grpc
 from tests.otlp_receiver import Receiver, Span
-from tests.servers import ApiThread, MemcachedServer, RedisServer, Worker, stack_settings, wait_until
+from tests.servers import (
+    ApiThread,
+    MemcachedServer,
+    RedisServer,
+    Worker,
+    free_port,
+    stack_settings,
+    wait_until,
+)
 from workers.results import Ticket
 
 pytestmark = pytest.mark.timeout(240)
@@ -47,7 +57,9 @@ def stack(receiver: Receiver, logdir: Path) -> Iterator[tuple[ApiThread, Worker,
     redis_server = RedisServer(logdir)
     memcached = MemcachedServer(logdir)
     # Misses arriving within the window leave in one envelope: one batch on the worker.
-    settings = stack_settings(redis_server, memcached, coalesce_window_ms=1000.0, bulk_chunk_items=8)
+    settings = stack_settings(
+        redis_server, memcached, coalesce_window_ms=1000.0, bulk_chunk_items=8, http_port=free_port()
+    )
     worker = Worker(settings, logdir, extra_env=_worker_env(receiver))
     assert tracing.setup(tracing.API_SERVICE, {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint})
     api = ApiThread(settings)
@@ -171,6 +183,82 @@ def test_a_miss_is_one_trace_from_the_caller_through_the_batch_and_back(
         # The reply is pushed before the batch span ends, so only the model call is
         # known to end before the API's span does.
         assert batch.start_ns <= model.start_ns <= model.end_ns <= server.end_ns
+
+
+def _http_infer(api: ApiThread, x: np.ndarray, headers: dict[str, str]) -> int:
+    tensor_json = {"name": "image", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}
+    body = {"inputs": [tensor_json]}
+    conn = http.client.HTTPConnection("127.0.0.1", api.server.http_port, timeout=30)
+    try:
+        conn.request(
+            "POST",
+            "/v2/models/digits/infer",
+            body=json.dumps(body),
+            headers={"Content-Type": "application/json", **headers},
+        )
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_an_http_request_is_the_child_of_its_callers_span_and_reaches_the_batch(
+    stack: tuple[ApiThread, Worker, RedisServer], receiver: Receiver
+) -> None:
+    api, _, _ = stack
+    trace_id, caller_span, traceparent = _caller()
+    (x,) = _inputs(6, 1)
+    status = _http_infer(api, x, {"traceparent": traceparent, "tracestate": "vendor=opaque,other=1"})
+    assert status == 200
+    tracing.force_flush()
+    receiver.wait(
+        lambda spans: [s for s in spans if s.trace_id == trace_id and s.name == "worker.queue_wait"],
+        30,
+        "the HTTP request's queue wait",
+    )
+    spans = receiver.trace(trace_id)
+    server = _one(spans, "POST /v2/models/{model}/infer")
+    assert (server.kind, server.parent_id, server.service) == (SERVER, caller_span, tracing.API_SERVICE)
+    assert server.attributes["http.route"] == "/v2/models/{model}/infer"
+    assert server.attributes["http.response.status_code"] == 200
+    assert server.attributes["url.path"] == "/v2/models/digits/infer"
+    # The caller's tracestate travels with its context, as W3C asks.
+    assert server.trace_state == "vendor=opaque,other=1"
+    lookup = _one(spans, "inferpool.cache_lookup")
+    assert lookup.parent_id == server.span_id and lookup.attributes["inferpool.cache.hit"] is False
+    flight = _one(spans, "inferpool.single_flight")
+    assert _one(spans, "worker.queue_wait", tracing.WORKER_SERVICE).parent_id == flight.span_id
+    # Without trace headers an HTTP request starts a trace of its own.
+    before = {s.span_id for s in receiver.spans}
+    assert _http_infer(api, x, {}) == 200  # a hit now
+    tracing.force_flush()
+    (fresh,) = receiver.wait(
+        lambda spans: [
+            s for s in spans if s.span_id not in before and s.name == "POST /v2/models/{model}/infer"
+        ],
+        30,
+        "the second request's span",
+    )
+    assert fresh.parent_id == "" and fresh.trace_id != trace_id
+
+
+def test_an_http_client_error_is_not_a_server_error_span(
+    stack: tuple[ApiThread, Worker, RedisServer], receiver: Receiver
+) -> None:
+    api, _, _ = stack
+    trace_id, caller_span, traceparent = _caller()
+    conn = http.client.HTTPConnection("127.0.0.1", api.server.http_port, timeout=30)
+    try:
+        conn.request("GET", "/v2/models/no-such-model", headers={"traceparent": traceparent})
+        assert conn.getresponse().status == 404
+    finally:
+        conn.close()
+    tracing.force_flush()
+    (server,) = receiver.wait(lambda spans: [s for s in spans if s.trace_id == trace_id], 30, "the span")
+    assert (server.name, server.parent_id) == ("GET /v2/models/{model}", caller_span)
+    assert server.attributes["http.response.status_code"] == 404
+    assert server.status_code == 0  # unset: a client's mistake is not the server's error
 
 
 def test_a_hit_has_no_worker_span(stack: tuple[ApiThread, Worker, RedisServer], receiver: Receiver) -> None:

@@ -57,6 +57,11 @@ with tracing.server_span("/a.B/C", (("traceparent", "{TRACEPARENT}"),)):
     assert tracing.traceparent() == "{TRACEPARENT}"
     assert tracing.current_trace_id() == "{TRACE}"
 assert tracing.current_trace_id() == "" and tracing.traceparent() == ""
+assert tracing.http_server_span("GET", "/v2", [(b"accept", b"*/*")]) is tracing.NO_SPAN
+with tracing.http_server_span("GET", "/v2", [(b"traceparent", b"{TRACEPARENT}")]) as s:
+    tracing.set_http_status(s, "GET", "/v2", 500)
+    assert tracing.traceparent() == "{TRACEPARENT}" and tracing.current_trace_id() == "{TRACE}"
+assert tracing.current_trace_id() == ""
 
 class Item:  # what batch_scope reads of the batcher's items
     class item:
