@@ -164,7 +164,7 @@ class Settings:
     metrics_port: int = _setting(0, _port, "Prometheus /metrics port; 0 = no metrics server")
     log_format: str = _setting("text", _log_format, "log lines as text or json (one object per line)")
     access_log: bool = _setting(
-        True, _bool, "one log line per call, gRPC and HTTP (inferpool.access); false turns it off"
+        False, _bool, "one log line per call, gRPC and HTTP (inferpool.access); off by default for its CPU"
     )
     # API.
     grpc_host: str = _setting("127.0.0.1", str, "address the gRPC server binds")

@@ -137,7 +137,8 @@ def test_log_format_is_validated() -> None:
     assert Settings.from_env({"INFERPOOL_LOG_FORMAT": "json"}).log_format == "json"
     with pytest.raises(SettingsError, match="INFERPOOL_LOG_FORMAT='xml': expected text or json"):
         Settings.from_env({"INFERPOOL_LOG_FORMAT": "xml"})
-    assert Settings.from_env({"INFERPOOL_ACCESS_LOG": "false"}).access_log is False
+    assert Settings.from_env({}).access_log is False  # off by default (docs/decisions.md)
+    assert Settings.from_env({"INFERPOOL_ACCESS_LOG": "true"}).access_log is True
 
 
 def test_json_handler_writes_one_line_per_record() -> None:
