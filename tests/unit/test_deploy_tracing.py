@@ -91,7 +91,7 @@ import json, sys
 from inferpool import tracing
 import api.server, workers.batcher, workers.bulk
 on = tracing.setup(sys.argv[1])
-resource = dict(tracing._provider.resource.attributes) if on else {}
+resource = tracing.resource_attributes()
 tracing.shutdown()
 ours = ("opentelemetry.sdk.trace", "opentelemetry.exporter")
 loaded = sorted(m for m in sys.modules if m.startswith(ours))
