@@ -230,7 +230,7 @@ def test_worker_start_up_lines_are_in_its_log(worker: Worker) -> None:
     assert "loaded digits v1 on cpu (warm-up" in text
 
 
-def test_latency_buckets_carry_the_trace_id_as_an_exemplar(api: ApiThread) -> None:
+def test_latency_buckets_carry_the_trace_id_as_an_exemplar_on_both_fronts(api: ApiThread) -> None:
     from prometheus_client.openmetrics.exposition import generate_latest
 
     from api import metrics
@@ -243,6 +243,16 @@ def test_latency_buckets_carry_the_trace_id_as_an_exemplar(api: ApiThread) -> No
             timeout=30,
             metadata=_metadata(("traceparent", f"00-{trace_id}-{secrets.token_hex(8)}-01")),
         )
+    # And over HTTP: its own histogram, the caller's trace id from its header.
+    http_trace = secrets.token_hex(16)
+    headers = {
+        "Authorization": f"Bearer {TOKEN}",
+        "Content-Type": "application/json",
+        "traceparent": f"00-{http_trace}-{secrets.token_hex(8)}-01",
+    }
+    assert _http(api, "POST", "/v2/models/digits/infer", _infer_body(x), headers) == 200
     exposition = generate_latest(metrics.REGISTRY).decode()
     lines = [line for line in exposition.splitlines() if f'trace_id="{trace_id}"' in line]
     assert any(line.startswith("inferpool_request_duration_seconds_bucket{") for line in lines), lines
+    lines = [line for line in exposition.splitlines() if f'trace_id="{http_trace}"' in line]
+    assert any(line.startswith("inferpool_http_request_duration_seconds_bucket{") for line in lines), lines
