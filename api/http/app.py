@@ -54,6 +54,8 @@ STATIC = Path(__file__).parent / "static"
 # person can type theirs.
 OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/favicon.ico"})
 OPEN_PREFIXES = ("/static/",)
+# The route label of a path no route serves (paths are the client's: not a label).
+UNMATCHED = "unmatched"
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -118,8 +120,9 @@ class Front:
             if done:
                 return
             done = True
-            route = self.routes.get(scope.get("endpoint") or self._endpoint(scope), "unmatched")
+            route = self.routes.get(scope.get("endpoint") or self._endpoint(scope), "")
             tracing.set_http_status(span, scope["method"], route, status or 500)
+            route = route or UNMATCHED
             self._record(route, status or 500, t0)
             if self.access is not None:
                 self.access.write(scope, route, status or 500, t0, name)

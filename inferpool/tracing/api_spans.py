@@ -108,14 +108,16 @@ def set_rpc_code(span: Any, code: str) -> None:
 
 
 def set_http_status(span: Any, method: str, route: str, status: int) -> None:
-    """The HTTP request's route (its span's name from now on) and final status (a
-    server error is an error status; a client's 4xx is not the server's fault)."""
+    """The HTTP request's route (its span's name from now on; "" when no route serves
+    the path, which then stays named by its method alone) and final status (a server
+    error is an error status; a client's 4xx is not the server's fault)."""
     if span is NO_SPAN or not span.is_recording():
         return
     from opentelemetry.trace import Status, StatusCode
 
-    span.update_name(f"{method} {route}")
-    span.set_attribute("http.route", route)
+    if route:
+        span.update_name(f"{method} {route}")
+        span.set_attribute("http.route", route)
     span.set_attribute("http.response.status_code", status)
     if status >= 500:
         span.set_status(Status(StatusCode.ERROR, str(status)))

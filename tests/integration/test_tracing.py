@@ -259,6 +259,18 @@ def test_an_http_client_error_is_not_a_server_error_span(
     assert (server.name, server.parent_id) == ("GET /v2/models/{model}", caller_span)
     assert server.attributes["http.response.status_code"] == 404
     assert server.status_code == 0  # unset: a client's mistake is not the server's error
+    # A path no route serves keeps the method as its name: paths are the client's text.
+    trace_id, _, traceparent = _caller()
+    conn = http.client.HTTPConnection("127.0.0.1", api.server.http_port, timeout=30)
+    try:
+        conn.request("GET", "/no/such/path", headers={"traceparent": traceparent})
+        assert conn.getresponse().status == 404
+    finally:
+        conn.close()
+    tracing.force_flush()
+    (unrouted,) = receiver.wait(lambda spans: [s for s in spans if s.trace_id == trace_id], 30, "the span")
+    assert unrouted.name == "GET" and "http.route" not in unrouted.attributes
+    assert unrouted.attributes["url.path"] == "/no/such/path"
 
 
 def test_a_hit_has_no_worker_span(stack: tuple[ApiThread, Worker, RedisServer], receiver: Receiver) -> None:
