@@ -38,4 +38,4 @@ def _active_queue_names(self: Any) -> list[str]:
 
 
 Metrics.get = tornado.web.authenticated(Metrics.get)  # type: ignore[method-assign]
-BaseHandler.get_active_queue_names = _active_queue_names  # type: ignore[method-assign]
+BaseHandler.get_active_queue_names = _active_queue_names
