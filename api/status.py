@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from api import metrics
+from api import handlers, metrics
 from inferpool import errors, tracing
 
 log = logging.getLogger(__name__)
@@ -126,56 +126,6 @@ class RateLimiter:
             return self._suppressed.pop(key, 0)
 
 
-class _Undecodable:
-    """What the tolerant deserializer hands on instead of a message it could not parse."""
-
-    __slots__ = ("size",)
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-
-# (request_streaming, response_streaming) -> handler factory and the handler's attribute
-_KINDS: dict[tuple[bool, bool], tuple[Callable[..., grpc.RpcMethodHandler], str]] = {
-    (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
-    (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
-    (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
-    (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
-}
-
-
-def behaviour_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
-    """The function a handler runs, whatever its kind."""
-    return getattr(handler, _KINDS[handler.request_streaming, handler.response_streaming][1])
-
-
-def with_behaviour(
-    handler: grpc.RpcMethodHandler,
-    behaviour: Callable[..., Any],
-    request_deserializer: Callable[[bytes], Any] | None = None,
-) -> grpc.RpcMethodHandler:
-    """A handler of the same kind and serializers as `handler` that runs `behaviour`."""
-    factory = _KINDS[handler.request_streaming, handler.response_streaming][0]
-    return factory(
-        behaviour,
-        request_deserializer=request_deserializer or handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
-def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    if deserialize is None:
-        return None
-
-    def load(data: bytes) -> Any:
-        try:
-            return deserialize(data)
-        except Exception:
-            return _Undecodable(len(data))
-
-    return load
-
-
 class _Method:
     """One registered method: its labels, and the wrapped behaviour's bookkeeping."""
 
@@ -217,7 +167,7 @@ class _Method:
     def requests(self, context: grpc.aio.ServicerContext, source: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async def checked() -> AsyncIterator[Any]:
             async for message in source:
-                if isinstance(message, _Undecodable):
+                if isinstance(message, handlers.Undecodable):
                     raise self.undecodable(context, message.size)
                 yield message
 
@@ -235,7 +185,7 @@ class _Method:
         return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
     def wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        inner = behaviour_of(handler)
+        inner = handlers.behaviour_of(handler)
         # grpc.aio calls a plain function on its own loop; the generated servicer base
         # class's stubs for methods a servicer leaves out are such functions.
         is_async = inspect.iscoroutinefunction(inner) or inspect.isasyncgenfunction(inner)
@@ -244,7 +194,7 @@ class _Method:
         def arguments(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if streaming_in:
                 return self.requests(context, request)
-            if isinstance(request, _Undecodable):
+            if isinstance(request, handlers.Undecodable):
                 raise self.undecodable(context, request.size)
             return request
 
@@ -299,7 +249,9 @@ class _Method:
         # A response stream is an (async) generator, or a coroutine that writes its
         # responses with context.write (as grpc's health Watch does) and returns None.
         streams = handler.response_streaming and not inspect.iscoroutinefunction(inner)
-        return with_behaviour(handler, stream if streams else unary, _tolerant(handler.request_deserializer))
+        return handlers.with_behaviour(
+            handler, stream if streams else unary, handlers.tolerant(handler.request_deserializer)
+        )
 
 
 def _field(text: str) -> str:

@@ -31,7 +31,9 @@ after: CPU per request per process (API, worker, Redis, Memcached, Flower). Each
 is reported as min / median / max of `--repeats` runs. Writes the JSON (with date,
 commit and machine) under bench/results/harness/ and a plot next to it.
 `--target` measures a running stack instead (no CPU figures for it; b4 and the heavy
-model need a local stack and are skipped).
+model need a local stack and are skipped). `--baseline-ref REF` measures only the quick
+headline cells (miss@64, hit@64, miss@1), for this working tree and for git ref REF side
+by side in one run, and prints one table with their ratios (bench/compare.py).
 """
 
 from __future__ import annotations
@@ -279,13 +281,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--bulk-items", type=int, help="items per bulk job, 0 = none (default 20000; quick 5000)"
     )
     parser.add_argument("--target", help="host:port of a running API; default starts a local stack")
+    parser.add_argument(
+        "--baseline-ref",
+        help="git ref to compare this working tree with: miss@64, hit@64, miss@1 of both, one table "
+        "(quick's run length and repeats unless given)",
+    )
     parser.add_argument("--no-heavy", action="store_true", help=f"leave out {HEAVY_MODEL} (quick: always)")
     parser.add_argument(
         "--out", type=Path, help="JSON path (default bench/results/harness/<date>-<commit>.json)"
     )
     args = parser.parse_args(argv)
-    args.seconds = args.seconds or (2.0 if args.quick else 5.0)
-    args.repeats = args.repeats or (3 if args.quick else 5)
+    if args.baseline_ref and args.target:
+        parser.error("--baseline-ref starts both stacks itself: it takes no --target")
+    quick = args.quick or bool(args.baseline_ref)
+    args.seconds = args.seconds or (2.0 if quick else 5.0)
+    args.repeats = args.repeats or (3 if quick else 5)
     args.concurrency = [
         int(c) for c in (args.concurrency or ("1,8,64" if args.quick else "1,8,64,256")).split(",")
     ]
@@ -304,6 +314,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     info = results.meta({"generators": args.generators, "seconds": args.seconds, "repeats": args.repeats})
     t_begin = time.perf_counter()
+    if args.baseline_ref:
+        from bench.compare import compare
+
+        with Generators(args.generators) as gens:
+            bench = Bench(args, gens)
+            rows = compare(bench, args.baseline_ref)
+        info["wall_s"] = time.perf_counter() - t_begin
+        data = {"baseline_ref": args.baseline_ref, "rows": rows, "cells": [c.summary() for c in bench.cells]}
+        path = results.write("compare", data, args.out, info)
+        print(f"\nwrote {path} ({info['wall_s']:.0f}s)")
+        return
     with Generators(args.generators) as gens:
         bench = Bench(args, gens)
         with tempfile.TemporaryDirectory(prefix="inferpool-bench-") as tmp:

@@ -44,8 +44,8 @@ def wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None 
             time.sleep(0.02)
 
 
-def _procfile_names() -> list[str]:
-    lines = (ROOT / "Procfile").read_text().splitlines()
+def _procfile_names(root: Path = ROOT) -> list[str]:
+    lines = (root / "Procfile").read_text().splitlines()
     return [line.split(":", 1)[0] for line in lines if line.strip() and not line.startswith("#")]
 
 
@@ -60,6 +60,8 @@ class LocalStack:
     without them and Flower enables them), so such a stack runs a lighter path than what
     users run with `make up`.
     `model_repository` replaces models/ (it must hold digits: readiness classifies one).
+    `root` runs another checkout's Procfile and code (bench/compare.py: a git ref beside
+    this tree); the client that checks readiness is this tree's.
     """
 
     def __init__(
@@ -68,7 +70,9 @@ class LocalStack:
         quiet: bool = True,
         flower: bool = True,
         model_repository: Path | None = None,
+        root: Path = ROOT,
     ) -> None:
+        self.root = root
         self.ports = {
             "REDIS_PORT": free_port(),
             "MEMCACHED_PORT": free_port(),
@@ -81,7 +85,7 @@ class LocalStack:
         self.extra_env = extra_env or {}
         self.quiet = quiet
         self.flower = flower
-        self.model_repository = model_repository or ROOT / "models"
+        self.model_repository = model_repository or root / "models"
         self._flower_basic_auth = (
             self.extra_env.get("FLOWER_BASIC_AUTH")
             or os.environ.get("FLOWER_BASIC_AUTH")
@@ -91,7 +95,7 @@ class LocalStack:
         user, _, password = self._flower_basic_auth.split(",")[0].partition(":")
         self.flower_auth = (user, password)
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = ROOT / "bench" / "results" / "stack.log"
+        self.log_path = root / "bench" / "results" / "stack.log"
         self.task_events_on = False
 
     @property
@@ -124,7 +128,7 @@ class LocalStack:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env["INFERPOOL_MODEL_REPOSITORY"] = str(self.model_repository)
         env["FLOWER_BASIC_AUTH"] = self._flower_basic_auth
-        processes = [] if self.flower else [p for p in _procfile_names() if p != "flower"]
+        processes = [] if self.flower else [p for p in _procfile_names(self.root) if p != "flower"]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out = self.log_path.open("wb") if self.quiet else None
         self.proc = subprocess.Popen(
@@ -134,16 +138,16 @@ class LocalStack:
                 "honcho",
                 "start",
                 "-f",
-                str(ROOT / "Procfile"),
+                str(self.root / "Procfile"),
                 "-d",
-                str(ROOT),
+                str(self.root),
                 *processes,
             ],
             env=env,
             # honcho's -d only finds the Procfile: its processes start in this cwd, and
             # `python -m workers.main` imports from there before the installed package,
             # so the stack runs this tree's code whoever starts it, from wherever.
-            cwd=ROOT,
+            cwd=self.root,
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,

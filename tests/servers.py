@@ -168,13 +168,16 @@ class Worker(Proc):
         logdir: Path,
         ready_timeout_s: float = 90,
         extra_env: dict[str, str] | None = None,
+        launcher: tuple[str, ...] = ("-m", "workers.main"),
     ) -> None:
+        """`launcher`: what the interpreter runs instead of `-m workers.main` (a wrapper
+        that takes the worker's arguments after it, as scripts/miss_chain.py does)."""
         Worker._count += 1
         self.name = f"test-{os.getpid()}-{Worker._count}@localhost"
         self.settings = settings
         env = {**os.environ, **settings.env(), **(extra_env or {})}
         super().__init__(
-            [sys.executable, "-m", "workers.main", f"--hostname={self.name}"],
+            [sys.executable, *launcher, f"--hostname={self.name}"],
             logdir / f"worker-{Worker._count}.log",
             env=env,
         )

@@ -31,7 +31,7 @@ from api import metrics as api_metrics
 from bench.stack import free_port, wait_port
 from inferpool.client import Client
 from inferpool.codec import SERIALIZER
-from inferpool.names import queue_name, task_name
+from inferpool.names import bulk_queue_name, queue_name, task_name
 from tests.servers import ROOT, ApiThread, Proc, RedisServer, Worker
 
 T = TypeVar("T")
@@ -183,6 +183,22 @@ def test_api_lists_worker_tasks_and_queues(
         return {q["name"]: q["messages"] for q in queues}.get(QUEUE), int(redis_client.llen(QUEUE))
 
     wait_for(lambda: (pair := lengths())[0] == pair[1], 20, f"Flower's length of {QUEUE} to be Redis's")
+
+
+def test_broker_lists_each_models_queues_and_not_celerys_default(flower: Flower, worker: Worker) -> None:
+    """Broker page and `/api/queues/length`: each model's interactive queue and its bulk
+    queue (the workers take bulk chunks from Redis themselves, so Celery never reports
+    that queue to Flower), and not Celery's default queue `celery`, which nothing here
+    uses."""
+    names = {q["name"] for q in flower.json("/api/queues/length")["active_queues"]}
+    assert {QUEUE, bulk_queue_name("digits")} <= names, names
+    assert "celery" not in names, names
+    request = urllib.request.Request(flower.url + "/broker")
+    token = base64.b64encode(f"{flower.user}:{flower.password}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        page = response.read().decode()
+    assert bulk_queue_name("digits") in page and ">celery<" not in page
 
 
 def test_undecodable_message_is_not_shown_as_success(flower: Flower, worker: Worker) -> None:

@@ -3,6 +3,12 @@
 `pip install .` gives the client SDK and the `inferpool` command; celery, redis,
 pymemcache and torch come only with the `api` / `worker` extras, so nothing the client
 or the CLI imports may need them.
+
+The fresh-venv test needs no network: the project's wheel is built here, and the base
+dependencies (pyproject's `dependencies` and what they require in turn, nothing else)
+are installed into the new venv from the distributions of the running one, file by file
+as their RECORD lists them. pip then installs the wheel with `--no-index`, so a
+dependency the project needs but does not declare fails the install or the import.
 """
 
 from __future__ import annotations
@@ -12,10 +18,15 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
+import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.servers import ApiThread
 
@@ -49,12 +60,48 @@ def test_client_and_cli_import_no_server_dependency() -> None:
     assert json.loads(run.stdout)["loaded"] == []
 
 
+def base_closure() -> dict[str, metadata.Distribution]:
+    """The base install's dependencies as this venv has them: pyproject's `dependencies`
+    and, recursively, what each requires on this platform without extras."""
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    todo = [Requirement(r) for r in declared]
+    found: dict[str, metadata.Distribution] = {}
+    while todo:
+        req = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        name = canonicalize_name(req.name)
+        if name in found:
+            continue
+        dist = metadata.distribution(req.name)
+        assert req.specifier.contains(dist.version, prereleases=True), (req, dist.version)
+        found[name] = dist
+        todo.extend(Requirement(r) for r in dist.requires or ())
+    return found
+
+
+def install_from_this_venv(dists: dict[str, metadata.Distribution], site: Path) -> None:
+    """Copies each distribution's files (its RECORD: modules, extension libraries, its
+    .dist-info) into `site`, where pip then finds it installed. Scripts outside
+    site-packages are left out: the test needs none of them."""
+    for dist in dists.values():
+        for file in dist.files or ():
+            if file.parts[0] == "..":
+                continue
+            source = Path(str(dist.locate_file(file)))
+            if source.is_file():
+                target = site / file
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
+
+
 @pytest.mark.timeout(900)
 def test_base_install_in_a_fresh_venv(
     api: ApiThread, heldout: tuple[np.ndarray, np.ndarray], tmp_path: Path
 ) -> None:
-    """`pip install .` (the declared dependencies, nothing else) into a new venv, then the
-    import check, `inferpool --help`, and a real Classify through the installed CLI."""
+    """`pip install` of the project's wheel (the declared dependencies, nothing else)
+    into a new venv, without network, then the import check, `inferpool --help`, and a
+    real Classify through the installed CLI."""
     # A copy, so that the build's egg-info and build/ land in it, not in the checkout
     # (where two test runs would race on them).
     src = tmp_path / "src"
@@ -65,13 +112,31 @@ def test_base_install_in_a_fresh_venv(
             ".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", "*_cache"
         ),
     )
+    # Nothing of this checkout or the dev venv on the path: only what the install put there.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    wheels = tmp_path / "wheels"
+    # The wheel is built by this venv's setuptools: no build isolation, no index.
+    pip_wheel = ["pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+    build = subprocess.run(
+        [sys.executable, "-m", *pip_wheel, "-w", str(wheels), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert build.returncode == 0, build.stderr[-4000:]
+
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python, inferpool = venv / "bin" / "python", venv / "bin" / "inferpool"
-    # Nothing of this checkout or the dev venv on the path: only what the install put there.
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+    assert site.is_dir(), site
+    closure = base_closure()
+    assert not set(closure) & {canonicalize_name(m) for m in SERVER_ONLY}, sorted(closure)
+    install_from_this_venv(closure, site)
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "-c", str(src / "constraints.txt"), str(src)],
+        [str(python), "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels), "inferpool"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -79,6 +144,14 @@ def test_base_install_in_a_fresh_venv(
         cwd=tmp_path,
     )
     assert install.returncode == 0, install.stderr[-4000:]
+    check = subprocess.run([str(python), "-m", "pip", "check"], capture_output=True, text=True, env=env)
+    assert check.returncode == 0, check.stdout + check.stderr
+    listed = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format=json"], capture_output=True, text=True, env=env
+    )
+    installed = {canonicalize_name(d["name"]) for d in json.loads(listed.stdout)}
+    # venv's own pip (and, before Python 3.12, setuptools) besides the project and its closure.
+    assert installed - {"pip", "setuptools"} == {"inferpool", *closure}, sorted(installed)
 
     run = subprocess.run(
         [str(python), "-c", CHECK], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path

@@ -3,6 +3,8 @@ real servers: tests/integration/test_bench.py)."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from bench.cells import Cell, cpu_record
@@ -64,3 +66,38 @@ def test_workloads_draw_the_inputs_they_state() -> None:
 
     assert distinct("miss", 2000) == 2000
     assert distinct("hit", 2000) == HOT_ITEMS
+
+
+def test_the_baseline_comparison_pairs_each_cell_and_divides_tree_by_ref() -> None:
+    from types import SimpleNamespace
+
+    from bench.compare import CELLS, THIS_TREE, table
+
+    cells = []
+    for workload, concurrency in CELLS:
+        for system, rps in ((THIS_TREE, 90.0), ("main (abc)", 100.0)):
+            cell = Cell(system, "digits", workload, "closed", concurrency)
+            cell.add(_run(rps=rps))
+            cells.append(cell)
+    rows = table(SimpleNamespace(cells=cells), "main (abc)")  # type: ignore[arg-type]
+    assert [r["cell"] for r in rows] == ["miss@64", "hit@64", "miss@1"]
+    assert all(r["rps"] == {"tree": 90.0, "ref": 100.0, "ratio": 0.9} for r in rows)
+    assert all(r["p50_ms"]["ratio"] == 1.0 for r in rows)
+
+
+def test_the_baseline_ref_is_checked_and_exported_as_committed() -> None:
+    from bench.compare import exported, resolve
+    from bench.stack import ROOT
+
+    with pytest.raises(SystemExit, match="not a commit"):
+        resolve("no-such-ref-anywhere")
+    commit = resolve("HEAD")
+    with exported(commit) as tree:
+        listed = subprocess.run(
+            ["git", "-C", str(ROOT), "ls-tree", "-r", "--name-only", commit],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert sorted(str(p.relative_to(tree)) for p in tree.rglob("*") if p.is_file()) == sorted(listed)
+    assert not tree.exists()

@@ -3,6 +3,7 @@ servers: tests/integration/test_deploy.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -617,6 +618,32 @@ def test_flower_starts_after_a_worker_answers_and_read_only() -> None:
     assert "--read_only" in flower[start:]
     make_flower = (ROOT / "Makefile").read_text().split("\nflower:", 1)[1].split("\n\n", 1)[0]
     assert "--read_only" in make_flower
+
+
+def test_flowers_broker_page_shows_bulk_queues_and_not_celerys_default() -> None:
+    """scripts/flowerconfig.py restates the queue naming rule (Flower's image has no
+    project code): it must give each model's bulk queue as inferpool/names.py does, and
+    invent no queue, Celery's default `celery` included, while no worker is known."""
+    spec = importlib.util.spec_from_file_location("flowerconfig", ROOT / "scripts" / "flowerconfig.py")
+    assert spec is not None and spec.loader is not None
+    config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(config)
+    models = ["digits", "digits_onnx", "a.b-c"]
+    consumed = {queue_name(m) for m in models}
+    assert config.queues_shown(consumed) == sorted(consumed | {bulk_queue_name(m) for m in models})
+    assert config.queues_shown(set()) == []
+    assert config.queues_shown({"other"}) == ["other"]  # a queue a worker reports is kept as it is
+
+    class Handler:  # what Flower's handler offers the patched method: its known workers
+        def __init__(self, workers: dict[str, Any]) -> None:
+            self.application = type("App", (), {"workers": workers})()
+
+    from flower.views import BaseHandler
+
+    names = BaseHandler.get_active_queue_names
+    assert names(Handler({})) == []
+    worker = {"active_queues": [{"name": queue_name("digits")}]}
+    assert names(Handler({"w1": worker})) == [queue_name("digits"), bulk_queue_name("digits")]
 
 
 def _exported(registry: CollectorRegistry) -> dict[str, str]:
