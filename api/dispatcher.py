@@ -108,7 +108,7 @@ class Dispatcher:
         self.publisher = publisher
         self.replies = replies
         self.admission = admission
-        self.cache = cache  # whether Memcached is up: followers of another replica read it
+        self.cache = cache  # whether the key's Memcached node is up: followers of another replica read it
         self.cache_reads = cache_reads
         self.counters = counters
         # Where identical misses across API replicas agree on one leader (None: only
@@ -123,7 +123,7 @@ class Dispatcher:
         the miss is published, names the replica that computes; the others wait for the
         cache entry its worker writes, and compute for themselves only if the lock goes
         away without one (leader failed) while their own deadline allows."""
-        if self.flight_locks is None or not self.cache.available:
+        if self.flight_locks is None or not self.cache.available_for(miss.key):
             return await self._compute(miss, deadline)
         lock = flight_key(miss.key)
         leader = True

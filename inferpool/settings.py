@@ -59,13 +59,17 @@ def _redis_url(raw: str) -> str:
     return raw
 
 
-def _host_port(raw: str) -> str:
-    if raw == "":
-        return raw  # cache disabled
-    host, sep, port = raw.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("expected host:port, or empty to disable the cache")
-    return raw
+def _host_ports(raw: str) -> str:
+    nodes = [node.strip() for node in raw.split(",") if node.strip()]
+    if not nodes:
+        return ""  # cache disabled
+    for node in nodes:
+        host, sep, port = node.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected host:port[,host:port...], or empty to disable the cache")
+    if len(set(nodes)) != len(nodes):
+        raise ValueError("a node is listed twice")
+    return ",".join(nodes)
 
 
 def _positive_float(raw: str) -> float:
@@ -151,7 +155,12 @@ def _setting(default: Any, parse: Callable[[str], Any], doc: str) -> Any:
 class Settings:
     # Shared by the API and the workers.
     redis_url: str = _setting("redis://127.0.0.1:6379/0", _redis_url, "broker and reply store")
-    memcached: str = _setting("127.0.0.1:11211", _host_port, "cache host:port; empty disables it")
+    memcached: str = _setting(
+        "127.0.0.1:11211",
+        _host_ports,
+        "cache nodes, host:port comma-separated (keys spread by rendezvous hashing; every API "
+        "and worker must list the same nodes); empty disables it",
+    )
     model_repository: Path = _setting(Path("models"), Path, "models/<name>/<version>/ tree")
     cache_ttl_s: int = _setting(3600, _positive_int, "lifetime of a cached result")
     local_cache_items: int = _setting(
