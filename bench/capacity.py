@@ -33,6 +33,24 @@ from bench.capacity_costs import MAX_BATCH, Costs, measure, run_measured
 from bench.capacity_sim import simulate
 
 
+def with_cpu_of(costs: Costs, run: dict[str, Any]) -> Costs:
+    """`costs` scaled to the CPU per request each role used in `run` (a grid cell)."""
+    cpu = run["cpu_ms_per_request"]
+    worker_was = costs.worker_item_ms + costs.worker_batch_ms / max(1.0, costs.envelope_items)
+    worker_was += costs.model(max(1, round(costs.envelope_items))) / max(1.0, costs.envelope_items)
+    scale = cpu.get("worker", 0.0) / worker_was if worker_was else 1.0
+    return Costs(
+        **{
+            **asdict(costs),
+            "api_miss_ms": cpu["api"],
+            "redis_miss_ms": cpu.get("redis", costs.redis_miss_ms),
+            "worker_item_ms": costs.worker_item_ms * scale,
+            "worker_batch_ms": costs.worker_batch_ms * scale,
+            "client_ms": run["gen_cpu_ms_per_request"],
+        }
+    )
+
+
 def grid(costs: Costs, cells: list[tuple[int, int]], seconds: float, cores: float) -> list[dict[str, Any]]:
     from bench.cluster import Cluster
     from bench.generators import Generators
@@ -48,6 +66,12 @@ def grid(costs: Costs, cells: list[tuple[int, int]], seconds: float, cores: floa
             costs, apis, workers, cores=cores, others_cores=cores - left, concurrency=64, seconds=sim_s
         )
         unshared = simulate(costs, apis, workers, cores=cores, concurrency=64, seconds=sim_s, sharing=False)
+        # The same model given this run's own CPU per request: what is left of the error
+        # is the model's, not the costs' (which grow with the processes sharing the cores).
+        own = simulate(
+            with_cpu_of(costs, measured), apis, workers, cores=cores, others_cores=cores - left,
+            concurrency=64, seconds=sim_s,
+        )  # fmt: skip
         row = {
             "apis": apis,
             "workers": workers,
@@ -56,12 +80,14 @@ def grid(costs: Costs, cells: list[tuple[int, int]], seconds: float, cores: floa
             "measured_cpu_ms_per_request": measured["cpu_ms_per_request"],
             "predicted": predicted,
             "predicted_fifo_all_cores": unshared,
+            "predicted_with_own_cpu": own,
         }
         print(
             f"{apis} API x {workers} worker ({left:.2f} cores left):"
             f" measured {measured['rps']:6.0f}/s p99 {measured['p99_ms']:6.1f} ms"
             f" | predicted {predicted['rps']:6.0f}/s p99 {predicted['p99_ms']:6.1f} ms"
-            f" | FIFO on {cores:g} cores {unshared['rps']:6.0f}/s p99 {unshared['p99_ms']:6.1f} ms",
+            f" | FIFO on {cores:g} cores {unshared['rps']:6.0f}/s p99 {unshared['p99_ms']:6.1f} ms"
+            f" | own CPU {own['rps']:6.0f}/s p99 {own['p99_ms']:6.1f} ms",
             flush=True,
         )
         out.append(row)
