@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from api.admission import Admission
+from api.brokers import Brokers, brokers
 from api.front_cache import CacheReader
 from api.metrics import ModelMetrics
 from api.publisher import FlightLocks, FlightTaken, Publisher
@@ -108,7 +109,7 @@ class Dispatcher:
         self.publisher = publisher
         self.replies = replies
         self.admission = admission
-        self.cache = cache  # whether Memcached is up: followers of another replica read it
+        self.cache = cache  # whether the key's Memcached node is up: followers of another replica read it
         self.cache_reads = cache_reads
         self.counters = counters
         # Where identical misses across API replicas agree on one leader (None: only
@@ -123,7 +124,7 @@ class Dispatcher:
         the miss is published, names the replica that computes; the others wait for the
         cache entry its worker writes, and compute for themselves only if the lock goes
         away without one (leader failed) while their own deadline allows."""
-        if self.flight_locks is None or not self.cache.available:
+        if self.flight_locks is None or not self.cache.available_for(miss.key):
             return await self._compute(miss, deadline)
         lock = flight_key(miss.key)
         leader = True
@@ -135,7 +136,7 @@ class Dispatcher:
             if leader:
                 # Frees it only if this replica holds it: the caller may have left before
                 # its publish, or the publish failed with the lock taken or not.
-                self.flight_locks.release(lock)
+                self.flight_locks.release(lock, miss.cfg.name)
         return await self._follow(miss, deadline, lock)
 
     async def _follow(self, miss: Miss, deadline: float, lock: str) -> envelope_pb2.Reply:
@@ -150,7 +151,7 @@ class Dispatcher:
             # The lock first, then the cache: a leader writes the entry before it frees
             # the lock, so a lock seen gone here means the entry, if any, is readable next
             # (the other order computed again whenever both happened between the reads).
-            held = await self.flight_locks.held(lock)
+            held = await self.flight_locks.held(lock, miss.cfg.name)
             cached = await self.cache_reads.get(miss.key)
             if cached is not None:
                 reply = envelope_pb2.Reply(status=Reply.STATUS_OK, cached=True)
@@ -181,7 +182,7 @@ class Dispatcher:
             cache_scope=miss.cache_scope,
         )
         published = self.publisher.enqueue(cfg, item, flight)
-        waiter = self.replies.expect(correlation)
+        waiter = self.replies.expect(correlation, cfg.name)
         answered = False
         inflight = miss.meter.inflight
         inflight.inc()
@@ -216,19 +217,24 @@ def _listening_client(client: aioredis.Redis) -> aioredis.Redis:
 
 
 class ReplyListener:
-    """Receives worker replies for this API process and wakes the waiting requests."""
+    """Receives worker replies for this API process and wakes the waiting requests: its
+    reply list is popped on every Redis that carries requests (api.brokers), and a lost
+    Redis fails only the calls whose replies were to come over it."""
 
-    def __init__(self, client: aioredis.Redis, key: str, reconnect_max_s: float = 0.25) -> None:
-        self.client = _listening_client(client)
+    def __init__(self, client: aioredis.Redis | Brokers, key: str, reconnect_max_s: float = 0.25) -> None:
+        self.brokers = brokers(client)
+        self.clients = [_listening_client(c) for c in self.brokers.all]
+        self._shard = {id(c): i for i, c in enumerate(self.brokers.all)}
         self.key = key
         self.reconnect_max_s = reconnect_max_s
-        self._waiting: dict[str, asyncio.Future[envelope_pb2.Reply]] = {}
+        # request id -> (its future, the index in clients its reply comes over)
+        self._waiting: dict[str, tuple[asyncio.Future[envelope_pb2.Reply], int]] = {}
         self.unmatched = 0
 
-    def expect(self, request_id: str) -> asyncio.Future[envelope_pb2.Reply]:
+    def expect(self, request_id: str, model: str = "") -> asyncio.Future[envelope_pb2.Reply]:
         """Register before publishing, so a fast reply can never arrive unmatched."""
         fut: asyncio.Future[envelope_pb2.Reply] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = fut
+        self._waiting[request_id] = (fut, self._shard[id(self.brokers.of(model))])
         return fut
 
     def forget(self, request_id: str) -> None:
@@ -241,22 +247,29 @@ class ReplyListener:
     def _dispatch(self, raw: bytes) -> None:
         reply = envelope_pb2.Reply()
         reply.ParseFromString(raw)
-        fut = self._waiting.pop(reply.request_id, None)
-        if fut is None or fut.done():
+        entry = self._waiting.pop(reply.request_id, None)
+        if entry is None or entry[0].done():
             # The caller gave up (deadline) before the reply came.
             self.unmatched += 1
             return
-        fut.set_result(reply)
+        entry[0].set_result(reply)
 
     async def run(self) -> None:
+        if len(self.clients) == 1:
+            await self._listen(0)
+        else:
+            await asyncio.gather(*(self._listen(shard) for shard in range(len(self.clients))))
+
+    async def _listen(self, shard: int) -> None:
+        client = self.clients[shard]
         reconnect = Reconnect("reply listener", self.reconnect_max_s, log)
         try:
             while True:
                 try:
-                    popped = await self.client.blmpop(BLOCK_S, 1, self.key, direction="LEFT", count=POP_COUNT)
+                    popped = await client.blmpop(BLOCK_S, 1, self.key, direction="LEFT", count=POP_COUNT)
                     reconnect.reset()
                 except (RedisError, OSError) as exc:
-                    self._fail_all(BackendUnavailable("lost the connection to the reply store"))
+                    self._fail_all(BackendUnavailable("lost the connection to the reply store"), shard)
                     await asyncio.sleep(reconnect.lost(exc))
                     continue
                 if popped:
@@ -267,10 +280,11 @@ class ReplyListener:
                         except Exception:
                             log.exception("undecodable reply on %s", self.key)
         finally:
-            await self.client.aclose(close_connection_pool=True)
+            await client.aclose(close_connection_pool=True)
 
-    def _fail_all(self, exc: Exception) -> None:
-        waiting, self._waiting = self._waiting, {}
-        for fut in waiting.values():
+    def _fail_all(self, exc: Exception, shard: int) -> None:
+        failing = [rid for rid, (_, on) in self._waiting.items() if on == shard]
+        for rid in failing:
+            fut = self._waiting.pop(rid)[0]
             if not fut.done():
                 fut.set_exception(exc)

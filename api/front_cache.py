@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import aiomcache
 
 from inferpool.cache import Cache
+from inferpool.cache_nodes import split_host_port
 from inferpool.v1 import envelope_pb2
 
 log = logging.getLogger(__name__)
@@ -92,52 +93,63 @@ MAX_WINDOWS = 5
 
 
 class CacheReader:
-    """Reads the Memcached that `cache` (the blocking client) is configured for."""
+    """Reads the Memcached nodes that `cache` (the blocking client) is configured for,
+    each key from the node its ring names (the workers write it there)."""
 
     def __init__(self, cache: Cache) -> None:
         self.cache = cache  # availability and the failure count, shared with the blocking client
         self.timeout_s = cache.timeout_ms / 1000
-        self._client: aiomcache.Client | None = None
-        if cache.enabled:
-            host, _, port = cache.address.rpartition(":")
-            conn_args = {"ssl": cache.tls_context} if cache.tls_context is not None else None
-            self._client = aiomcache.Client(host, int(port), pool_size=POOL_SIZE, conn_args=conn_args)
-        # Keys asked for in this loop iteration, and who waits for each.
-        self._asked: dict[str, list[asyncio.Future[bytes | None]]] = {}
+        conn_args = {"ssl": cache.tls_context} if cache.tls_context is not None else None
+        self._clients = [
+            aiomcache.Client(*split_host_port(node), pool_size=POOL_SIZE, conn_args=conn_args)
+            for node in cache.ring.nodes
+        ]
+        # Keys asked for in this loop iteration by node, and who waits for each.
+        self._asked: dict[int, dict[str, list[asyncio.Future[bytes | None]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def get(self, key: str) -> bytes | None:
         """The cached value, or None (a miss, Memcached down or slow)."""
-        if self._client is None or not self.cache.available:
+        if not self._clients or not self.cache.available:
             return None
         return await self._ask(key)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """The cached values of `keys`, in order (None: a miss), read with whatever else
         this loop iteration asks for."""
-        if self._client is None or not self.cache.available or not keys:
+        if not self._clients or not self.cache.available or not keys:
             return [None] * len(keys)
         return list(await asyncio.gather(*(self._ask(key) for key in keys)))
 
     def _ask(self, key: str) -> asyncio.Future[bytes | None]:
         loop = asyncio.get_running_loop()
         found: asyncio.Future[bytes | None] = loop.create_future()
+        node = self.cache.ring.node_of(key)
+        if not self.cache.node_up(node):
+            found.set_result(None)
+            return found
         if not self._asked:
             task = loop.create_task(self._flush())
             # The loop keeps only weak references to tasks.
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        self._asked.setdefault(key, []).append(found)
+        self._asked.setdefault(node, {}).setdefault(key, []).append(found)
         return found
 
     async def _flush(self) -> None:
         # Runs once the current loop iteration is over: every get() it made joins.
         await asyncio.sleep(0)
         asked, self._asked = self._asked, {}
+        if len(asked) == 1:
+            await self._read(*asked.popitem())
+        else:  # one read per node, side by side
+            await asyncio.gather(*(self._read(node, waiting) for node, waiting in asked.items()))
+
+    async def _read(self, node: int, asked: dict[str, list[asyncio.Future[bytes | None]]]) -> None:
         keys = list(asked)
-        assert self._client is not None
+        client = self._clients[node]
         values: tuple[bytes | None, ...]
-        read = asyncio.ensure_future(self._client.multi_get(*(key.encode() for key in keys)))
+        read = asyncio.ensure_future(client.multi_get(*(key.encode() for key in keys)))
         await self._wait(read)
         try:
             if not read.done():
@@ -145,9 +157,9 @@ class CacheReader:
                 raise TimeoutError(f"no answer in {self.timeout_s * 1000:.0f} ms")
             values = read.result()
         except Exception as exc:  # any client or socket failure, or the timeout, is a miss
-            self.cache.record_failure("get", exc)
+            self.cache.record_failure("get", exc, node)
             values = (None,) * len(keys)
-            await self._reset()
+            await self._reset(client)
         for key, value in zip(keys, values, strict=True):
             for found in asked[key]:
                 if not found.done():  # its caller may have gone
@@ -170,17 +182,16 @@ class CacheReader:
             if read.done() or loop.time() - due < self.timeout_s / 4:
                 return
 
-    async def _reset(self) -> None:
+    async def _reset(self, client: aiomcache.Client) -> None:
         # A connection given up on mid-answer would hand that answer to the next read.
-        assert self._client is not None
         try:
-            await self._client.close()
+            await client.close()
         except Exception as exc:
             log.debug("closing memcached connections: %r", exc)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
+        for client in self._clients:
+            await client.close()
 
 
 class FrontCache:

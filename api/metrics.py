@@ -169,9 +169,12 @@ class QueueDepth(Collector):
         queues: Iterable[str],
         key_prefix: str = "",
         priority_steps: Sequence[int] = PRIORITY_STEPS,
+        shards: Sequence[tuple[redis.Redis, Iterable[str]]] = (),
     ) -> None:
-        self.client = client
-        self.queues = sorted(set(queues))
+        # (client, its queues): the main broker's, then each shard's (inferpool.shards);
+        # the gauges add them up, and the broker is up only while all of them answer.
+        self.groups = [(client, sorted(set(queues))), *((c, sorted(set(q))) for c, q in shards)]
+        self.queues = [queue for _, queues in self.groups for queue in queues]
         self.key_prefix = key_prefix
         self.priority_steps = tuple(priority_steps)
 
@@ -182,15 +185,20 @@ class QueueDepth(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         up = GaugeMetricFamily(
-            "inferpool_broker_up", "1 when the last scrape could read the broker (Redis), else 0."
+            "inferpool_broker_up",
+            "1 when the last scrape could read the broker (each Redis of the shard map), else 0.",
         )
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for queue in self.queues:
-                for key in priority_lists(queue, self.priority_steps, self.key_prefix):
-                    pipe.llen(key)
-            pipe.hlen(f"{self.key_prefix}unacked")
-            lengths = pipe.execute()
+            lengths, unacked = [], 0
+            for client, queues in self.groups:
+                pipe = client.pipeline(transaction=False)
+                for queue in queues:
+                    for key in priority_lists(queue, self.priority_steps, self.key_prefix):
+                        pipe.llen(key)
+                pipe.hlen(f"{self.key_prefix}unacked")
+                *ready_lengths, group_unacked = pipe.execute()
+                lengths += ready_lengths
+                unacked += group_unacked
         except redis.RedisError as exc:
             log.debug("queue depth scrape failed: %r", exc)
             up.add_metric([], 0)
@@ -208,7 +216,6 @@ class QueueDepth(Collector):
         for i, queue in enumerate(self.queues):
             ready.add_metric([queue], sum(lengths[i * n : (i + 1) * n]))
         yield ready
-        unacked = lengths[-1]
         yield GaugeMetricFamily(
             "inferpool_broker_unacked_messages",
             "Messages delivered to workers and not acknowledged, all queues together (kombu's unacked "
@@ -220,20 +227,27 @@ class QueueDepth(Collector):
             "inferpool_backlog_messages",
             "The pool's true backlog, all queues: inferpool_queue_messages summed plus "
             "inferpool_broker_unacked_messages. LLEN alone under-reads it by every worker's prefetch.",
-            value=sum(lengths[:-1]) + unacked,
+            value=sum(lengths) + unacked,
         )
 
 
 def register_queue_depth(
-    redis_url: str, queues: Iterable[str], registry: CollectorRegistry = REGISTRY
+    redis_url: str,
+    queues: Iterable[str],
+    registry: CollectorRegistry = REGISTRY,
+    shards: Sequence[tuple[str, Iterable[str]]] = (),
 ) -> QueueDepth:
-    """Adds a QueueDepth collector with its own client: short timeouts and no retries,
-    so a scrape reports the broker down instead of hanging on it, and blocking calls,
-    because scrapes run on the HTTP server's thread, not the event loop."""
-    client = redis.Redis.from_url(
-        redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
-    )
-    collector = QueueDepth(client, queues)
+    """Adds a QueueDepth collector with its own clients (one per broker URL: the main
+    one, then each shard's with its queues): short timeouts and no retries, so a scrape
+    reports the broker down instead of hanging on it, and blocking calls, because
+    scrapes run on the HTTP server's thread, not the event loop."""
+
+    def client(url: str) -> redis.Redis:
+        return redis.Redis.from_url(
+            url, socket_timeout=1.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
+        )
+
+    collector = QueueDepth(client(redis_url), queues, shards=[(client(url), q) for url, q in shards])
     registry.register(collector)
     return collector
 

@@ -38,6 +38,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from api import metrics
+from api.brokers import Brokers, brokers
 from inferpool import codec
 from inferpool.codec import ENVELOPE_VERSION
 from inferpool.errors import BackendUnavailable
@@ -85,10 +86,11 @@ class FlightTaken(Exception):
 
 
 class FlightLocks:
-    def __init__(self, client: aioredis.Redis, owner: str) -> None:
-        self.client = client
+    def __init__(self, client: aioredis.Redis | Brokers, owner: str) -> None:
+        # A model's locks live on its model's Redis, beside the queue they are pushed with.
+        self.brokers = brokers(client)
         self.owner = owner  # the lock's value: which replica computes (for operators, and release)
-        self._releasing: list[str] = []
+        self._releasing: dict[int, tuple[aioredis.Redis, list[str]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def claim_and_push(
@@ -106,27 +108,29 @@ class FlightLocks:
             *(max(1, ttl_ms) for _, ttl_ms in locks),
         )
 
-    def release(self, key: str) -> None:
-        """Frees `key` soon if this replica holds it, without waiting: a lock left behind
-        expires by itself."""
+    def release(self, key: str, model: str = "") -> None:
+        """Frees `key`, a lock of `model`'s, soon if this replica holds it, without
+        waiting: a lock left behind expires by itself."""
         if not self._releasing:
             task = asyncio.get_running_loop().create_task(self._flush_release())
             # The loop keeps only weak references to tasks.
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        self._releasing.append(key)
+        client = self.brokers.of(model)
+        self._releasing.setdefault(id(client), (client, []))[1].append(key)
 
-    async def held(self, key: str) -> bool:
-        return bool(await self.client.exists(key))
+    async def held(self, key: str, model: str = "") -> bool:
+        return bool(await self.brokers.of(model).exists(key))
 
     async def _flush_release(self) -> None:
         # Runs once the current loop iteration is over: every release() it made joins.
         await asyncio.sleep(0)
-        keys, self._releasing = self._releasing, []
-        try:
-            await self.client.eval(_RELEASE, len(keys), *keys, self.owner)
-        except (OSError, RedisError) as exc:
-            log.debug("could not free %d flight locks (they expire by themselves): %r", len(keys), exc)
+        releasing, self._releasing = self._releasing, {}
+        for client, keys in releasing.values():
+            try:
+                await client.eval(_RELEASE, len(keys), *keys, self.owner)
+            except (OSError, RedisError) as exc:
+                log.debug("could not free %d flight locks (they expire by themselves): %r", len(keys), exc)
 
 
 class Published:
@@ -164,14 +168,15 @@ class Publisher:
     def __init__(
         self,
         celery: Celery | None,
-        broker: aioredis.Redis | None,
+        broker: aioredis.Redis | Brokers | None,
         max_inflight: int = 1,
         coalesce_window_ms: float = 0.0,
         max_envelope_items: int = 0,
         flights: FlightLocks | None = None,
     ) -> None:
         self.celery = celery  # builds the task messages (no I/O)
-        self.broker = broker
+        # Each model's envelopes go to its model's Redis (api.brokers).
+        self.brokers = None if broker is None else brokers(broker)
         self.flights = flights
         # 0: up to the model's max_batch_size. 1 turns coalescing off (one message per
         # miss), the naive queue path the benchmarks compare against.
@@ -266,9 +271,9 @@ class Publisher:
         results and each envelope's size. None when it failed (its callers were told)."""
         model = group.cfg.name
         try:
-            if self.celery is None or self.broker is None:
+            if self.celery is None or self.brokers is None:
                 raise RuntimeError("this publisher has no broker")
-            pipe = self.broker.pipeline(transaction=False)
+            pipe = self.brokers.of(model).pipeline(transaction=False)
             queue = queue_name(model)
             now_ns = time.time_ns()
             sizes: list[int] = []

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from api import auth, kserve, metrics, status
 from api.admission import Admission, LoopLag, SheddingInterceptor
+from api.brokers import Brokers
 from api.core import DataPlane
 from api.dispatcher import ReplyListener
 from api.front_cache import CacheReader, LocalCache
@@ -33,6 +34,7 @@ from inferpool.heap import freeze_startup_heap, keep_large_buffers
 from inferpool.names import bulk_queue_name, queue_name, reply_key
 from inferpool.repository import Repository, RepositoryError
 from inferpool.settings import Settings, SettingsError
+from inferpool.shards import brokers_by_url
 from inferpool.v1 import inference_pb2, inference_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
 log = logging.getLogger("inferpool.api")
@@ -64,11 +66,13 @@ class ApiServer:
         )
         self.cache = Cache.from_settings(settings)
         self.cache_reads = CacheReader(self.cache)
-        self.replies = ReplyListener(self.redis, reply_key(self.instance), settings.redis_reconnect_max_s)
-        flight_locks = FlightLocks(self.redis, self.replies.key)
+        # Each model's requests on its own Redis when INFERPOOL_BROKER_SHARDS says so.
+        self.brokers = Brokers.from_settings(settings, self.redis)
+        self.replies = ReplyListener(self.brokers, reply_key(self.instance), settings.redis_reconnect_max_s)
+        flight_locks = FlightLocks(self.brokers, self.replies.key)
         self.publisher = Publisher(
             make_celery(settings, main="inferpool-api"),
-            self.redis,
+            self.brokers,
             settings.max_inflight_envelopes,
             settings.coalesce_window_ms,
             settings.max_envelope_items,
@@ -226,6 +230,7 @@ class ApiServer:
                 await task
         await self.cache_reads.close()
         self.cache.close()
+        await self.brokers.close()
         await self.redis.aclose()
 
 
@@ -233,8 +238,12 @@ async def serve(settings: Settings) -> None:
     server = ApiServer(settings)
     # Process-wide (one registry per process), so not in ApiServer: tests run several.
     if settings.metrics_port:
-        queues = [q for n in server.repository.names for q in (queue_name(n), bulk_queue_name(n))]
-        metrics.register_queue_depth(settings.redis_url, queues)
+        # Each model's queue read on the Redis that carries it; bulk queues on the main one.
+        groups = brokers_by_url(settings, server.repository.names)
+        queues = [q for n in groups.pop(settings.redis_url) for q in (queue_name(n), bulk_queue_name(n))]
+        queues += [bulk_queue_name(n) for models in groups.values() for n in models]
+        shards = [(url, [queue_name(n) for n in models]) for url, models in groups.items()]
+        metrics.register_queue_depth(settings.redis_url, queues, shards=shards)
         metrics.CACHE_AVAILABLE.set_function(lambda: float(server.cache.available))
         metrics.serve(settings.metrics_port, settings.metrics_host)
     tracing.setup(tracing.API_SERVICE)

@@ -250,9 +250,11 @@ class _AMQP(AMQP):
     Connection = _Connection
 
 
-def make_celery(settings: Settings, main: str = "inferpool") -> Celery:
+def make_celery(settings: Settings, main: str = "inferpool", broker_url: str = "") -> Celery:
+    """The app on `broker_url` (a shard of inferpool.shards), or on redis_url."""
     register_serializer()
-    app = Celery(main, broker=settings.redis_url, set_as_current=False, amqp=f"{__name__}:_AMQP")
+    broker_url = broker_url or settings.redis_url
+    app = Celery(main, broker=broker_url, set_as_current=False, amqp=f"{__name__}:_AMQP")
     app.conf.update(
         # Envelopes name their serializer on each publish (see api/publisher.py); the
         # default stays json because Celery's control mailbox (ping, inspect) uses it.
@@ -282,7 +284,7 @@ def make_celery(settings: Settings, main: str = "inferpool") -> Celery:
         },
         worker_enable_remote_control=True,
     )
-    scheme = urlsplit(settings.redis_url).scheme
+    scheme = urlsplit(broker_url).scheme
     # Plain redis:// only: for rediss:// kombu derives TLS defaults from the scheme name,
     # which naming a transport class would bypass.
     if scheme == "redis":

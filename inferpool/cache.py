@@ -4,8 +4,9 @@ Keys are a keyed hash (CacheKeys) of everything that determines the answer (mode
 version, dtype, shape, bytes; the tenant when scoped), so only an identical input to
 the same model version can hit, and nobody without the secret can aim at a key. Only
 workers write; the API only reads. Memcached being down or slow is a miss, never
-an error: each call is bounded by a socket timeout, and after a failure the cache
+an error: each call is bounded by a socket timeout, and after a failure that node
 is skipped for `retry_after_s` so a dead server costs one timeout, not one per call.
+Several nodes share the keys by rendezvous hashing (inferpool/cache_nodes.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from pymemcache.client.base import PooledClient
 
+from inferpool.cache_nodes import NodeRing, parse_nodes, split_host_port
 from inferpool.names import cache_key
 from inferpool.repository import ModelConfig
 from inferpool.settings import Settings, SettingsError
@@ -148,6 +150,10 @@ class CacheKeys:
 
 
 class Cache:
+    """The blocking client (pymemcache) of one or several Memcached nodes: each key is
+    on the node `inferpool.cache_nodes.NodeRing` names, and a node that fails is
+    skipped (its keys are misses) for `retry_after_s` while the others are used."""
+
     def __init__(
         self,
         address: str,
@@ -157,7 +163,9 @@ class Cache:
         tls_context: ssl.SSLContext | None = None,
         keys: CacheKeys | None = None,
     ) -> None:
-        self.enabled = bool(address)
+        # host:port, or several comma-separated (INFERPOOL_MEMCACHED).
+        self.ring = NodeRing(parse_nodes(address))
+        self.enabled = bool(self.ring.nodes)
         # Without the deployment's shared secret, a secret of its own: keys then agree
         # only within this process, never with anyone else's.
         self.keys = keys if keys is not None else CacheKeys(os.urandom(32))
@@ -168,20 +176,20 @@ class Cache:
         self.ttl_s = ttl_s
         self.retry_after_s = retry_after_s
         self.errors = 0
-        self._down_until = 0.0
+        self._down_until = [0.0] * len(self.ring)
         self._lock = threading.Lock()
-        self._client: PooledClient | None = None
-        if self.enabled:
-            host, _, port = address.rpartition(":")
-            timeout_s = timeout_ms / 1000
-            self._client = PooledClient(
-                (host, int(port)),
+        timeout_s = timeout_ms / 1000
+        self._clients = [
+            PooledClient(
+                split_host_port(node),
                 connect_timeout=timeout_s,
                 timeout=timeout_s,
                 no_delay=True,
                 max_pool_size=8,
                 tls_context=tls_context,  # None: plain text
             )
+            for node in self.ring.nodes
+        ]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Cache:
@@ -200,54 +208,76 @@ class Cache:
 
     @property
     def available(self) -> bool:
-        """False while the cache is disabled or backing off after a failure."""
-        return self._client is not None and time.monotonic() >= self._down_until
+        """False while the cache is disabled or every node is backing off after a failure."""
+        return any(self.node_up(node) for node in range(len(self._clients)))
 
-    def record_failure(self, op: str, exc: Exception) -> None:
-        """Counts a failed call and skips the cache for `retry_after_s`."""
+    def node_up(self, node: int) -> bool:
+        """False while node `node` (an index into ring.nodes) backs off after a failure."""
+        return time.monotonic() >= self._down_until[node]
+
+    def available_for(self, key: str) -> bool:
+        """Whether the node holding `key` is in use now."""
+        return self.enabled and self.node_up(self.ring.node_of(key))
+
+    def record_failure(self, op: str, exc: Exception, node: int = 0) -> None:
+        """Counts a failed call and skips node `node` for `retry_after_s`."""
         with self._lock:
             self.errors += 1
-            first = time.monotonic() >= self._down_until
-            self._down_until = time.monotonic() + self.retry_after_s
+            first = time.monotonic() >= self._down_until[node]
+            self._down_until[node] = time.monotonic() + self.retry_after_s
         if first:
-            log.warning("memcached %s failed (%r); treating as misses for %.1fs", op, exc, self.retry_after_s)
+            log.warning(
+                "memcached %s %s failed (%r); treating its keys as misses for %.1fs",
+                self.ring.nodes[node],
+                op,
+                exc,
+                self.retry_after_s,
+            )
 
     def get(self, key: str) -> bytes | None:
-        if not self.available:
+        if not self.enabled:
             return None
-        assert self._client is not None
+        node = self.ring.node_of(key)
+        if not self.node_up(node):
+            return None
         try:
-            value: bytes | None = self._client.get(key)
+            value: bytes | None = self._clients[node].get(key)
             return value
         except Exception as exc:  # any client or socket failure is a miss
-            self.record_failure("get", exc)
+            self.record_failure("get", exc, node)
             return None
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         """The keys that hit; everything else (and any failure) is a miss."""
-        if not keys or not self.available:
-            return {}
-        assert self._client is not None
-        try:
-            found: dict[str, bytes] = self._client.get_many(keys)
+        found: dict[str, bytes] = {}
+        if not keys or not self.enabled:
             return found
-        except Exception as exc:
-            self.record_failure("get_many", exc)
-            return {}
+        for node, some in self.ring.group(keys).items():
+            if not self.node_up(node):
+                continue
+            try:
+                found.update(self._clients[node].get_many(some))
+            except Exception as exc:
+                self.record_failure("get_many", exc, node)
+        return found
 
     def set_many(self, values: Mapping[str, bytes], wait: bool = True) -> None:
         """Stores the values. With `wait` (the default) it returns once Memcached stored
         them: with noreply a get on another connection can overtake the set, and a caller
         repeating a request it just got answered would miss. Without, it returns once they
         are sent (3.7 -> 1.6 µs per key, measured on batches of 64 bulk results)."""
-        if not values or not self.available:
+        if not values or not self.enabled:
             return
-        assert self._client is not None
-        try:
-            self._client.set_many(dict(values), expire=self.ttl_s, noreply=not wait)
-        except Exception as exc:
-            self.record_failure("set", exc)
+        for node, some in self.ring.group(values).items():
+            if not self.node_up(node):
+                continue
+            try:
+                self._clients[node].set_many(
+                    {key: values[key] for key in some}, expire=self.ttl_s, noreply=not wait
+                )
+            except Exception as exc:
+                self.record_failure("set", exc, node)
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+        for client in self._clients:
+            client.close()

@@ -309,6 +309,15 @@ class Repository:
     def names(self) -> list[str]:
         return sorted(self._models)
 
+    def only(self, names: list[str]) -> Repository:
+        """The repository cut down to `names` (RepositoryError names any it lacks)."""
+        missing = sorted(set(names) - set(self._models))
+        if missing:
+            raise RepositoryError(
+                f"no model {', '.join(missing)} in the repository (have: {', '.join(self.names)})"
+            )
+        return Repository({name: self._models[name] for name in names})
+
     def versions(self, name: str) -> list[int]:
         return sorted(self._models.get(name, {}))
 

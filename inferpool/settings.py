@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from inferpool.names import MODEL_NAME_RE
+
 ENV_PREFIX = "INFERPOOL_"
 
 
@@ -59,13 +61,38 @@ def _redis_url(raw: str) -> str:
     return raw
 
 
-def _host_port(raw: str) -> str:
-    if raw == "":
-        return raw  # cache disabled
-    host, sep, port = raw.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("expected host:port, or empty to disable the cache")
-    return raw
+def _host_ports(raw: str) -> str:
+    nodes = [node.strip() for node in raw.split(",") if node.strip()]
+    if not nodes:
+        return ""  # cache disabled
+    for node in nodes:
+        host, sep, port = node.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected host:port[,host:port...], or empty to disable the cache")
+    if len(set(nodes)) != len(nodes):
+        raise ValueError("a node is listed twice")
+    return ",".join(nodes)
+
+
+def _broker_shards(raw: str) -> str:
+    entries = [entry.strip() for entry in raw.split(",") if entry.strip()]
+    models = []
+    for entry in entries:
+        model, sep, url = entry.partition("=")
+        if not sep or not MODEL_NAME_RE.match(model.strip()):
+            raise ValueError("expected model=redis://host:port/db entries, comma-separated")
+        _redis_url(url.strip())
+        models.append(model.strip())
+    if len(set(models)) != len(models):
+        raise ValueError("a model is listed twice")
+    return ",".join(entries)
+
+
+def _model_names(raw: str) -> str:
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    if not all(MODEL_NAME_RE.match(name) for name in names):
+        raise ValueError("expected comma-separated model names")
+    return ",".join(names)
 
 
 def _positive_float(raw: str) -> float:
@@ -151,7 +178,18 @@ def _setting(default: Any, parse: Callable[[str], Any], doc: str) -> Any:
 class Settings:
     # Shared by the API and the workers.
     redis_url: str = _setting("redis://127.0.0.1:6379/0", _redis_url, "broker and reply store")
-    memcached: str = _setting("127.0.0.1:11211", _host_port, "cache host:port; empty disables it")
+    broker_shards: str = _setting(
+        "",
+        _broker_shards,
+        "model=redis://... entries, comma-separated: the Redis each listed model's requests, "
+        "flight locks and replies use (the rest use redis_url); the same map for API and workers",
+    )
+    memcached: str = _setting(
+        "127.0.0.1:11211",
+        _host_ports,
+        "cache nodes, host:port comma-separated (keys spread by rendezvous hashing; every API "
+        "and worker must list the same nodes); empty disables it",
+    )
     model_repository: Path = _setting(Path("models"), Path, "models/<name>/<version>/ tree")
     cache_ttl_s: int = _setting(3600, _positive_int, "lifetime of a cached result")
     local_cache_items: int = _setting(
@@ -276,6 +314,9 @@ class Settings:
         600.0, _positive_float, "a WatchJob stream ends (OK, job still live) after this long"
     )
     # Worker.
+    worker_models: str = _setting(
+        "", _model_names, "models this worker serves, comma-separated; empty = every model in the repository"
+    )
     worker_concurrency: int = _setting(8, _positive_int, "envelopes a worker holds at once")
     worker_prefetch: int = _setting(4, _positive_int, "messages reserved per concurrency slot")
     bulk_prefetch_chunks: int = _setting(4, _positive_int, "bulk chunks a worker holds at once")

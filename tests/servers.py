@@ -23,6 +23,7 @@ from api.server import ApiServer
 from bench.stack import ROOT, free_port, wait_port
 from inferpool.broker import make_celery
 from inferpool.settings import Settings
+from inferpool.shards import worker_broker
 
 
 def _binary(name: str) -> str:
@@ -181,7 +182,11 @@ class Worker(Proc):
             logdir / f"worker-{Worker._count}.log",
             env=env,
         )
-        self.control = make_celery(settings, main="test-control")
+        # Pinged over its own broker: its models' shard (inferpool.shards).
+        from workers.app import served_repository
+
+        broker = worker_broker(settings, served_repository(settings).names)
+        self.control = make_celery(settings, main="test-control", broker_url=broker)
         self.ready(lambda: self._wait_ready(ready_timeout_s))
 
     def _wait_ready(self, timeout_s: float) -> None:

@@ -31,6 +31,7 @@ from inferpool.jobs import JobStore
 from inferpool.names import queue_name, task_name
 from inferpool.repository import Repository
 from inferpool.settings import Settings, SettingsError
+from inferpool.shards import worker_broker
 from workers import metrics, stats
 from workers.batcher import Batcher
 from workers.bulk import BulkConsumer
@@ -81,7 +82,14 @@ class Runtime:
         client = redis.Redis.from_url(
             settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0, retry=retry
         )
-        self.sink = ReplySink(client, settings.reply_ttl_s)
+        # Replies go back on the Redis the requests came from (the models' shard).
+        broker = worker_broker(settings, repository.names)
+        replies = client
+        if broker != settings.redis_url:
+            replies = redis.Redis.from_url(
+                broker, socket_timeout=5.0, socket_connect_timeout=2.0, retry=retry
+            )
+        self.sink = ReplySink(replies, settings.reply_ttl_s)
         self.jobs = JobStore(client)
         self.batchers: dict[tuple[str, int], Batcher] = {}
         for cfg in repository.all():
@@ -225,14 +233,23 @@ class _Lifecycle:
             tracing.force_flush()  # what the last batches traced
 
 
+def served_repository(settings: Settings) -> Repository:
+    """The models this worker serves: INFERPOOL_WORKER_MODELS of the repository, or all."""
+    repository = Repository.load(settings.model_repository)
+    if settings.worker_models:
+        repository = repository.only(settings.worker_models.split(","))
+    return repository
+
+
 def create_app(settings: Settings, repository: Repository | None = None) -> Celery:
     """The worker's Celery app for these settings and the model repository they name
     (or `repository`). Raises SettingsError or RepositoryError with a clear message."""
     checked(settings)
     key_secret(settings)  # a missing cache key secret stops start-up here, before Celery starts
     if repository is None:
-        repository = Repository.load(settings.model_repository)
-    app = make_celery(settings, main="inferpool-worker")
+        repository = served_repository(settings)
+    # Its models' shard (inferpool.shards); bulk chunks and job records stay on redis_url.
+    app = make_celery(settings, main="inferpool-worker", broker_url=worker_broker(settings, repository.names))
     intake = Intake(settings.worker_concurrency)
     _Lifecycle(settings, repository, app, intake).connect()
     inspect_command()(inferpool_stats)

@@ -9,7 +9,7 @@ import sys
 from inferpool import logs, tracing
 from inferpool.heap import keep_large_buffers
 from inferpool.names import bulk_queue_name, queue_name
-from inferpool.repository import Repository, RepositoryError
+from inferpool.repository import RepositoryError
 from inferpool.settings import Settings, SettingsError
 
 
@@ -53,12 +53,12 @@ def main(argv: list[str] | None = None) -> None:
     from celery import signals
 
     from workers import metrics
-    from workers.app import create_app
+    from workers.app import create_app, served_repository
 
     # Settings and the repository are validated here, before Celery starts.
     try:
         settings = Settings.from_env()
-        repository = Repository.load(settings.model_repository)
+        repository = served_repository(settings)
         app = create_app(settings, repository)
     except (SettingsError, RepositoryError) as exc:
         sys.exit(str(exc))
