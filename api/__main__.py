@@ -1,3 +1,3 @@
-from api.server import main
+from inferpool.api.server import main
 
 main()

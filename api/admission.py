@@ -42,7 +42,7 @@ from typing import Any
 
 import grpc
 
-from api.metrics import SHED
+from inferpool.api.metrics import SHED
 from inferpool.errors import Overloaded
 from inferpool.repository import ModelConfig
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from api.handlers import behaviour_of, with_behaviour
+from inferpool.api.handlers import behaviour_of, with_behaviour
 from inferpool.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)

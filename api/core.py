@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from api import metrics
-from api.admission import Admission
-from api.auth import caller
-from api.dispatcher import Dispatcher, Miss, ReplyListener, deadline_exceeded, new_id
-from api.front_cache import CacheReader, FrontCache, LocalCache
-from api.publisher import FlightLocks, Publisher
 from inferpool import tracing
+from inferpool.api import metrics
+from inferpool.api.admission import Admission
+from inferpool.api.auth import caller
+from inferpool.api.dispatcher import Dispatcher, Miss, ReplyListener, deadline_exceeded, new_id
+from inferpool.api.front_cache import CacheReader, FrontCache, LocalCache
+from inferpool.api.publisher import FlightLocks, Publisher
 from inferpool.cache import Cache
 from inferpool.errors import DeadlineExceeded, InferpoolError, InvalidInput, ModelFailed
 from inferpool.names import MODEL_NAME_RE

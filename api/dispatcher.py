@@ -29,12 +29,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from api.admission import Admission
-from api.brokers import Brokers, brokers
-from api.front_cache import CacheReader
-from api.metrics import ModelMetrics
-from api.publisher import FlightLocks, FlightTaken, Publisher
 from inferpool import tracing
+from inferpool.api.admission import Admission
+from inferpool.api.brokers import Brokers, brokers
+from inferpool.api.front_cache import CacheReader
+from inferpool.api.metrics import ModelMetrics
+from inferpool.api.publisher import FlightLocks, FlightTaken, Publisher
 from inferpool.broker import Reconnect
 from inferpool.cache import Cache
 from inferpool.errors import BackendUnavailable, DeadlineExceeded
@@ -43,7 +43,7 @@ from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2, tensor_pb2
 
 if TYPE_CHECKING:
-    from api.core import Counters
+    from inferpool.api.core import Counters
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from api.auth import caller
-from api.jobs import JobPlane
+from inferpool.api.auth import caller
+from inferpool.api.jobs import JobPlane
 from inferpool.v1 import jobs_pb2, jobs_pb2_grpc
 
 

@@ -21,12 +21,12 @@ from collections.abc import AsyncIterator
 import numpy as np
 import redis.asyncio as aioredis
 
-from api import metrics
-from api.auth import caller
-from api.core import DataPlane, top_classes
-from api.job_watch import watch_job
-from api.upload import Upload
 from inferpool import jobs, tracing
+from inferpool.api import metrics
+from inferpool.api.auth import caller
+from inferpool.api.core import DataPlane, top_classes
+from inferpool.api.job_watch import watch_job
+from inferpool.api.upload import Upload
 from inferpool.bulkqueue import push_chunk
 from inferpool.codec import ENVELOPE_VERSION, encode
 from inferpool.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, JobNotFound, Overloaded, clip

@@ -24,9 +24,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 import inferpool
-from api.auth import caller
-from api.core import DataPlane, Inferred, new_id
-from api.kserve_tensors import (
+from inferpool.api.auth import caller
+from inferpool.api.core import DataPlane, Inferred, new_id
+from inferpool.api.kserve_tensors import (
     CLASSIFICATION,
     OUTPUT_NAME,
     infer_response,

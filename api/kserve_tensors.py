@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from api.core import Inferred
 from inferpool import tensor
+from inferpool.api.core import Inferred
 from inferpool.errors import InvalidInput
 from inferpool.repository import ModelConfig
 from inferpool.triton import grpc_service_pb2 as pb

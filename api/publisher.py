@@ -37,9 +37,9 @@ from celery import Celery
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
-from api import metrics
-from api.brokers import Brokers, brokers
 from inferpool import codec
+from inferpool.api import metrics
+from inferpool.api.brokers import Brokers, brokers
 from inferpool.codec import ENVELOPE_VERSION
 from inferpool.errors import BackendUnavailable
 from inferpool.names import queue_name, task_name

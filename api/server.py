@@ -16,18 +16,18 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from api import auth, kserve, metrics, status
-from api.admission import Admission, LoopLag, SheddingInterceptor
-from api.brokers import Brokers
-from api.core import DataPlane
-from api.dispatcher import ReplyListener
-from api.front_cache import CacheReader, LocalCache
-from api.http.app import HttpFront
-from api.job_servicer import JobServicer
-from api.jobs import JobPlane
-from api.publisher import FlightLocks, Publisher
-from api.servicer import InferenceServicer
 from inferpool import logs, tracing
+from inferpool.api import auth, kserve, metrics, status
+from inferpool.api.admission import Admission, LoopLag, SheddingInterceptor
+from inferpool.api.brokers import Brokers
+from inferpool.api.core import DataPlane
+from inferpool.api.dispatcher import ReplyListener
+from inferpool.api.front_cache import CacheReader, LocalCache
+from inferpool.api.http.app import HttpFront
+from inferpool.api.job_servicer import JobServicer
+from inferpool.api.jobs import JobPlane
+from inferpool.api.publisher import FlightLocks, Publisher
+from inferpool.api.servicer import InferenceServicer
 from inferpool.broker import make_celery
 from inferpool.cache import Cache
 from inferpool.heap import freeze_startup_heap, keep_large_buffers

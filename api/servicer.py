@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from api.core import DataPlane
+from inferpool.api.core import DataPlane
 from inferpool.v1 import inference_pb2, inference_pb2_grpc
 
 

@@ -31,8 +31,8 @@ from typing import Any, NoReturn
 
 import grpc
 
-from api import handlers, metrics
 from inferpool import errors, tracing
+from inferpool.api import handlers, metrics
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("inferpool.access")

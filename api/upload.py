@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from api.auth import caller
 from inferpool import jobs
+from inferpool.api.auth import caller
 from inferpool.errors import InvalidInput
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2, jobs_pb2
 
 if TYPE_CHECKING:
-    from api.jobs import JobPlane
+    from inferpool.api.jobs import JobPlane
 
 Reply = envelope_pb2.Reply
 

@@ -64,8 +64,8 @@ def rate(run: Any, x: np.ndarray, seconds: float, repeats: int) -> float:
 
 def model_alone(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from inferpool.repository import ModelConfig
-    from workers.backends import LoadOptions, ModelLoadError
-    from workers.runtime import ModelRunner, configure_threads, pick_device
+    from inferpool.workers.backends import LoadOptions, ModelLoadError
+    from inferpool.workers.runtime import ModelRunner, configure_threads, pick_device
 
     threads = configure_threads(args.torch_threads)
     device = pick_device(args.device)

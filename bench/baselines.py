@@ -101,7 +101,7 @@ class ThreadPoolServicer(inference_pb2_grpc.InferenceServiceServicer):
 
 def _runners(repository: Repository, torch_threads: int) -> dict[str, Any]:
     """A warmed ModelRunner per model; torch's pool sized as the worker sizes it."""
-    from workers.runtime import ModelRunner, configure_threads, pick_device
+    from inferpool.workers.runtime import ModelRunner, configure_threads, pick_device
 
     configure_threads(torch_threads)
     runners = {}

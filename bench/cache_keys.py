@@ -96,8 +96,8 @@ def keys() -> None:
 
 def plane() -> None:
     """DataPlane.classify for an input the API's local cache holds (as old or new code keys it)."""
-    from api.core import DataPlane
-    from api.front_cache import CacheReader, LocalCache
+    from inferpool.api.core import DataPlane
+    from inferpool.api.front_cache import CacheReader, LocalCache
     from inferpool.cache import Cache
     from inferpool.repository import Repository
     from inferpool.tensor import to_proto

@@ -91,7 +91,9 @@ class Cluster:
         }
         for i in range(self.n_workers):
             self._start(
-                "worker", [sys.executable, "-m", "workers.main", f"--hostname=bench-{i}@localhost"], env
+                "worker",
+                [sys.executable, "-m", "inferpool.workers.main", f"--hostname=bench-{i}@localhost"],
+                env,
             )
         for _ in range(self.n_apis):
             port, metrics_port = free_port(), free_port()
@@ -99,7 +101,7 @@ class Cluster:
             self.metrics_ports.append(metrics_port)
             api = self._start(
                 "api",
-                [sys.executable, "-m", "api"],
+                [sys.executable, "-m", "inferpool.api"],
                 {**env, "INFERPOOL_GRPC_PORT": str(port), "INFERPOOL_METRICS_PORT": str(metrics_port)},
             )
             wait_port(port, 60, api)

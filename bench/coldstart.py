@@ -1,4 +1,4 @@
-"""Cold start per backend: from `python -m workers.main` to the first answered request.
+"""Cold start per backend: from `python -m inferpool.workers.main` to the first answered request.
 
 For each backend (the digits model as torchscript, torch_export, torch_export with its
 AOTInductor build, onnxruntime) a worker serving only that model is started `--repeats`
@@ -91,7 +91,7 @@ class Servers:
         ]
         wait_port(self.redis_port, 10, self.procs[0])
         wait_port(self.memcached_port, 10, self.procs[1])
-        self.procs.append(self._start([sys.executable, "-m", "api"], logdir))
+        self.procs.append(self._start([sys.executable, "-m", "inferpool.api"], logdir))
         wait_port(self.grpc_port, 60, self.procs[2])
         self.target = f"127.0.0.1:{self.grpc_port}"
 
@@ -122,7 +122,7 @@ def start_worker(
         [
             sys.executable,
             "-m",
-            "workers.main",
+            "inferpool.workers.main",
             f"--hostname=cold-{os.getpid()}-{time.monotonic_ns()}@localhost",
         ],
         env=env,

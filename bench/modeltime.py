@@ -24,7 +24,7 @@ def model_alone(
     import numpy as np
 
     from inferpool.repository import Repository
-    from workers.runtime import ModelRunner, configure_threads, pick_device, usable_cores
+    from inferpool.workers.runtime import ModelRunner, configure_threads, pick_device, usable_cores
 
     configure_threads(usable_cores() if torch_threads is None else torch_threads)
     cfg = Repository.load(repository).resolve(model, 0)

@@ -65,9 +65,9 @@ def label(pid: int) -> str:
         return "redis"
     if exe == "memcached":
         return "memcached"
-    if argv[1:3] == ["-m", "api"]:
+    if argv[1:3] == ["-m", "inferpool.api"]:
         return "api"
-    if argv[1:3] == ["-m", "workers.main"]:
+    if argv[1:3] == ["-m", "inferpool.workers.main"]:
         return "worker"
     if "flower" in argv[1:] and any(Path(a).name == "celery" for a in argv[:2]):
         return "flower"

@@ -145,7 +145,7 @@ class LocalStack:
             ],
             env=env,
             # honcho's -d only finds the Procfile: its processes start in this cwd, and
-            # `python -m workers.main` imports from there before the installed package,
+            # `python -m inferpool.workers.main` imports from there before the installed package,
             # so the stack runs this tree's code whoever starts it, from wherever.
             cwd=self.root,
             stdout=out,

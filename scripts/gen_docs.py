@@ -181,8 +181,8 @@ def _registry_families(registry: Any, extra: Iterable[Any] = ()) -> dict[str, tu
 
 
 def metric_families() -> list[Family]:
-    api = _import_first("inferpool.api.metrics", "api.metrics")
-    worker = _import_first("inferpool.workers.metrics", "workers.metrics")
+    api = _import_first("inferpool.api.metrics")
+    worker = _import_first("inferpool.workers.metrics")
     # The API's queue collector is registered only when it serves (it needs Redis).
     extra = []
     queue_depth = getattr(api, "QueueDepth", None)

@@ -14,7 +14,7 @@ into it after that is a re-entry. Returning to a caller is not a re-entry.
 
 tests/integration/test_miss_chain.py runs the same trace and asserts the bounds.
 
-The worker side runs `workers.main` under this script (`--worker OUT -- <worker
+The worker side runs `inferpool.workers.main` under this script (`--worker OUT -- <worker
 arguments>`): the profiler is installed for every thread before any starts (Python 3.11
 cannot add one to a running thread), recording from SIGRTMIN until SIGRTMIN+1 and the
 last frame entered since has finished; then it writes its report to OUT. Celery keeps
@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:
 
 HAND_WRITTEN = ("api/", "workers/", "inferpool/")
 GENERATED = ("inferpool/v1/", "inferpool/triton/")
+LINKED = ("inferpool/api/", "inferpool/workers/")
 _YIELD = dis.opmap["YIELD_VALUE"]
 START_SIGNAL = signal.SIGRTMIN
 STOP_SIGNAL = signal.SIGRTMIN + 1
@@ -107,6 +108,9 @@ class ChainRecorder:
         if known != "":
             return known
         rel = path[len(self.root) :] if path.startswith(self.root) else None
+        if rel is not None and rel.startswith(LINKED):
+            # Imported through inferpool/api or inferpool/workers: named by the folder.
+            rel = rel[len("inferpool/") :]
         ours = rel is not None and rel.startswith(HAND_WRITTEN) and not rel.startswith(NOT_COUNTED)
         self._modules[path] = rel if ours else None
         return rel if ours else None
@@ -245,7 +249,7 @@ def chain_text(report: dict[str, Any]) -> str:
 
 
 def worker_main(out: Path, argv: list[str]) -> None:
-    """`workers.main` with a recorder on every thread, driven by START/STOP_SIGNAL."""
+    """`inferpool.workers.main` with a recorder on every thread, driven by START/STOP_SIGNAL."""
     recorder = ChainRecorder(begin="workers/strategy.py", skip_threads=WORKER_BACKGROUND_THREADS)
 
     def write() -> None:
@@ -266,7 +270,7 @@ def worker_main(out: Path, argv: list[str]) -> None:
     signal.signal(STOP_SIGNAL, on_stop)
     threading.setprofile(recorder.profile)
     sys.setprofile(recorder.profile)
-    from workers.main import main
+    from inferpool.workers.main import main
 
     main(argv)
 

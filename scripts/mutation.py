@@ -157,14 +157,19 @@ def tree_files() -> list[str]:
         check=True,
         capture_output=True,
     ).stdout
-    return [p for p in out.decode().split("\0") if p and (ROOT / p).is_file()]
+    return [p for p in out.decode().split("\0") if p and ((ROOT / p).is_file() or (ROOT / p).is_symlink())]
 
 
 def copy_tree(files: list[str], dest: Path) -> None:
     for rel in files:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, target)
+        if (ROOT / rel).is_symlink():
+            # inferpool/api and inferpool/workers: the link, not a copy of what it points to
+            # (the copy's own api/ and workers/ are what the mutation changes).
+            target.symlink_to((ROOT / rel).readlink())
+        else:
+            shutil.copy2(ROOT / rel, target)
 
 
 def collect(python: str, node_ids: list[str]) -> set[str]:

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from api.server import ApiServer
 from bench.stack import ROOT, free_port, wait_port
+from inferpool.api.server import ApiServer
 from inferpool.broker import make_celery
 from inferpool.settings import Settings
 from inferpool.shards import worker_broker
@@ -159,7 +159,7 @@ def stack_settings(redis: RedisServer, memcached: MemcachedServer | None, **over
 
 
 class Worker(Proc):
-    """`python -m workers.main` as a real process, ready once it answers a Celery ping."""
+    """`python -m inferpool.workers.main` as a real process, ready once it answers a Celery ping."""
 
     _count = 0
 
@@ -169,9 +169,9 @@ class Worker(Proc):
         logdir: Path,
         ready_timeout_s: float = 90,
         extra_env: dict[str, str] | None = None,
-        launcher: tuple[str, ...] = ("-m", "workers.main"),
+        launcher: tuple[str, ...] = ("-m", "inferpool.workers.main"),
     ) -> None:
-        """`launcher`: what the interpreter runs instead of `-m workers.main` (a wrapper
+        """`launcher`: what the interpreter runs instead of `-m inferpool.workers.main` (a wrapper
         that takes the worker's arguments after it, as scripts/miss_chain.py does)."""
         Worker._count += 1
         self.name = f"test-{os.getpid()}-{Worker._count}@localhost"
@@ -183,7 +183,7 @@ class Worker(Proc):
             env=env,
         )
         # Pinged over its own broker: its models' shard (inferpool.shards).
-        from workers.app import served_repository
+        from inferpool.workers.app import served_repository
 
         broker = worker_broker(settings, served_repository(settings).names)
         self.control = make_celery(settings, main="test-control", broker_url=broker)
@@ -258,7 +258,7 @@ class ApiThread:
 
 
 class ApiProcess(Proc):
-    """`python -m api` as a real process on free ports (gRPC and /metrics), as deployed:
+    """`python -m inferpool.api` as a real process on free ports (gRPC and /metrics), as deployed:
     SIGTERM drains it (INFERPOOL_DRAIN_S), SIGKILL kills it."""
 
     _count = 0
@@ -274,7 +274,7 @@ class ApiProcess(Proc):
             **env,
         }
         super().__init__(
-            [sys.executable, "-m", "api"], logdir / f"api-{ApiProcess._count}.log", env=variables
+            [sys.executable, "-m", "inferpool.api"], logdir / f"api-{ApiProcess._count}.log", env=variables
         )
         self.target = f"127.0.0.1:{self.port}"
         self.ready(lambda: wait_port(self.port, 60, self.popen))

@@ -4,8 +4,8 @@
 repository's configs (cheap, no torch) and registers one classify task per model,
 whose messages go through workers/intake.py. Weights are loaded and warmed up once
 the worker starts (`worker_init`, building the `Runtime`), so
-`celery -A workers.app inspect ...` stays light. Nothing is built at import:
-`workers.app.app` is made from the environment on first use, for Celery's `-A`.
+`celery -A inferpool.workers.app inspect ...` stays light. Nothing is built at import:
+`inferpool.workers.app.app` is made from the environment on first use, for Celery's `-A`.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from inferpool.names import queue_name, task_name
 from inferpool.repository import Repository
 from inferpool.settings import Settings, SettingsError
 from inferpool.shards import worker_broker
-from workers import metrics, stats
-from workers.batcher import Batcher
-from workers.bulk import BulkConsumer
-from workers.intake import Intake
-from workers.sinks import ReplySink
-from workers.strategy import inline_or_stock
+from inferpool.workers import metrics, stats
+from inferpool.workers.batcher import Batcher
+from inferpool.workers.bulk import BulkConsumer
+from inferpool.workers.intake import Intake
+from inferpool.workers.sinks import ReplySink
+from inferpool.workers.strategy import inline_or_stock
 
 log = logging.getLogger("inferpool.worker")
 
@@ -64,9 +64,9 @@ class Runtime:
         hostname: str | None = None,
         task_events: bool = False,
     ) -> None:
-        from workers.backends import LoadOptions, ModelLoadError
-        from workers.backends.base import usable_cache_dir
-        from workers.runtime import ModelRunner, configure_threads, needs_torch, pick_device
+        from inferpool.workers.backends import LoadOptions, ModelLoadError
+        from inferpool.workers.backends.base import usable_cache_dir
+        from inferpool.workers.runtime import ModelRunner, configure_threads, needs_torch, pick_device
 
         use_torch = needs_torch(repository.all())
         threads = configure_threads(settings.torch_threads, use_torch)
@@ -276,7 +276,7 @@ def _register(app: Celery, intake: Intake, model: str) -> None:
 
 
 def __getattr__(name: str) -> Any:
-    # `celery -A workers.app ...` (inspect, control) looks for `app` here.
+    # `celery -A inferpool.workers.app ...` (inspect, control) looks for `app` here.
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     app = create_app(Settings.from_env())

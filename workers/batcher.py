@@ -35,10 +35,10 @@ from inferpool.cache import Cache
 from inferpool.jobs import JobStore
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2
-from workers import metrics
-from workers.results import Computed, EndedJobs, Outcome, ResultWriter, Ticket
-from workers.runtime import ModelRunner, RowFallback
-from workers.sinks import ReplySink
+from inferpool.workers import metrics
+from inferpool.workers.results import Computed, EndedJobs, Outcome, ResultWriter, Ticket
+from inferpool.workers.runtime import ModelRunner, RowFallback
+from inferpool.workers.sinks import ReplySink
 
 log = logging.getLogger(__name__)
 

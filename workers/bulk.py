@@ -42,9 +42,9 @@ from inferpool.jobs import JobStore
 from inferpool.names import bulk_queue_name, bulk_task_name
 from inferpool.repository import NONFINITE, ModelConfig
 from inferpool.v1 import envelope_pb2
-from workers import metrics
-from workers.batcher import Batcher, BulkWork
-from workers.results import Ticket
+from inferpool.workers import metrics
+from inferpool.workers.batcher import Batcher, BulkWork
+from inferpool.workers.results import Ticket
 
 log = logging.getLogger(__name__)
 

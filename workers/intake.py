@@ -24,13 +24,13 @@ from inferpool.errors import InvalidInput
 from inferpool.names import DEAD_LETTER_MAX, dead_letter_key, queue_name, task_name
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2
-from workers import metrics
-from workers.batcher import Batcher, Pending
-from workers.results import Ticket
+from inferpool.workers import metrics
+from inferpool.workers.batcher import Batcher, Pending
+from inferpool.workers.results import Ticket
 
 if TYPE_CHECKING:
-    from workers.app import Runtime
-    from workers.strategy import MessageEvents
+    from inferpool.workers.app import Runtime
+    from inferpool.workers.strategy import MessageEvents
 
 log = logging.getLogger("inferpool.worker")
 

@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     keep_large_buffers()  # before the model's and the chunks' buffers exist
     from celery import signals
 
-    from workers import metrics
-    from workers.app import create_app, served_repository
+    from inferpool.workers import metrics
+    from inferpool.workers.app import create_app, served_repository
 
     # Settings and the repository are validated here, before Celery starts.
     try:

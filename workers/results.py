@@ -27,11 +27,11 @@ from inferpool.cache import Cache
 from inferpool.jobs import JobStore
 from inferpool.repository import ModelConfig
 from inferpool.v1 import envelope_pb2
-from workers import metrics
-from workers.sinks import ReplySink
+from inferpool.workers import metrics
+from inferpool.workers.sinks import ReplySink
 
 if TYPE_CHECKING:
-    from workers.batcher import BulkSlice, Pending
+    from inferpool.workers.batcher import BulkSlice, Pending
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,14 @@ import numpy as np
 
 from inferpool.repository import ModelConfig
 from inferpool.tensor import dtype_name
-from workers import metrics
-from workers.backends import LoadOptions, ModelLoadError, Variant, load_variants
-from workers.backends.base import PRECISION_ATOL
+from inferpool.workers import metrics
+from inferpool.workers.backends import LoadOptions, ModelLoadError, Variant, load_variants
+from inferpool.workers.backends.base import PRECISION_ATOL
 
 if TYPE_CHECKING:
     import torch
 
-    from workers.results import Rows
+    from inferpool.workers.results import Rows
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client.metrics import MetricWrapperBase
 
 from inferpool.names import bulk_task_name
-from workers import metrics
+from inferpool.workers import metrics
 
 _BULK_TASK_PREFIX = bulk_task_name("")
 

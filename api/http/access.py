@@ -19,7 +19,7 @@ import time
 
 from starlette.types import Scope
 
-from api import status
+from inferpool.api import status
 
 access_log = logging.getLogger("inferpool.access")
 

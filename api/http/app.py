@@ -36,16 +36,16 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from api import auth, metrics
-from api.http.access import HttpAccessLog
-from api.http.errors import error_response, response_for
-from api.http.jobs_rest import JobsRest
-from api.http.kserve_rest import KServeRest
-from api.kserve import KServeServicer
 from inferpool import tracing
+from inferpool.api import auth, metrics
+from inferpool.api.http.access import HttpAccessLog
+from inferpool.api.http.errors import error_response, response_for
+from inferpool.api.http.jobs_rest import JobsRest
+from inferpool.api.http.kserve_rest import KServeRest
+from inferpool.api.kserve import KServeServicer
 
 if TYPE_CHECKING:
-    from api.server import ApiServer
+    from inferpool.api.server import ApiServer
 
 log = logging.getLogger("inferpool.http")
 

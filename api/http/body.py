@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from starlette.requests import ClientDisconnect, Request
 
-from api.http.errors import HttpError
+from inferpool.api.http.errors import HttpError
 
 
 def declared_length(request: Request, limit: int) -> int | None:

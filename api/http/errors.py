@@ -7,7 +7,7 @@ import logging
 
 from starlette.responses import JSONResponse
 
-from api.status import details, http_status_for
+from inferpool.api.status import details, http_status_for
 from inferpool.errors import InferpoolError
 
 log = logging.getLogger("inferpool.http")

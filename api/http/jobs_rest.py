@@ -20,11 +20,11 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from api.auth import caller
-from api.http.body import chunks, declared_length, read_body
-from api.http.errors import HttpError, response_for
-from api.jobs import JobPlane
 from inferpool import tensor
+from inferpool.api.auth import caller
+from inferpool.api.http.body import chunks, declared_length, read_body
+from inferpool.api.http.errors import HttpError, response_for
+from inferpool.api.jobs import JobPlane
 from inferpool.errors import InvalidInput
 from inferpool.repository import ModelConfig
 from inferpool.v1 import jobs_pb2

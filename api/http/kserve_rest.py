@@ -26,11 +26,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 import inferpool
-from api.http.access import REQUEST_ID
-from api.http.body import read_body
-from api.http.errors import HttpError
-from api.kserve import KServeServicer, model_config, model_metadata
-from api.kserve_tensors import CLASSIFICATION, contents_field, parse_version
+from inferpool.api.http.access import REQUEST_ID
+from inferpool.api.http.body import read_body
+from inferpool.api.http.errors import HttpError
+from inferpool.api.kserve import KServeServicer, model_config, model_metadata
+from inferpool.api.kserve_tensors import CLASSIFICATION, contents_field, parse_version
 from inferpool.errors import InvalidInput, Overloaded
 from inferpool.triton import grpc_service_pb2 as pb
 

@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 import pytest
 
-from api import status
 from inferpool import logs
+from inferpool.api import status
 from inferpool.client import classify_request
 from inferpool.v1 import inference_pb2, inference_pb2_grpc
 from tests.servers import ApiThread, MemcachedServer, RedisServer, Worker, free_port, stack_settings
@@ -233,7 +233,7 @@ def test_worker_start_up_lines_are_in_its_log(worker: Worker) -> None:
 def test_latency_buckets_carry_the_trace_id_as_an_exemplar_on_both_fronts(api: ApiThread) -> None:
     from prometheus_client.openmetrics.exposition import generate_latest
 
-    from api import metrics
+    from inferpool.api import metrics
 
     trace_id = secrets.token_hex(16)
     x = np.random.default_rng(44).random((1, 1, 28, 28), dtype=np.float32)

@@ -20,13 +20,13 @@ from inferpool.jobs import JobStore
 from inferpool.names import job_key, job_results_key
 from inferpool.repository import Repository
 from inferpool.v1 import envelope_pb2
+from inferpool.workers import stats
+from inferpool.workers.batcher import Batcher, BulkWork, Pending
+from inferpool.workers.results import Ticket
+from inferpool.workers.runtime import ModelRunner, pick_device
+from inferpool.workers.sinks import ReplySink
 from tests.servers import MemcachedServer, wait_until
 from tests.unit.test_batcher import ROOT
-from workers import stats
-from workers.batcher import Batcher, BulkWork, Pending
-from workers.results import Ticket
-from workers.runtime import ModelRunner, pick_device
-from workers.sinks import ReplySink
 
 pytestmark = pytest.mark.timeout(60)
 

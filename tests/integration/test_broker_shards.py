@@ -76,7 +76,7 @@ def test_each_models_misses_travel_on_its_own_redis_and_are_answered(
 def test_queue_depth_reads_each_models_queue_on_its_own_redis(logdir: Path, fresh_redis: RedisServer) -> None:
     from prometheus_client import CollectorRegistry
 
-    from api.metrics import register_queue_depth
+    from inferpool.api.metrics import register_queue_depth
     from inferpool.names import queue_name
 
     shard = RedisServer(logdir)

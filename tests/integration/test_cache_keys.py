@@ -210,7 +210,12 @@ def test_the_secret_is_required_with_memcached_and_never_echoed(
     env = {k: v for k, v in env.items() if k != "INFERPOOL_CACHE_KEY_SECRET"}
     env["PATH"] = "/usr/bin:/bin"
     done = subprocess.run(
-        [sys.executable, "-m", "workers.main"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
+        [sys.executable, "-m", "inferpool.workers.main"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert done.returncode != 0 and "INFERPOOL_CACHE_KEY_SECRET" in done.stderr
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from pymemcache.client.base import Client as NodeClient
 
-from api.front_cache import CacheReader
+from inferpool.api.front_cache import CacheReader
 from inferpool.cache import Cache
 from inferpool.client import Client
 from tests.servers import ApiThread, MemcachedServer, RedisServer, Worker, stack_settings

@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 import redis
 
-from api import metrics as api_metrics
 from bench.stack import free_port, wait_port
+from inferpool.api import metrics as api_metrics
 from inferpool.client import Client
 from inferpool.codec import SERIALIZER
 from inferpool.names import bulk_queue_name, queue_name, task_name

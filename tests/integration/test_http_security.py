@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from api import metrics
 from bench.stack import free_port
+from inferpool.api import metrics
 from tests.servers import ApiThread, MemcachedServer, RedisServer, TlsFiles, Worker, stack_settings
 
 pytestmark = pytest.mark.timeout(120)

@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kombu.exceptions import OperationalError
 
-from api import metrics, status
+from inferpool.api import metrics, status
 from inferpool.broker import make_celery
 from inferpool.settings import Settings
 from inferpool.triton import grpc_service_pb2 as pb

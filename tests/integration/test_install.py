@@ -152,6 +152,13 @@ def test_base_install_in_a_fresh_venv(
     installed = {canonicalize_name(d["name"]) for d in json.loads(listed.stdout)}
     # venv's own pip (and, before Python 3.12, setuptools) besides the project and its closure.
     assert installed - {"pip", "setuptools"} == {"inferpool", *closure}, sorted(installed)
+    # One import root: the servers' code installs as inferpool.api and inferpool.workers
+    # (real folders in site-packages, not links), and no top-level `api` or `workers`.
+    assert not (site / "api").exists() and not (site / "workers").exists()
+    for package in ("api", "workers"):
+        folder = site / "inferpool" / package
+        assert folder.is_dir() and not folder.is_symlink() and (folder / "__init__.py").is_file()
+    assert (site / "inferpool" / "api" / "http" / "static").is_dir()
 
     run = subprocess.run(
         [str(python), "-c", CHECK], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path

@@ -20,10 +20,10 @@ import redis.asyncio as aioredis
 import torch
 from kombu.serialization import loads
 
-from api.publisher import FlightLocks, FlightTaken, Publisher
 from bench.proxies import ProxyProcess
 from bench.scrape import scrape, total
 from inferpool import codec
+from inferpool.api.publisher import FlightLocks, FlightTaken, Publisher
 from inferpool.broker import make_celery
 from inferpool.client import AsyncClient, Client
 from inferpool.names import queue_name

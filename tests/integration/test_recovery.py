@@ -267,7 +267,11 @@ def test_worker_refuses_a_lease_renewed_too_rarely() -> None:
     # One late renewal would make a live worker look dead: refused at start, by name.
     env = {**os.environ, "INFERPOOL_BULK_LEASE_S": "3", "INFERPOOL_BULK_LEASE_RENEW_S": "2"}
     done = subprocess.run(
-        [sys.executable, "-m", "workers.main"], env=env, capture_output=True, timeout=120, check=False
+        [sys.executable, "-m", "inferpool.workers.main"],
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 1, done
     assert (

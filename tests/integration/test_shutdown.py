@@ -23,8 +23,8 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from api.metrics import QueueDepth
 from inferpool import codec
+from inferpool.api.metrics import QueueDepth
 from inferpool.names import queue_name, task_name
 from inferpool.repository import Repository
 from inferpool.settings import Settings

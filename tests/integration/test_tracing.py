@@ -21,6 +21,7 @@ from inferpool.cache import Cache
 from inferpool.client import Client, Job, classify_request, created_id, submit_requests
 from inferpool.names import job_key
 from inferpool.v1 import envelope_pb2, inference_pb2_grpc
+from inferpool.workers.results import Ticket
 from tests.otlp_receiver import Receiver, Span
 from tests.servers import (
     ApiThread,
@@ -31,7 +32,6 @@ from tests.servers import (
     stack_settings,
     wait_until,
 )
-from workers.results import Ticket
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -371,8 +371,8 @@ def test_a_chunk_redelivered_after_a_worker_is_killed_is_an_event_in_its_trace(
 def test_an_item_expired_in_the_worker_is_a_dropped_event_with_no_compute_span(
     receiver: Receiver, redis_client: redis.Redis, memcached_server: MemcachedServer
 ) -> None:
+    from inferpool.workers.batcher import Pending
     from tests.integration.test_batcher import _batcher, _Gated
-    from workers.batcher import Pending
 
     # On already when this module's stack runs (its API's spans go to the same receiver).
     started_here = not tracing.enabled()

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from inferpool.repository import ModelConfig, Repository, RepositoryError
-from workers.backends import LoadOptions, ModelLoadError
-from workers.runtime import ModelRunner
+from inferpool.workers.backends import LoadOptions, ModelLoadError
+from inferpool.workers.runtime import ModelRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = {"digits": "torchscript", "digits_export": "torch_export", "digits_onnx": "onnxruntime"}
@@ -174,7 +174,7 @@ def test_onnx_optimised_graph_is_cached_and_reused(
 
 
 def test_cache_key_changes_with_the_model_file(tmp_path: Path) -> None:
-    from workers.backends.base import cache_key
+    from inferpool.workers.backends.base import cache_key
 
     cfg = copy_model(tmp_path, "digits_onnx")
     before = cache_key(cfg, "cpu", "1.0")
@@ -189,9 +189,9 @@ def test_a_worker_serving_only_onnx_models_never_imports_torch(tmp_path: Path) -
     script = f"""
 import sys
 from pathlib import Path
-import workers.app, workers.main
+import inferpool.workers.app, inferpool.workers.main
 from inferpool.repository import Repository
-from workers.runtime import ModelRunner, configure_threads, needs_torch, pick_device
+from inferpool.workers.runtime import ModelRunner, configure_threads, needs_torch, pick_device
 configs = Repository.load(Path({str(tmp_path)!r})).all()
 use_torch = needs_torch(configs)
 configure_threads(1, use_torch)

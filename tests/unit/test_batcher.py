@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from inferpool.repository import Repository
-from workers import metrics
-from workers.runtime import ModelRunner, pick_device
+from inferpool.workers import metrics
+from inferpool.workers.runtime import ModelRunner, pick_device
 
 ROOT = Path(__file__).resolve().parents[2]
 

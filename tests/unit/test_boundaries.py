@@ -5,8 +5,10 @@ from __future__ import annotations
 import ast
 import filecmp
 import importlib.metadata
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,11 +21,43 @@ GENERATED = ROOT / "inferpool" / "v1"
 
 def test_api_imports_no_torch_and_no_workers() -> None:
     code = (
-        "import sys, api.server, api.core, inferpool.client\n"
-        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'workers')))\n"
+        "import sys, inferpool.api.server, inferpool.api.core, inferpool.client\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'workers',"
+        " 'inferpool.workers', 'api')))\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def _python_sources(root: Path) -> Iterator[Path]:
+    """Every hand-written .py file of the tree, each once (links are not followed)."""
+    skip = {"build", "dist", "node_modules", "__pycache__"}
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".")]
+        yield from (Path(folder, n) for n in names if n.endswith(".py") and "_pb2" not in n)
+
+
+def _imported_roots(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    roots: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_everything_imports_through_the_inferpool_root() -> None:
+    """`api` and `workers` are folders, not packages: importing them by their bare names would
+    load a second copy of each module (two metric registries, two settings) beside
+    `inferpool.api` and `inferpool.workers`, and collide with other projects' `api`."""
+    sources = list(_python_sources(ROOT))
+    assert len(sources) > 100
+    offenders = sorted(str(f.relative_to(ROOT)) for f in sources if {"api", "workers"} & _imported_roots(f))
+    assert not offenders, f"import inferpool.api / inferpool.workers instead: {offenders}"
+    names = {p.name: p.resolve() for p in (ROOT / "inferpool").iterdir() if p.is_symlink()}
+    assert names == {"api": ROOT / "api", "workers": ROOT / "workers"}
 
 
 def test_generated_code_matches_proto(tmp_path: Path) -> None:

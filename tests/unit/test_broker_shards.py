@@ -43,7 +43,7 @@ def test_a_worker_consumes_from_its_models_one_shard() -> None:
 
 
 def test_a_worker_whose_models_span_shards_refuses_to_start() -> None:
-    from workers.app import create_app
+    from inferpool.workers.app import create_app
 
     settings = _settings(
         INFERPOOL_BROKER_SHARDS="digits_onnx=redis://127.0.0.1:1/0",

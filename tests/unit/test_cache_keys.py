@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from api.front_cache import ENTRY_OVERHEAD_BYTES, LocalCache
+from inferpool.api.front_cache import ENTRY_OVERHEAD_BYTES, LocalCache
 from inferpool.v1 import envelope_pb2
 
 pytestmark = pytest.mark.timeout(180)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from api.front_cache import CacheReader
+from inferpool.api.front_cache import CacheReader
 from inferpool.cache import Cache
 
 pytestmark = pytest.mark.timeout(30)

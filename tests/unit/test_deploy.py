@@ -19,12 +19,12 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from api import metrics as api_metrics
 from bench.proxies import compose_haproxy_config, kubernetes_haproxy_config
+from inferpool.api import metrics as api_metrics
 from inferpool.names import bulk_queue_name, queue_name
 from inferpool.repository import Repository
+from inferpool.workers import metrics as worker_metrics
 from tests.servers import ROOT
-from workers import metrics as worker_metrics
 
 COMPOSE = ROOT / "compose"
 
@@ -795,7 +795,7 @@ def test_metrics_endpoint_serves_the_registry() -> None:
 
 
 def test_worker_entry_point_keeps_celery_options_apart() -> None:
-    from workers.main import _own_options
+    from inferpool.workers.main import _own_options
 
     own, celery_args = _own_options(
         ["--metrics-port=0", "--hostname=w1@h", "--metrics-host", "0.0.0.0", "-E"]

@@ -89,7 +89,7 @@ def test_compose_and_kubernetes_set_the_same_tracing_variables() -> None:
 _PROBE = """
 import json, sys
 from inferpool import tracing
-import api.server, workers.batcher, workers.bulk
+import inferpool.api.server, workers.batcher, workers.bulk
 on = tracing.setup(sys.argv[1])
 resource = tracing.resource_attributes()
 tracing.shutdown()

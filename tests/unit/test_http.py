@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from api.http.jobs_rest import _npy_header
-from api.http.kserve_rest import encode_infer, parse_infer
-from api.status import http_status_for
 from inferpool import errors
+from inferpool.api.http.jobs_rest import _npy_header
+from inferpool.api.http.kserve_rest import encode_infer, parse_infer
+from inferpool.api.status import http_status_for
 from inferpool.repository import Repository
 from inferpool.triton import grpc_service_pb2 as pb
 

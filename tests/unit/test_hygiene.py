@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from api import status
+from inferpool.api import status
 from inferpool.errors import clip
 from inferpool.settings import Settings, SettingsError, redact
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from api.admission import OVERLOAD_HOLD_S, Admission, LoopLag
+from inferpool.api.admission import OVERLOAD_HOLD_S, Admission, LoopLag
 from inferpool.errors import Overloaded
 from inferpool.repository import ModelConfig, Repository
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from api.auth import BearerAuth, load_tokens, parse_tokens
+from inferpool.api.auth import BearerAuth, load_tokens, parse_tokens
 from inferpool.settings import Settings, SettingsError
 
 pytestmark = pytest.mark.timeout(120)

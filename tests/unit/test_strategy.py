@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from workers.strategy import sends_task_events, unexpired
+from inferpool.workers.strategy import sends_task_events, unexpired
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -42,7 +42,8 @@ def test_traceparent_parsing(value: str, expected: tuple[str, str, int] | None) 
 def test_off_no_tracing_sdk_is_imported_and_spans_are_no_ops() -> None:
     code = f"""
 import sys
-import api.server, api.core, api.status, workers.batcher, workers.results, workers.bulk
+import inferpool.api.server, inferpool.api.core, inferpool.api.status
+import inferpool.workers.batcher, inferpool.workers.results, inferpool.workers.bulk
 from inferpool import tracing
 assert not tracing.setup(tracing.API_SERVICE, {{}})
 with tracing.span("x", {{"a": 1}}) as s:

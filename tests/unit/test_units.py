@@ -14,11 +14,11 @@ import pytest
 from kombu.exceptions import EncodeError
 from kombu.serialization import dumps, loads
 
-from api import front_cache
-from api.front_cache import LocalCache
-from api.job_watch import WATCH_MIN_INTERVAL_S, next_look_s
-from api.status import code_for
 from inferpool import codec, errors, heap, tensor
+from inferpool.api import front_cache
+from inferpool.api.front_cache import LocalCache
+from inferpool.api.job_watch import WATCH_MIN_INTERVAL_S, next_look_s
+from inferpool.api.status import code_for
 from inferpool.cache import CacheKeys
 from inferpool.repository import ModelConfig, Repository, RepositoryError
 from inferpool.settings import Settings, SettingsError
@@ -261,7 +261,7 @@ def test_status_mapping() -> None:
 def test_admission_refuses_when_the_backlog_cannot_meet_the_deadline() -> None:
     """Deadline-aware admission: the requests ahead plus one batch, at the recent answer
     rate, must fit in ADMIT_SHARE of the caller's budget."""
-    from api.admission import ADMIT_SHARE, Admission
+    from inferpool.api.admission import ADMIT_SHARE, Admission
 
     cfg = Repository.load(ROOT / "models").resolve("digits", 0)
     batch = cfg.max_batch_size
@@ -311,7 +311,7 @@ def test_result_bytes_are_the_messages_serialized() -> None:
 
 
 def test_ids_are_unique_32_hex_digits_and_a_forked_child_draws_its_own() -> None:
-    from api.core import new_id
+    from inferpool.api.core import new_id
 
     ids = [new_id() for _ in range(10_000)]
     assert len(set(ids)) == len(ids)
@@ -331,7 +331,7 @@ def test_ids_are_unique_32_hex_digits_and_a_forked_child_draws_its_own() -> None
 
 
 def test_top_classes_orders_by_score_then_index_on_both_paths() -> None:
-    from api.core import SMALL_OUTPUT, top_classes
+    from inferpool.api.core import SMALL_OUTPUT, top_classes
 
     cfg = Repository.load(ROOT / "models").resolve("digits", 0)
     small = [0.1, 0.3, 0.3, 0.05, 0.05, 0.0, 0.1, 0.05, 0.05, 0.0]

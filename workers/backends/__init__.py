@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from workers.backends.base import LoadOptions, ModelLoadError, Variant
+from inferpool.workers.backends.base import LoadOptions, ModelLoadError, Variant
 
 if TYPE_CHECKING:
     import torch

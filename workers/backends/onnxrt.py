@@ -13,7 +13,14 @@ import numpy as np
 
 from inferpool.repository import ModelConfig
 from inferpool.tensor import dtype_name
-from workers.backends.base import LoadOptions, ModelLoadError, Variant, cache_key, require_file, softmax
+from inferpool.workers.backends.base import (
+    LoadOptions,
+    ModelLoadError,
+    Variant,
+    cache_key,
+    require_file,
+    softmax,
+)
 
 if TYPE_CHECKING:
     import torch

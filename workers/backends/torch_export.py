@@ -18,8 +18,8 @@ import torch
 
 from inferpool.repository import ModelConfig
 from inferpool.tensor import dtype_name
-from workers.backends.base import LoadOptions, ModelLoadError, Variant, cache_key, require_file
-from workers.backends.torchcall import TorchCall, precision_dtype
+from inferpool.workers.backends.base import LoadOptions, ModelLoadError, Variant, cache_key, require_file
+from inferpool.workers.backends.torchcall import TorchCall, precision_dtype
 
 log = logging.getLogger(__name__)
 

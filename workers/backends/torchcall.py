@@ -11,7 +11,7 @@ import torch
 
 from inferpool.repository import ModelConfig
 from inferpool.tensor import dtype_name
-from workers.backends.base import ModelLoadError
+from inferpool.workers.backends.base import ModelLoadError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -13,8 +13,8 @@ import logging
 import torch
 
 from inferpool.repository import ModelConfig
-from workers.backends.base import LoadOptions, ModelLoadError, Variant, require_file
-from workers.backends.torchcall import TorchCall, precision_dtype
+from inferpool.workers.backends.base import LoadOptions, ModelLoadError, Variant, require_file
+from inferpool.workers.backends.torchcall import TorchCall, precision_dtype
 
 log = logging.getLogger(__name__)
 
