@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -37,14 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from bench import procs, scrape
+from bench import procs, results, scrape
 from bench.generators import Generators
 from bench.heavy import make_repository
 from bench.loadgen import SHAPES, Load, Run
 from bench.proxies import ProxyProcess
-from bench.stack import ROOT, LocalStack
-
-RESULTS = ROOT / "bench" / "results"
+from bench.stack import LocalStack
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -262,7 +259,12 @@ def main() -> None:
         default=0,
         help="call the API through HAProxy, refusing inference calls past this many in flight",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS / "overload.json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default bench/results/overload/<date>-<commit>-<setup>.json)",
+    )
     args = parser.parse_args()
     args.generator_cpus = None
     if args.target:
@@ -292,15 +294,17 @@ def main() -> None:
                         target = proxy.target
                     result = sweep(args, target, stack.metrics_urls.get("api"))
     print_table(result, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "loadavg": os.getloadavg(),
-        **{k: v for k, v in vars(args).items() if k not in ("out", "generator_cpus")},
-    }
-    args.out.write_text(json.dumps({"meta": meta, **result}, indent=2, default=str))
-    print(f"\nwrote {args.out}")
+    info = results.meta(
+        {
+            "loadavg": os.getloadavg(),
+            **{k: v for k, v in vars(args).items() if k not in ("out", "generator_cpus")},
+        }
+    )
+    setup = ("pinned" if args.pin else "shared") + (f"-proxy{args.proxy_limit}" if args.proxy_limit else "")
+    out = args.out or results.default_path("overload", info).with_suffix(f".{setup}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": info, **result}, indent=2, default=str))
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
