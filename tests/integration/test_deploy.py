@@ -26,7 +26,7 @@ from bench.stack import free_port, wait_port
 from inferpool.api import metrics as api_metrics
 from inferpool.names import bulk_queue_name, queue_name
 from tests.servers import ROOT, Proc, RedisServer
-from tests.unit.test_deploy import K8S, ROLE_PASSWORDS
+from tests.unit.manifests import K8S, ROLE_PASSWORDS
 
 
 @pytest.fixture

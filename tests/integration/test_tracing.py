@@ -5,23 +5,29 @@ a collector, and the tests read back the spans they sent."""
 from __future__ import annotations
 
 import http.client
-import json
 import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 import redis
 
 from inferpool import tensor, tracing
 from inferpool.cache import Cache
-from inferpool.client import Client, Job, classify_request, created_id, submit_requests
+from inferpool.client import Client
 from inferpool.names import job_key
-from inferpool.v1 import envelope_pb2, inference_pb2_grpc
+from inferpool.v1 import envelope_pb2
 from inferpool.workers.results import Ticket
+from tests.integration.traced import (
+    classify_traced,
+    http_infer,
+    new_caller,
+    one_span,
+    random_inputs,
+    submit_traced,
+)
 from tests.otlp_receiver import Receiver, Span
 from tests.servers import (
     ApiThread,
@@ -73,52 +79,11 @@ def stack(receiver: Receiver, logdir: Path) -> Iterator[tuple[ApiThread, Worker,
         redis_server.stop()
 
 
-def _caller() -> tuple[str, str, str]:
-    """A caller's own trace context: (trace id, span id, traceparent)."""
-    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
-    return trace_id, span_id, f"00-{trace_id}-{span_id}-01"
-
-
-def _one(spans: list[Span], name: str, service: str = "") -> Span:
-    found = [s for s in spans if s.name == name and (not service or s.service == service)]
-    assert len(found) == 1, f"{len(found)} spans named {name}: {[(s.service, s.name) for s in spans]}"
-    return found[0]
-
-
-def _classify(api: ApiThread, arrays: list[np.ndarray], timeout_s: float = 30.0) -> list[tuple[str, str]]:
-    """Classifies each array concurrently, each call with its own caller trace context;
-    returns the callers' (trace id, span id)."""
-    callers = [_caller() for _ in arrays]
-    with grpc.insecure_channel(api.target) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        calls = [
-            stub.Classify.future(
-                classify_request(a, "digits"), timeout=timeout_s, metadata=(("traceparent", tp),)
-            )
-            for a, (_, _, tp) in zip(arrays, callers, strict=True)
-        ]
-        for call in calls:
-            assert call.result().classes
-    return [(t, s) for t, s, _ in callers]
-
-
-def _submit(client: Client, x: np.ndarray, traceparent: str) -> Job:
-    response = client.jobs.SubmitJobStream(
-        submit_requests(x, "digits"), timeout=120, metadata=(("traceparent", traceparent),)
-    )
-    return Job(client, created_id(response, len(x)))
-
-
-def _inputs(seed: int, n: int) -> list[np.ndarray]:
-    rng = np.random.default_rng((0x7EACE, seed))
-    return [rng.random((1, 1, 28, 28), dtype=np.float32) for _ in range(n)]
-
-
 def test_a_miss_is_one_trace_from_the_caller_through_the_batch_and_back(
     stack: tuple[ApiThread, Worker, RedisServer], receiver: Receiver
 ) -> None:
     api, _, _ = stack
-    callers = _classify(api, _inputs(1, 4))
+    callers = classify_traced(api, random_inputs(1, 4))
     tracing.force_flush()
     trace_ids = {t for t, _ in callers}
 
@@ -142,36 +107,36 @@ def test_a_miss_is_one_trace_from_the_caller_through_the_batch_and_back(
         # Its children: the model call, the cache write, the replies, in its trace.
         spans = receiver.trace(batch.trace_id)
         for name in ("worker.model", "worker.cache_write", "worker.reply"):
-            child = _one(spans, name)
+            child = one_span(spans, name)
             assert child.parent_id == batch.span_id
             assert batch.start_ns <= child.start_ns <= child.end_ns <= batch.end_ns
 
     for trace_id, caller_span in callers:
         (batch,) = [b for b in batches if trace_id in {t for t, _ in b.links}]
-        model = _one(receiver.trace(batch.trace_id), "worker.model")
+        model = one_span(receiver.trace(batch.trace_id), "worker.model")
         receiver.wait(
             lambda spans, t=trace_id: [s for s in spans if s.trace_id == t and s.name == "worker.queue_wait"],
             30,
             "the queue wait",
         )
         spans = receiver.trace(trace_id)
-        server = _one(spans, CLASSIFY)
+        server = one_span(spans, CLASSIFY)
         # The caller's context was honoured: the API's span is its child.
         assert (server.kind, server.parent_id, server.service) == (SERVER, caller_span, tracing.API_SERVICE)
         assert server.attributes["rpc.grpc.status_code"] == "OK"
-        lookup = _one(spans, "inferpool.cache_lookup")
+        lookup = one_span(spans, "inferpool.cache_lookup")
         assert lookup.parent_id == server.span_id and lookup.attributes["inferpool.cache.hit"] is False
-        flight = _one(spans, "inferpool.single_flight")
+        flight = one_span(spans, "inferpool.single_flight")
         assert flight.parent_id == server.span_id
         assert flight.attributes["inferpool.flight.role"] == "leader"
-        publish = _one(spans, "inferpool.publish")
+        publish = one_span(spans, "inferpool.publish")
         assert publish.parent_id == flight.span_id
         items = publish.attributes["inferpool.envelope.items"]
         assert 1 <= items <= batch.attributes["inferpool.batch.size"]
         assert publish.attributes["inferpool.envelope.bytes"] > items * 28 * 28 * 4
-        wait = _one(spans, "inferpool.reply_wait")
+        wait = one_span(spans, "inferpool.reply_wait")
         assert wait.parent_id == flight.span_id
-        queue_wait = _one(spans, "worker.queue_wait", tracing.WORKER_SERVICE)
+        queue_wait = one_span(spans, "worker.queue_wait", tracing.WORKER_SERVICE)
         assert queue_wait.parent_id == flight.span_id
         assert queue_wait.links == [(batch.trace_id, batch.span_id)]
         # The batch served this request.
@@ -185,31 +150,13 @@ def test_a_miss_is_one_trace_from_the_caller_through_the_batch_and_back(
         assert batch.start_ns <= model.start_ns <= model.end_ns <= server.end_ns
 
 
-def _http_infer(api: ApiThread, x: np.ndarray, headers: dict[str, str]) -> int:
-    tensor_json = {"name": "image", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}
-    body = {"inputs": [tensor_json]}
-    conn = http.client.HTTPConnection("127.0.0.1", api.server.http_port, timeout=30)
-    try:
-        conn.request(
-            "POST",
-            "/v2/models/digits/infer",
-            body=json.dumps(body),
-            headers={"Content-Type": "application/json", **headers},
-        )
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
-
-
 def test_an_http_request_is_the_child_of_its_callers_span_and_reaches_the_batch(
     stack: tuple[ApiThread, Worker, RedisServer], receiver: Receiver
 ) -> None:
     api, _, _ = stack
-    trace_id, caller_span, traceparent = _caller()
-    (x,) = _inputs(6, 1)
-    status = _http_infer(api, x, {"traceparent": traceparent, "tracestate": "vendor=opaque,other=1"})
+    trace_id, caller_span, traceparent = new_caller()
+    (x,) = random_inputs(6, 1)
+    status = http_infer(api, x, {"traceparent": traceparent, "tracestate": "vendor=opaque,other=1"})
     assert status == 200
     tracing.force_flush()
     receiver.wait(
@@ -218,20 +165,20 @@ def test_an_http_request_is_the_child_of_its_callers_span_and_reaches_the_batch(
         "the HTTP request's queue wait",
     )
     spans = receiver.trace(trace_id)
-    server = _one(spans, "POST /v2/models/{model}/infer")
+    server = one_span(spans, "POST /v2/models/{model}/infer")
     assert (server.kind, server.parent_id, server.service) == (SERVER, caller_span, tracing.API_SERVICE)
     assert server.attributes["http.route"] == "/v2/models/{model}/infer"
     assert server.attributes["http.response.status_code"] == 200
     assert server.attributes["url.path"] == "/v2/models/digits/infer"
     # The caller's tracestate travels with its context, as W3C asks.
     assert server.trace_state == "vendor=opaque,other=1"
-    lookup = _one(spans, "inferpool.cache_lookup")
+    lookup = one_span(spans, "inferpool.cache_lookup")
     assert lookup.parent_id == server.span_id and lookup.attributes["inferpool.cache.hit"] is False
-    flight = _one(spans, "inferpool.single_flight")
-    assert _one(spans, "worker.queue_wait", tracing.WORKER_SERVICE).parent_id == flight.span_id
+    flight = one_span(spans, "inferpool.single_flight")
+    assert one_span(spans, "worker.queue_wait", tracing.WORKER_SERVICE).parent_id == flight.span_id
     # Without trace headers an HTTP request starts a trace of its own.
     before = {s.span_id for s in receiver.spans}
-    assert _http_infer(api, x, {}) == 200  # a hit now
+    assert http_infer(api, x, {}) == 200  # a hit now
     tracing.force_flush()
     (fresh,) = receiver.wait(
         lambda spans: [
@@ -247,7 +194,7 @@ def test_an_http_client_error_is_not_a_server_error_span(
     stack: tuple[ApiThread, Worker, RedisServer], receiver: Receiver
 ) -> None:
     api, _, _ = stack
-    trace_id, caller_span, traceparent = _caller()
+    trace_id, caller_span, traceparent = new_caller()
     conn = http.client.HTTPConnection("127.0.0.1", api.server.http_port, timeout=30)
     try:
         conn.request("GET", "/v2/models/no-such-model", headers={"traceparent": traceparent})
@@ -260,7 +207,7 @@ def test_an_http_client_error_is_not_a_server_error_span(
     assert server.attributes["http.response.status_code"] == 404
     assert server.status_code == 0  # unset: a client's mistake is not the server's error
     # A path no route serves keeps the method as its name: paths are the client's text.
-    trace_id, _, traceparent = _caller()
+    trace_id, _, traceparent = new_caller()
     conn = http.client.HTTPConnection("127.0.0.1", api.server.http_port, timeout=30)
     try:
         conn.request("GET", "/no/such/path", headers={"traceparent": traceparent})
@@ -275,19 +222,19 @@ def test_an_http_client_error_is_not_a_server_error_span(
 
 def test_a_hit_has_no_worker_span(stack: tuple[ApiThread, Worker, RedisServer], receiver: Receiver) -> None:
     api, _, _ = stack
-    (hit_input,) = _inputs(2, 1)
-    _classify(api, [hit_input])  # a miss, cached by the worker
-    ((hit_trace, _),) = _classify(api, [hit_input])
+    (hit_input,) = random_inputs(2, 1)
+    classify_traced(api, [hit_input])  # a miss, cached by the worker
+    ((hit_trace, _),) = classify_traced(api, [hit_input])
     # A later miss: once its worker spans are in, any the hit had caused would be too
     # (the worker exports in order).
-    ((later, _),) = _classify(api, _inputs(3, 1))
+    ((later, _),) = classify_traced(api, random_inputs(3, 1))
     tracing.force_flush()
     receiver.wait(
         lambda spans: any(s.trace_id == later and s.name == "worker.batch" for s in spans), 30, "a batch"
     )
     spans = receiver.trace(hit_trace)
-    assert _one(spans, "inferpool.cache_lookup").attributes["inferpool.cache.hit"] is True
-    assert _one(spans, CLASSIFY).attributes["rpc.grpc.status_code"] == "OK"
+    assert one_span(spans, "inferpool.cache_lookup").attributes["inferpool.cache.hit"] is True
+    assert one_span(spans, CLASSIFY).attributes["rpc.grpc.status_code"] == "OK"
     assert not [s for s in spans if s.service == tracing.WORKER_SERVICE]
     assert not [s for s in spans if s.name in ("inferpool.publish", "inferpool.single_flight")]
 
@@ -296,10 +243,10 @@ def test_a_bulk_job_is_one_trace_with_a_span_per_chunk(
     stack: tuple[ApiThread, Worker, RedisServer], receiver: Receiver
 ) -> None:
     api, _, _ = stack
-    caller_trace, caller_span, traceparent = _caller()
+    caller_trace, caller_span, traceparent = new_caller()
     x = np.random.default_rng(5).random((40, 1, 28, 28), dtype=np.float32)
     with Client(api.target) as client:
-        job = _submit(client, x, traceparent)
+        job = submit_traced(client, x, traceparent)
         job.wait(timeout_s=60)
     tracing.force_flush()
 
@@ -309,7 +256,7 @@ def test_a_bulk_job_is_one_trace_with_a_span_per_chunk(
 
     found = receiver.wait(chunks, 30, "five chunk spans")
     spans = receiver.trace(caller_trace)
-    submit = _one(spans, "inferpool.v1.JobService/SubmitJobStream")
+    submit = one_span(spans, "inferpool.v1.JobService/SubmitJobStream")
     assert submit.parent_id == caller_span
     assert {s.attributes["inferpool.job_id"] for s in found} == {job.id}
     assert sorted(s.attributes["inferpool.chunk.items"] for s in found) == [8] * 5
@@ -333,12 +280,12 @@ def test_a_chunk_redelivered_after_a_worker_is_killed_is_an_event_in_its_trace(
     first = Worker(settings, logdir, extra_env=env)
     second: Worker | None = None
     api = ApiThread(settings)
-    caller_trace, _, traceparent = _caller()
+    caller_trace, _, traceparent = new_caller()
     try:
         items = 6000
         x = np.random.default_rng(12).random((items, 1, 28, 28), dtype=np.float32)
         with Client(api.target) as client:
-            job = _submit(client, x, traceparent)
+            job = submit_traced(client, x, traceparent)
             done = lambda: int(r.hget(job_key(job.id), "done") or 0)  # noqa: E731
             wait_until(lambda: done() >= 500, 60, "500 items done", poll_s=0.001)
             first.kill()
@@ -385,7 +332,7 @@ def test_an_item_expired_in_the_worker_is_a_dropped_event_with_no_compute_span(
     reply_key = f"test.replies.{secrets.token_hex(8)}"
 
     def pending(ticket: Ticket, deadline_ns: int, traceparent: str, seed: int) -> Pending:
-        t = tensor.to_proto(_inputs(100 + seed, 1)[0])
+        t = tensor.to_proto(random_inputs(100 + seed, 1)[0])
         item = envelope_pb2.EnvelopeItem(
             request_id=secrets.token_hex(8),
             input=t,
@@ -395,8 +342,8 @@ def test_an_item_expired_in_the_worker_is_a_dropped_event_with_no_compute_span(
         )
         return Pending(item, batcher.cfg.validate(t), ticket)
 
-    slow_trace, _, slow_tp = _caller()
-    late_trace, late_span, late_tp = _caller()
+    slow_trace, _, slow_tp = new_caller()
+    late_trace, late_span, late_tp = new_caller()
     batcher.start()
     try:
         far = time.time_ns() + 60 * 10**9
@@ -418,7 +365,7 @@ def test_an_item_expired_in_the_worker_is_a_dropped_event_with_no_compute_span(
         assert [name for name, _ in wait.events] == ["dropped"]
         assert wait.events[0][1]["reason"] == "deadline expired"
         # The slow item was computed: its trace has the batch, the other none.
-        assert _one(receiver.trace(slow_trace), "worker.batch").attributes["inferpool.batch.size"] == 1
+        assert one_span(receiver.trace(slow_trace), "worker.batch").attributes["inferpool.batch.size"] == 1
     finally:
         gate.release.set()
         batcher.stop()

@@ -13,6 +13,9 @@ from tests.servers import ROOT
 COMPOSE = ROOT / "compose"
 K8S = COMPOSE / "k8s"
 
+# The Redis role passwords the tests hand the manifests' start script.
+ROLE_PASSWORDS = {"api": "api0pw", "worker": "worker0pw", "flower": "flower0pw", "keda": "keda0pw"}
+
 
 def yaml_docs(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
@@ -38,3 +41,7 @@ def k8s_by_name() -> dict[tuple[str, str], dict[str, Any]]:
 
 def metric_names(expr: str) -> set[str]:
     return set(re.findall(r"\b(?:[a-z]+:)?inferpool_[a-z_]+(?::[a-z0-9_]+)?\b", expr))
+
+
+def container_env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}

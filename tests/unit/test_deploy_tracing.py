@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from inferpool import tracing
-from tests.unit.test_deploy import COMPOSE, _container_env, _objects
+from tests.unit.manifests import COMPOSE, container_env, k8s_by_name
 
 DEPLOYMENTS = {"inferpool-api": tracing.API_SERVICE, "inferpool-worker": tracing.WORKER_SERVICE}
 # The samplers OpenTelemetry's SDK knows by name (OTEL_TRACES_SAMPLER).
@@ -33,12 +33,12 @@ FIELDS = {"metadata.name": "pod-0", "metadata.namespace": "ns-0"}
 
 
 def _config() -> dict[str, str]:
-    data: dict[str, str] = _objects()["ConfigMap", "inferpool"]["data"]
+    data: dict[str, str] = k8s_by_name()["ConfigMap", "inferpool"]["data"]
     return data
 
 
 def _container(deployment: str) -> dict[str, Any]:
-    (container,) = _objects()["Deployment", deployment]["spec"]["template"]["spec"]["containers"]
+    (container,) = k8s_by_name()["Deployment", deployment]["spec"]["template"]["spec"]["containers"]
     return container
 
 
@@ -50,7 +50,7 @@ def _pod_env(deployment: str, config: dict[str, str]) -> dict[str, str]:
     refs = [source["configMapRef"]["name"] for source in container.get("envFrom", [])]
     assert refs == ["inferpool"], f"{deployment} must take its settings from the inferpool ConfigMap"
     env = dict(config)
-    for name, entry in _container_env(container).items():
+    for name, entry in container_env(container).items():
         if "value" in entry:
             env[name] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), entry["value"])
         elif "fieldRef" in entry.get("valueFrom", {}):
@@ -68,7 +68,7 @@ def test_the_configmap_holds_the_one_switch_and_it_is_off() -> None:
         assert tracing.endpoint(env) == "", f"{deployment} traces with the shipped ConfigMap"
         # The endpoint and sampler are the ConfigMap's alone: no Deployment overrides
         # them, so one edit turns tracing on (or off) everywhere.
-        own = set(_container_env(_container(deployment)))
+        own = set(container_env(_container(deployment)))
         assert not own & {k for k in config if k.startswith("OTEL_")}, deployment
         assert env["OTEL_SERVICE_NAME"] == service
         attributes = dict(pair.split("=", 1) for pair in env["OTEL_RESOURCE_ATTRIBUTES"].split(","))

@@ -17,7 +17,16 @@ from inferpool.api import metrics as api_metrics
 from inferpool.names import bulk_queue_name, queue_name
 from inferpool.repository import Repository
 from tests.servers import ROOT
-from tests.unit.manifests import K8S, k8s_by_name, k8s_objects, metric_names, worker_deployment, yaml_docs
+from tests.unit.manifests import (
+    K8S,
+    ROLE_PASSWORDS,
+    container_env,
+    k8s_by_name,
+    k8s_objects,
+    metric_names,
+    worker_deployment,
+    yaml_docs,
+)
 
 # The oldest Kubernetes these manifests target (gRPC probes are GA from 1.27) and the
 # newest whose schemas kubernetes-validate ships.
@@ -226,17 +235,13 @@ def test_redis_triggers_log_in_as_the_keda_user() -> None:
 COMPONENT = "app.kubernetes.io/component"
 
 
-def _container_env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {e["name"]: e for e in container.get("env", [])}
-
-
 def test_redis_clients_get_their_password_from_the_secret() -> None:
     objects = k8s_by_name()
     config = objects["ConfigMap", "inferpool"]["data"]
     assert "INFERPOOL_REDIS_URL" not in config, "a Redis URL (with its password) belongs in a Secret"
     for deployment, role in (("inferpool-api", "api"), ("inferpool-worker", "worker")):
         (container,) = objects["Deployment", deployment]["spec"]["template"]["spec"]["containers"]
-        env = _container_env(container)
+        env = container_env(container)
         url = env["INFERPOOL_REDIS_URL"]["value"]
         match = re.fullmatch(r"redis://(\w+):\$\((\w+)\)@redis:6379/0", url)
         assert match and match[1] == role, url
@@ -247,13 +252,13 @@ def test_redis_clients_get_their_password_from_the_secret() -> None:
         ref = env[match[2]]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": "inferpool-redis", "key": f"{role}-password"}
     (redis_container,) = objects["Deployment", "redis"]["spec"]["template"]["spec"]["containers"]
-    env = _container_env(redis_container)
+    env = container_env(redis_container)
     for role in ("api", "worker", "flower", "keda"):
         ref = env[f"REDIS_{role.upper()}_PASSWORD"]["valueFrom"]["secretKeyRef"]
         assert (ref["name"], ref["key"]) == ("inferpool-redis", f"{role}-password")
     for deployment in ("inferpool-api", "inferpool-worker"):
         (container,) = objects["Deployment", deployment]["spec"]["template"]["spec"]["containers"]
-        ref = _container_env(container)["INFERPOOL_CACHE_KEY_SECRET"]["valueFrom"]["secretKeyRef"]
+        ref = container_env(container)["INFERPOOL_CACHE_KEY_SECRET"]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": "inferpool-cache", "key": "key-secret"}
     secret = objects["Secret", "inferpool-redis"]["stringData"]
     assert set(secret) == {f"{r}-password" for r in ("api", "worker", "flower", "keda")}
@@ -318,9 +323,6 @@ def test_only_prometheus_reaches_metrics_ports() -> None:
 def test_api_service_publishes_grpc_and_http_only() -> None:
     service = k8s_by_name()["Service", "inferpool-api"]
     assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [("grpc", 50051), ("http", 8080)]
-
-
-ROLE_PASSWORDS = {"api": "api0pw", "worker": "worker0pw", "flower": "flower0pw", "keda": "keda0pw"}
 
 
 def test_redis_start_refuses_missing_or_placeholder_passwords(tmp_path: Path) -> None:
