@@ -19,6 +19,11 @@ from urllib.parse import urlsplit
 from inferpool.names import MODEL_NAME_RE
 
 ENV_PREFIX = "INFERPOOL_"
+# Settings that were replaced: set, they stop the start with the name to use instead
+# (ignored, they would silently change what a deployment does).
+REPLACED = {
+    "INFERPOOL_HTTP_ACCESS_LOG": "INFERPOOL_ACCESS_LOG, which covers the gRPC and the HTTP front",
+}
 
 
 # Query parameters whose values are secrets wherever they appear in a URL.
@@ -356,7 +361,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        problems: list[str] = []
+        problems = [f"{old} is no longer read: use {new}" for old, new in REPLACED.items() if old in env]
         for f in dataclasses.fields(cls):
             var = ENV_PREFIX + f.name.upper()
             if var not in env:

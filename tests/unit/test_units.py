@@ -363,3 +363,10 @@ def test_local_cache_evicts_least_recently_used_and_expires(monkeypatch: pytest.
     off = LocalCache(max_items=0, ttl_s=10)
     off.put("a", a)
     assert off.get("a") is None and len(off) == 0
+
+
+def test_a_replaced_setting_stops_the_start_with_its_new_name() -> None:
+    expected = "INFERPOOL_HTTP_ACCESS_LOG is no longer read: use INFERPOOL_ACCESS_LOG"
+    with pytest.raises(SettingsError, match=expected):
+        Settings.from_env({"INFERPOOL_HTTP_ACCESS_LOG": "true"})
+    assert Settings.from_env({"INFERPOOL_ACCESS_LOG": "true"}).access_log
