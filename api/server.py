@@ -38,6 +38,8 @@ from inferpool.shards import brokers_by_url
 from inferpool.v1 import inference_pb2, inference_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
 log = logging.getLogger("inferpool.api")
+# How long past its grace the server, and then its background tasks, may take to stop.
+STOP_OVERRUN_S = 5.0
 
 SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 JOB_SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
@@ -222,12 +224,20 @@ class ApiServer:
         await self.health.enter_graceful_shutdown()
         if self.http is not None:
             await self.http.stop()
-        await self.server.stop(grace_s)
+        try:
+            # grpc.aio's stop can wait for ever on a streaming call cancelled mid-flight
+            # (grpc/grpc#28999): a stopping replica must still exit.
+            async with asyncio.timeout(grace_s + STOP_OVERRUN_S):
+                await self.server.stop(grace_s)
+        except TimeoutError:
+            log.warning("gRPC server not stopped %g s after its grace; closing anyway", STOP_OVERRUN_S)
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            done, _ = await asyncio.wait(self._tasks, timeout=STOP_OVERRUN_S)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("%s ended with %r", task.get_name(), task.exception())
         await self.cache_reads.close()
         self.cache.close()
         await self.brokers.close()

@@ -11,6 +11,7 @@ own two workers, so the session's worker is neither stopped nor competing.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
@@ -24,13 +25,14 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from inferpool import codec
+from inferpool.api import server as server_module
 from inferpool.api.metrics import QueueDepth
 from inferpool.names import queue_name, task_name
 from inferpool.repository import Repository
 from inferpool.settings import Settings
 from inferpool.tensor import to_proto
 from inferpool.v1 import envelope_pb2
-from tests.servers import ROOT, RedisServer, Worker
+from tests.servers import ROOT, ApiThread, MemcachedServer, RedisServer, Worker, stack_settings
 
 QUEUE = queue_name("digits")
 M = 60  # messages: far more than the stopping worker can hold (1 running + 4 prefetched)
@@ -182,3 +184,32 @@ def test_sigterm_while_holding_messages_loses_no_request(
             w.stop()
         broker.flushdb()
         broker.close()
+
+
+def test_an_api_stops_even_when_grpcs_own_stop_never_returns(
+    logdir: Path,
+    memcached_server: MemcachedServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """grpc.aio's stop can hang on a streaming call cancelled mid-flight: the API's stop
+    is bounded all the same, so a replica told to stop always exits."""
+    redis_server = RedisServer(logdir)
+    api = ApiThread(stack_settings(redis_server, memcached_server))
+    try:
+        grpc_server = api.server.server
+        real_stop = grpc_server.stop
+
+        async def stops_then_hangs(grace: float | None) -> None:
+            await real_stop(grace)
+            await asyncio.Event().wait()
+
+        monkeypatch.setattr(grpc_server, "stop", stops_then_hangs)
+        monkeypatch.setattr(server_module, "STOP_OVERRUN_S", 0.5)
+        started = time.monotonic()
+        api.stop(grace_s=0.2)
+        assert time.monotonic() - started < 5
+        assert not api.thread.is_alive()
+        assert "closing anyway" in caplog.text
+    finally:
+        redis_server.stop()
