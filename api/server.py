@@ -238,10 +238,14 @@ class ApiServer:
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
                     log.error("%s ended with %r", task.get_name(), task.exception())
-        await self.cache_reads.close()
         self.cache.close()
-        await self.brokers.close()
-        await self.redis.aclose()
+        try:
+            async with asyncio.timeout(STOP_OVERRUN_S):
+                await self.cache_reads.close()
+                await self.brokers.close()
+                await self.redis.aclose()
+        except TimeoutError:
+            log.warning("connections not closed within %g s; the exit closes them", STOP_OVERRUN_S)
 
 
 async def serve(settings: Settings) -> None:

@@ -252,7 +252,7 @@ class ApiThread:
         return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(10)
 
     def stop(self, grace_s: float = 1.0) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(grace_s=grace_s), self.loop).result(grace_s + 15)
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace_s=grace_s), self.loop).result(grace_s + 20)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
