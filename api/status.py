@@ -254,10 +254,19 @@ class _Method:
         )
 
 
-def _field(text: str) -> str:
+def access_field(text: str) -> str:
     """Client text for a log line: printable ASCII only (no forged lines), bounded."""
     text = text[:ACCESS_FIELD_CHARS] + ("..." if len(text) > ACCESS_FIELD_CHARS else "")
     return text if text.isascii() and text.isprintable() else ascii(text)[1:-1]
+
+
+def write_access_line(fmt: str, args: tuple[Any, ...], fields: dict[str, Any]) -> None:
+    """One access line on `inferpool.access`, for either front. The record is built here
+    rather than by access_log.info(), which would walk the stack for the caller's file
+    and line: a third of the line's cost, for a location that is always this one."""
+    access_log.handle(
+        access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, fmt, args, None, extra=fields)
+    )
 
 
 def _request_id(context: grpc.aio.ServicerContext, request: Any) -> str:
@@ -319,16 +328,17 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 return
             suppressed = allowed
         duration_ms = (time.perf_counter() - t0) * 1000
-        peer = _field(context.peer() or "")
-        request_id = _field(_request_id(context, request))
-        # The record is built here rather than by access_log.info(), which would walk the
-        # stack for the caller's file and line: a third of the line's cost, for a
-        # location that is always this one.
-        record = access_log.makeRecord(
-            access_log.name,
-            logging.INFO,
-            __file__,
-            0,
+        peer = access_field(context.peer() or "")
+        request_id = access_field(_request_id(context, request))
+        fields = {
+            "method": method,
+            "code": code,
+            "duration_ms": round(duration_ms, 3),
+            "peer": peer,
+            "request_id": request_id,
+            "suppressed": suppressed,
+        }
+        write_access_line(
             "%s %s %.1fms peer=%s request_id=%s%s",
             (
                 method,
@@ -338,17 +348,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 request_id,
                 f" ({suppressed} failed calls like it not logged)" if suppressed else "",
             ),
-            None,
-            extra={
-                "method": method,
-                "code": code,
-                "duration_ms": round(duration_ms, 3),
-                "peer": peer,
-                "request_id": request_id,
-                "suppressed": suppressed,
-            },
+            fields,
         )
-        access_log.handle(record)
 
     async def intercept_service(
         self,

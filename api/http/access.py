@@ -28,13 +28,6 @@ REQUEST_ID = "inferpool.request_id"
 UNLOGGED_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 
 
-def _clean(text: str) -> str:
-    """Client text for a log line: printable ASCII only (no forged lines), bounded."""
-    limit = status.ACCESS_FIELD_CHARS
-    text = text[:limit] + ("..." if len(text) > limit else "")
-    return text if text.isascii() and text.isprintable() else ascii(text)[1:-1]
-
-
 def _peer(scope: Scope) -> str:
     """The client's address, written as grpc writes its peers (ipv4:host:port)."""
     client = scope.get("client")
@@ -73,21 +66,15 @@ class HttpAccessLog:
         duration_ms = (time.perf_counter() - t0) * 1000
         fields = {
             "method": method,
-            "path": _clean(path),
+            "path": status.access_field(path),
             "code": str(code),
             "duration_ms": round(duration_ms, 3),
-            "peer": _clean(_peer(scope)),
-            "request_id": _clean(_request_id(scope)),
+            "peer": status.access_field(_peer(scope)),
+            "request_id": status.access_field(_request_id(scope)),
             "caller": caller,
             "suppressed": suppressed,
         }
-        # Built here rather than by access_log.info(), which walks the stack for a caller
-        # location that is always this one.
-        record = access_log.makeRecord(
-            access_log.name,
-            logging.INFO,
-            __file__,
-            0,
+        status.write_access_line(
             "%s %s %s %.1fms peer=%s request_id=%s%s%s",
             (
                 scope["method"],
@@ -99,7 +86,5 @@ class HttpAccessLog:
                 f" caller={caller}" if caller else "",
                 f" ({suppressed} failed calls like it not logged)" if suppressed else "",
             ),
-            None,
-            extra=fields,
+            fields,
         )
-        access_log.handle(record)
