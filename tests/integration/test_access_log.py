@@ -4,6 +4,7 @@ token; failed calls rate-limited; and the worker's start-up lines in its log."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -47,18 +48,27 @@ def api(redis_server: RedisServer, memcached_server: MemcachedServer, worker: Wo
     server.stop()
 
 
-@pytest.fixture
-def access() -> Iterator[io.StringIO]:
-    """The access lines, as the API writes them with INFERPOOL_LOG_FORMAT=json."""
+@contextlib.contextmanager
+def _captured(log_format: str) -> Iterator[io.StringIO]:
+    """The access lines written meanwhile, as the API writes them in `log_format`."""
     out = io.StringIO()
-    handler = logs.handler(logs.JSON, out)
+    handler = logs.handler(log_format, out)
     logger = logging.getLogger("inferpool.access")
     logger.addHandler(handler)
     old = logger.level
     logger.setLevel(logging.INFO)
-    yield out
-    logger.removeHandler(handler)
-    logger.setLevel(old)
+    try:
+        yield out
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+
+
+@pytest.fixture
+def access() -> Iterator[io.StringIO]:
+    """The access lines, as the API writes them with INFERPOOL_LOG_FORMAT=json."""
+    with _captured(logs.JSON) as out:
+        yield out
 
 
 def _lines(out: io.StringIO) -> list[dict[str, Any]]:
@@ -115,19 +125,12 @@ def test_a_flood_of_bad_calls_logs_one_line_and_good_calls_still_each(
 
 
 def test_client_text_cannot_forge_or_bloat_a_line(api: ApiThread) -> None:
-    out = io.StringIO()
-    handler = logs.handler(logs.TEXT, out)
-    logger = logging.getLogger("inferpool.access")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with _captured(logs.TEXT) as out:
         x = np.random.default_rng(43).random((1, 1, 28, 28), dtype=np.float32)
         forged = "a\n2026-01-01 INFO inferpool.access: forged" + "x" * 5000
         with grpc.insecure_channel(api.target) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             stub.Classify(classify_request(x, "digits", request_id=forged), timeout=30, metadata=_metadata())
-    finally:
-        logger.removeHandler(handler)
     text = out.getvalue()
     # One line, the client's newline escaped in it, its text cut.
     assert text.count("\n") == 1 and len(text) < 500
@@ -208,16 +211,9 @@ def test_a_flood_of_bad_http_calls_logs_one_line_per_status_and_good_calls_still
 
 
 def test_an_http_path_cannot_forge_or_bloat_a_line(api: ApiThread) -> None:
-    out = io.StringIO()
-    handler = logs.handler(logs.TEXT, out)
-    logger = logging.getLogger("inferpool.access")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with _captured(logs.TEXT) as out:
         forged = "/v2/models/a%0A2026-01-01%20INFO%20inferpool.access:%20forged" + "x" * 3000
         status = _http(api, "GET", forged, headers={"Authorization": f"Bearer {TOKEN}"})
-    finally:
-        logger.removeHandler(handler)
     text = out.getvalue()
     assert status in (400, 404)  # the name is refused as too long
     assert text.count("\n") == 1 and len(text) < 500

@@ -190,32 +190,31 @@ def test_an_http_request_is_the_child_of_its_callers_span_and_reaches_the_batch(
     assert fresh.parent_id == "" and fresh.trace_id != trace_id
 
 
+def _get_not_found(api: ApiThread, receiver: Receiver, path: str) -> tuple[Span, str]:
+    """GETs `path` (a 404) with a caller's trace context: the one span of that trace, and
+    the caller's span id."""
+    trace_id, caller_span, traceparent = new_caller()
+    conn = http.client.HTTPConnection("127.0.0.1", api.server.http_port, timeout=30)
+    try:
+        conn.request("GET", path, headers={"traceparent": traceparent})
+        assert conn.getresponse().status == 404
+    finally:
+        conn.close()
+    tracing.force_flush()
+    (span,) = receiver.wait(lambda spans: [s for s in spans if s.trace_id == trace_id], 30, "the span")
+    return span, caller_span
+
+
 def test_an_http_client_error_is_not_a_server_error_span(
     stack: tuple[ApiThread, Worker, RedisServer], receiver: Receiver
 ) -> None:
     api, _, _ = stack
-    trace_id, caller_span, traceparent = new_caller()
-    conn = http.client.HTTPConnection("127.0.0.1", api.server.http_port, timeout=30)
-    try:
-        conn.request("GET", "/v2/models/no-such-model", headers={"traceparent": traceparent})
-        assert conn.getresponse().status == 404
-    finally:
-        conn.close()
-    tracing.force_flush()
-    (server,) = receiver.wait(lambda spans: [s for s in spans if s.trace_id == trace_id], 30, "the span")
+    server, caller_span = _get_not_found(api, receiver, "/v2/models/no-such-model")
     assert (server.name, server.parent_id) == ("GET /v2/models/{model}", caller_span)
     assert server.attributes["http.response.status_code"] == 404
     assert server.status_code == 0  # unset: a client's mistake is not the server's error
     # A path no route serves keeps the method as its name: paths are the client's text.
-    trace_id, _, traceparent = new_caller()
-    conn = http.client.HTTPConnection("127.0.0.1", api.server.http_port, timeout=30)
-    try:
-        conn.request("GET", "/no/such/path", headers={"traceparent": traceparent})
-        assert conn.getresponse().status == 404
-    finally:
-        conn.close()
-    tracing.force_flush()
-    (unrouted,) = receiver.wait(lambda spans: [s for s in spans if s.trace_id == trace_id], 30, "the span")
+    unrouted, _ = _get_not_found(api, receiver, "/no/such/path")
     assert unrouted.name == "GET" and "http.route" not in unrouted.attributes
     assert unrouted.attributes["url.path"] == "/no/such/path"
 
