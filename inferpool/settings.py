@@ -325,6 +325,11 @@ class Settings:
     worker_concurrency: int = _setting(8, _positive_int, "envelopes a worker holds at once")
     worker_prefetch: int = _setting(4, _positive_int, "messages reserved per concurrency slot")
     bulk_prefetch_chunks: int = _setting(4, _positive_int, "bulk chunks a worker holds at once")
+    task_events_flush_ms: float = _setting(
+        100.0,
+        _non_negative_float,
+        "task events (sent while Flower watches) leave in one message this often; 0 = after each send",
+    )
     # Recovery: how soon a dead worker's bulk chunks, and a Redis that came back, are noticed.
     bulk_lease_s: float = _setting(
         3.0, _positive_float, "a bulk consumer silent this long is dead: its chunks go back on their queue"

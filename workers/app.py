@@ -35,6 +35,7 @@ from inferpool.shards import worker_broker
 from inferpool.workers import metrics, stats
 from inferpool.workers.batcher import Batcher
 from inferpool.workers.bulk import BulkConsumer
+from inferpool.workers.eventflush import TaskEventFlush
 from inferpool.workers.intake import Intake
 from inferpool.workers.sinks import ReplySink
 from inferpool.workers.strategy import inline_or_stock
@@ -250,6 +251,7 @@ def create_app(settings: Settings, repository: Repository | None = None) -> Cele
         repository = served_repository(settings)
     # Its models' shard (inferpool.shards); bulk chunks and job records stay on redis_url.
     app = make_celery(settings, main="inferpool-worker", broker_url=worker_broker(settings, repository.names))
+    app.steps["consumer"].add(TaskEventFlush.every(settings.task_events_flush_ms))
     intake = Intake(settings.worker_concurrency)
     _Lifecycle(settings, repository, app, intake).connect()
     inspect_command()(inferpool_stats)

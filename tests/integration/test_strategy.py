@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 
 from inferpool.client import Client
 from inferpool.names import task_name
@@ -114,6 +115,44 @@ def test_with_task_events_on_messages_are_batched_inline_and_send_celerys_events
         assert received["hostname"] == started["hostname"] == succeeded["hostname"] == worker.name
         assert "'computed': 1" in succeeded["result"] and "'failed': 0" in succeeded["result"]
         assert 0 < succeeded["runtime"] < 10
+    finally:
+        events.close()
+        _task_events(worker, False)
+
+
+def _publishes(redis_client: redis.Redis) -> int:
+    return int(redis_client.info("commandstats").get("cmdstat_publish", {}).get("calls", 0))
+
+
+def test_task_events_of_many_messages_leave_together_and_all_arrive(
+    client: Client, worker: Worker, redis_client: redis.Redis
+) -> None:
+    """Each message sends three task events; they leave the worker gathered per flush
+    interval (INFERPOOL_TASK_EVENTS_FLUSH_MS), not one Redis PUBLISH per loop turn, and
+    every one of them reaches a receiver."""
+    n = 30
+    _task_events(worker, True)
+    events = _Events(worker)
+    try:
+        _classify_inline(client, worker)  # the receiver's subscription is live once one arrives
+        first = time.monotonic() + 10
+        while time.monotonic() < first and not any(e["type"] == "task-succeeded" for e in list(events.seen)):
+            time.sleep(0.02)  # polling a list another thread fills; bounded above
+        seen_before = len(events.seen)
+        published = _publishes(redis_client)
+        for _ in range(n):
+            assert not client.classify(_fresh(), "digits", timeout_s=10).cached  # one queue message each
+        deadline = time.monotonic() + 10
+        while len(events.seen) - seen_before < 3 * n and time.monotonic() < deadline:
+            time.sleep(0.02)  # bounded above
+        published = _publishes(redis_client) - published
+        new = list(events.seen)[seen_before:]
+        succeeded = {e["uuid"] for e in new if e["type"] == "task-succeeded"}
+        assert len(succeeded) == n, f"{len(succeeded)} of {n} messages reported succeeded"
+        for uuid in succeeded:
+            assert [e["type"] for e in events.of(uuid)] == ["task-received", "task-started", "task-succeeded"]
+        # Sent one flush per loop turn, this is 2n; a worker heartbeat may add one or two.
+        assert published <= n // 2, f"{published} PUBLISH calls for the events of {n} messages"
     finally:
         events.close()
         _task_events(worker, False)
