@@ -110,9 +110,16 @@ def default_path(name: str, info: dict[str, Any]) -> Path:
 def write(
     name: str, data: dict[str, Any], out: Path | None = None, info: dict[str, Any] | None = None
 ) -> Path:
-    """Writes `{"meta": ..., **data}` to `out` or the dated default path; returns it."""
+    """Writes `{"meta": ..., **data}` to `out` or the dated default path; returns it.
+    A default path already written (two runs in one minute) gets a `-2`, `-3`, ...
+    suffix rather than losing the earlier result."""
     info = info or meta()
     path = out or default_path(name, info)
+    if out is None:
+        base, n = path, 1
+        while path.exists():
+            n += 1
+            path = base.with_name(f"{base.stem}-{n}{base.suffix}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": info, **data}, indent=2, default=_plain) + "\n")
     return path

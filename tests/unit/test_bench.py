@@ -3,7 +3,9 @@ real servers: tests/integration/test_bench.py)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +105,19 @@ def test_the_baseline_ref_is_checked_and_exported_as_committed() -> None:
         files = [p for p in tree.rglob("*") if p.is_file() or p.is_symlink()]
         assert sorted(str(p.relative_to(tree)) for p in files) == sorted(listed)
     assert not tree.exists()
+
+
+def test_results_of_one_minute_do_not_overwrite_each_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import results
+
+    monkeypatch.setattr(results, "RESULTS", tmp_path)
+    info = {"date": "2026-12-05T09:26:41", "commit": "9d91deb0"}
+    paths = [results.write("profile", {"run": i}, info=info) for i in range(3)]
+    assert [p.name for p in paths] == [
+        "20261205T0926Z-9d91deb.json",
+        "20261205T0926Z-9d91deb-2.json",
+        "20261205T0926Z-9d91deb-3.json",
+    ]
+    assert [json.loads(p.read_text())["run"] for p in paths] == [0, 1, 2]
