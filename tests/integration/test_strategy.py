@@ -151,8 +151,9 @@ def test_task_events_of_many_messages_leave_together_and_all_arrive(
         assert len(succeeded) == n, f"{len(succeeded)} of {n} messages reported succeeded"
         for uuid in succeeded:
             assert [e["type"] for e in events.of(uuid)] == ["task-received", "task-started", "task-succeeded"]
-        # Sent one flush per loop turn, this is 2n; a worker heartbeat may add one or two.
-        assert published <= n // 2, f"{published} PUBLISH calls for the events of {n} messages"
+        # Flushed per loop turn, this is 2n. Per 100 ms, it is one per 100 ms the calls took
+        # plus worker heartbeats: a few, unless each call took over 100 ms.
+        assert published <= n, f"{published} PUBLISH calls for the events of {n} messages"
     finally:
         events.close()
         _task_events(worker, False)
